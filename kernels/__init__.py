@@ -1,0 +1,20 @@
+"""hqlt.kernels — functional token-mixing ops on fla-layout tensors ``[B, T, H, D]``, with backends.
+
+    from hqlt.kernels import hybrid_memory, l2_normalize
+    o_kv, o_fw = hybrid_memory(q_kv, k_kv, l2_normalize(F.silu(q)), l2_normalize(F.silu(k)), v, beta,
+                               blend="sync", window=64)
+
+Ops (``api``): ``hybrid_memory``, ``kv_memory``, ``fw_memory``. Decode steps (``decode``):
+``hybrid_memory_step``, ``kv_memory_step``, ``fw_memory_step``. Backends (``dispatch``): "reference"
+(chunked pure torch; "auto" on CPU) and "recurrent" (step-by-step oracle). The math and the visibility
+of each blend are in docs/hqlt-reference.md §3-4.
+"""
+from .api import fw_memory, hybrid_memory, kv_memory
+from .contract import BLENDS, FW_KINDS
+from .decode import FWState, HybridDecodeState, KVCache, fw_memory_step, hybrid_memory_step, kv_memory_step
+from .dispatch import available_backends, backend_names, resolve_backend
+from .reference import l2_normalize
+
+__all__ = ["hybrid_memory", "kv_memory", "fw_memory", "hybrid_memory_step", "kv_memory_step",
+           "fw_memory_step", "HybridDecodeState", "KVCache", "FWState", "available_backends",
+           "backend_names", "resolve_backend", "l2_normalize", "BLENDS", "FW_KINDS"]

@@ -1,0 +1,75 @@
+"""Throughput probe: timed fwd+bwd+optimizer steps after a warm-up that absorbs compilation/autotuning.
+
+The probe trains a throw-away copy of the optimizer state on random tokens and restores the weights
+afterwards, so the trial's training starts from the model's initial weights.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from .tasks.base import Batch
+from .trainer import make_optimizer, train_step
+from .trial_config import ProbeConfig, TrainConfig
+
+# Dense bf16 peaks for model-FLOP utilisation (tasks-reference.md §C1); unknown cards report no MFU.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def probe_throughput(model, cfg: ProbeConfig, train_cfg: TrainConfig, *, vocab_size: int, seq_len: int,
+                     device: torch.device, flops_per_token: float) -> dict:
+    batch_size = cfg.batch_size or train_cfg.batch_size
+    T = cfg.seq_len or seq_len
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, vocab_size, (batch_size, T), generator=gen)
+    batch = Batch(inputs.to(device), inputs.roll(-1, dims=1).to(device), {})
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = make_optimizer(model, train_cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(cfg.warmup_steps):
+        train_step(model, optimizer, batch, train_cfg, i, device)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(cfg.steps):
+        train_step(model, optimizer, batch, train_cfg, i, device)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    model.load_state_dict(saved)
+    del optimizer
+    tok_s = batch_size * T * cfg.steps / elapsed
+    metrics = {"perf/train_tok_s": tok_s, "perf/step_ms": 1e3 * elapsed / cfg.steps, "perf/probe_seq_len": T}
+    if device.type == "cuda":
+        metrics["perf/peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        metrics["perf/peak_mem_mb"] = _cpu_peak_mb()
+    peak = peak_flops(device)
+    if peak:
+        metrics["perf/mfu"] = tok_s * flops_per_token / peak
+    return metrics
+
+
+def _cpu_peak_mb() -> float:
+    """Peak resident memory of this process (CPU has no per-allocation counter)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

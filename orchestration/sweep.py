@@ -1,0 +1,311 @@
+"""`hqlt sweep`: a validated spec → Ray Tune (OptunaSearch, FIFO or ASHA) → MLflow, resumable.
+
+Sweep folder layout (everything a resume needs):
+    sweep.json      name, spec hash, objectives, tracking URI
+    spec.yaml       the merged spec as run
+    optuna.log      Optuna journal (the study)
+    mlflow.db       embedded MLflow store (unless --tracking-uri)
+    ray/            Ray Tune experiment state (Tuner.restore)
+    cache/          Triton / Inductor compile caches shared by all trials
+Re-running the same command on the same folder resumes; a changed spec is refused unless --fresh.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from hqlt.blocks.configs import ConfigError
+
+from .space_hooks import HOOKS
+from .trainable import DONE_KEY, tune_trainable
+
+EXPERIMENT_DIR = "ray"
+
+
+TRIAL_NUMBER_KEY = "hqlt.optuna_number"
+
+
+class NumberedSpace:
+    """The compiled space, plus the Optuna trial number in each Ray trial's config — how a resume tells
+    Optuna trials that Ray knows from orphans of a hard kill."""
+
+    def __init__(self, space_fn):
+        self.space_fn = space_fn
+
+    def __call__(self, trial):
+        extra = self.space_fn(trial) or {}
+        return {**extra, TRIAL_NUMBER_KEY: trial.number}
+
+
+def _searcher_class():
+    """An OptunaSearch subclass (Ray is imported lazily, so `hqlt validate` stays light)."""
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class _Search(OptunaSearch):
+        """Tells Optuna the hqlt status: completed → COMPLETE, stopped by the scheduler → PRUNED (never
+        COMPLETE with partial values), failed / oom / nan / infeasible → FAIL with the reason attached."""
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            ot_trial = self._ot_trials[trial_id]
+            result = result or {}
+            status = result.get("trial/status", "failed" if error else "pruned")
+            if error:
+                status = "failed"
+            elif not result.get(DONE_KEY):
+                status = "pruned"
+            ot_trial.set_user_attr("hqlt.status", status)
+            if result.get("trial/reason"):
+                ot_trial.set_user_attr("hqlt.reason", str(result["trial/reason"])[:500])
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            values = [result.get(m) for m in metrics]
+            if status == "completed" and all(v is not None and v == v for v in values):
+                self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0], state=TrialState.COMPLETE)
+            elif status == "pruned":
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            else:
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+
+    return _Search
+
+
+def sweep_dir_for(spec, given: Optional[str]) -> Path:
+    return Path(given) if given else Path("sweeps") / spec.name
+
+
+def prepare_dir(directory: Path, spec, fresh: bool) -> bool:
+    """Returns True when resuming. Refuses a changed spec unless fresh."""
+    meta = directory / "sweep.json"
+    if meta.exists() and not fresh:
+        old = json.loads(meta.read_text())
+        if old.get("spec_hash") != spec.hash:
+            raise ConfigError("", f"{directory}: holds a sweep of a different spec (hash {old.get('spec_hash')} ≠ "
+                                  f"{spec.hash}); rerun with --fresh to discard it, or use another --dir")
+        return True
+    if fresh and directory.exists():
+        shutil.rmtree(directory)
+    return False
+
+
+def _check_cluster(directory: Path, tracking_uri: str) -> None:
+    """With a Ray cluster the sweep folder must be visible on every node and MLflow must be a server."""
+    import ray
+
+    if not tracking_uri.startswith(("http://", "https://", "postgresql", "mysql", "databricks")):
+        raise ConfigError("--tracking-uri", f"got {tracking_uri!r}; on a Ray cluster use an MLflow server "
+                                            "(http://host:5000 or postgresql://...)")
+    marker = directory / f".shared-check-{os.getpid()}"
+    marker.write_text("hqlt")
+
+    @ray.remote(num_cpus=0)
+    def visible(path: str) -> tuple[str, bool]:
+        import socket
+
+        return socket.gethostname(), os.path.exists(path)
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    checks = ray.get([visible.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                      .remote(str(marker.resolve())) for n in nodes])
+    marker.unlink()
+    missing = [host for host, ok in checks if not ok]
+    if missing:
+        raise ConfigError("--dir", f"{directory} is not visible on nodes {', '.join(missing)}; "
+                                   "put the sweep folder on storage shared by all nodes")
+
+
+def _reconcile_orphans(study, cl, experiment: str, known: dict) -> None:
+    """After a hard kill, Optuna may hold RUNNING trials and MLflow child runs that Ray's last snapshot
+    never recorded; Ray samples those again as new trials, so the orphans are closed (Optuna FAIL with
+    `hqlt.orphaned`) and their MLflow runs deleted — no duplicates, none lost."""
+    from optuna.trial import TrialState
+
+    tracked = {cfg.get(TRIAL_NUMBER_KEY) for cfg in known.values()}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number not in tracked:
+            study._storage.set_trial_user_attr(t._trial_id, "hqlt.orphaned", True)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    exp = cl.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    for run in cl.search_runs([exp.experiment_id], filter_string="tags.`hqlt.role` = 'trial'", max_results=50000):
+        if run.data.tags.get("trial_id") not in known:
+            cl.delete_run(run.info.run_id)
+
+
+def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Optional[str], fresh: bool,
+              verbose: int = 1) -> int:
+    import optuna
+    import ray
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+
+    from hqlt.search_space import compile_space, make_sampler, study_name
+
+    from . import tracking
+    from .mlflow_callback import MlflowSweepCallback, find_or_create_parent
+
+    s = spec.sweep
+    name = spec.name
+    resuming = prepare_dir(directory, spec, fresh)
+    address = address or os.environ.get("RAY_ADDRESS")
+    tracking_uri = tracking_uri or f"sqlite:///{(directory / 'mlflow.db').resolve()}"
+    if address and not tracking_uri.startswith(("http://", "https://", "postgresql", "mysql", "databricks")):
+        raise ConfigError("--tracking-uri", f"got {tracking_uri!r}; on a Ray cluster (--address / RAY_ADDRESS) "
+                                            "use an MLflow server (http://host:5000 or postgresql://...)")
+    directory.mkdir(parents=True, exist_ok=True)
+    cache = (directory / "cache").resolve()
+    objectives = [(o.metric, o.mode) for o in s.objectives]
+    if not resuming:
+        (directory / "spec.yaml").write_text(spec.text)
+        (directory / "sweep.json").write_text(json.dumps({
+            "name": name, "spec_hash": spec.hash, "objectives": objectives, "tracking_uri": tracking_uri,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+
+    threads = max(1, int(s.resources.cpu))
+    env = {"TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+           "HQLT_TRIAL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "0",
+           "RAY_AIR_NEW_OUTPUT": "0"}
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # small window between a trial start and its snapshot
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False,
+                 log_to_driver=verbose > 1, configure_logging=True, logging_level="WARNING")
+    try:
+        if address:
+            _check_cluster(directory, tracking_uri)
+        cl = tracking.client(tracking_uri)
+        parent_id = find_or_create_parent(cl, name, name, objectives, spec.hash,
+                                          (directory / "artifacts").resolve().as_uri())
+        if not resuming:
+            cl.log_text(parent_id, spec.text, "spec.yaml")
+            tracking.log_params(cl, parent_id, {"sweep": json.loads(json.dumps(asdict(s), default=str))})
+
+        storage = JournalStorage(JournalFileBackend(str((directory / "optuna.log").resolve())))
+        study = study_name(spec)
+        metrics, modes = [m for m, _ in objectives], [mode for _, mode in objectives]
+        single = len(objectives) == 1
+        space_fn = NumberedSpace(compile_space(spec, HOOKS))
+        searcher = _searcher_class()(
+            space=space_fn, metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
+            sampler=make_sampler(s, spec.params), study_name=study, storage=storage)
+        scheduler = None
+        if s.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(metric=metrics[0], mode=modes[0], time_attr="training_iteration",
+                                      max_t=s.asha.max_t, grace_period=s.asha.grace_period,
+                                      reduction_factor=s.asha.reduction_factor)
+        trainable = tune.with_resources(
+            tune.with_parameters(tune_trainable, spec=spec, objectives=objectives, seeds=s.seeds,
+                                 seed_aggregate=s.seed_aggregate),
+            {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
+        callback = MlflowSweepCallback(tracking_uri, name, parent_id)
+        exp_path = str((directory / EXPERIMENT_DIR).resolve())
+        run_config = RunConfig(name=EXPERIMENT_DIR, storage_path=str(directory.resolve()), callbacks=[callback],
+                               failure_config=FailureConfig(max_failures=2),
+                               checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=verbose)
+        if resuming and Tuner.can_restore(exp_path):
+            tuner = Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            known = _restored_trials(exp_path)
+            _reconcile_orphans(optuna.load_study(study_name=study, storage=storage), cl, name, known)
+            print(f"resuming sweep '{name}' in {directory} ({len(known)} trials known)", file=sys.stderr)
+        else:
+            if resuming:  # killed before Ray wrote its first snapshot: nothing ran; start clean
+                _reset_partial(cl, name, storage, study)
+            tuner = Tuner(trainable, tune_config=TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
+                max_concurrent_trials=s.max_concurrent, reuse_actors=True), run_config=run_config)
+        started = time.time()
+        results = tuner.fit()
+        wall = time.time() - started
+        summary = summarize(cl, name, objectives)
+        tracking.log_metrics(cl, parent_id, {"sweep/wall_s": wall, **{f"sweep/n_{k}": v for k, v in summary["counts"].items()},
+                                             "sweep/n_trials": summary["n"]}, step=0)
+        _final_report(tracking_uri, name, directory)
+        cl.set_terminated(parent_id, "FINISHED")
+        print_summary(summary, objectives, directory, tracking_uri)
+        del results
+        return 0
+    finally:
+        ray.shutdown()
+
+
+def _restored_trials(exp_path: str) -> dict:
+    """trial_id -> config of the trials in Ray's last experiment snapshot."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.config for t in ExperimentAnalysis(exp_path).trials}
+    except Exception:  # noqa: BLE001 — no readable state means no trials known
+        return {}
+
+
+def _reset_partial(cl, experiment: str, storage, study: str) -> None:
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=study, storage=storage)
+    except KeyError:
+        pass
+    exp = cl.get_experiment_by_name(experiment)
+    if exp is not None:
+        for run in cl.search_runs([exp.experiment_id], filter_string="tags.`hqlt.role` = 'trial'"):
+            cl.delete_run(run.info.run_id)
+
+
+def summarize(cl, experiment: str, objectives: list) -> dict:
+    exp = cl.get_experiment_by_name(experiment)
+    runs = cl.search_runs([exp.experiment_id], filter_string="tags.`hqlt.role` = 'trial'", max_results=50000) if exp else []
+    counts: dict = {}
+    rows = []
+    for run in runs:
+        status = run.data.tags.get("status", "running")
+        counts[status] = counts.get(status, 0) + 1
+        if status == "completed":
+            rows.append({"arch": run.data.tags.get("arch", "?"), "trial_id": run.data.tags.get("trial_id"),
+                         **{m: run.data.metrics.get(m) for m, _ in objectives}})
+    metric, mode = objectives[0]
+    rows.sort(key=lambda r: (r[metric] is None, -(r[metric] or 0) if mode == "max" else (r[metric] or 0)))
+    return {"counts": counts, "n": len(runs), "best": rows[:5]}
+
+
+def print_summary(summary: dict, objectives: list, directory: Path, tracking_uri: str) -> None:
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary["counts"].items()))
+    print(f"\nsweep finished: {summary['n']} trials ({counts})")
+    if summary["best"]:
+        names = [m for m, _ in objectives]
+        print("best trials by " + names[0] + ":")
+        for row in summary["best"]:
+            print("  " + f"{row['arch']:<22}" + "  ".join(
+                f"{m}={row[m]:.4g}" if row[m] is not None else f"{m}=n/a" for m in names))
+    print(f"browse: hqlt ui {directory}    (or: mlflow ui --backend-store-uri {tracking_uri})")
+    print(f"report: hqlt report {directory}")
+
+
+def _final_report(tracking_uri: str, experiment: str, directory: Path) -> None:
+    """Pareto fronts, hypervolume and plots on the parent run; a failing report never fails the sweep."""
+    try:
+        from hqlt.reports.report import write_report
+    except ImportError:
+        return
+    try:
+        result = write_report(tracking_uri, experiment, out_dir=str(directory / "report"))
+        text = getattr(result, "table", None)
+        if text:
+            print(text)
+    except Exception as exc:  # noqa: BLE001
+        print(f"report skipped: {type(exc).__name__}: {exc}", file=sys.stderr)

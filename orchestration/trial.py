@@ -1,0 +1,115 @@
+"""One trial: build the model from a config, probe its throughput, train it, evaluate it, report.
+
+`run_trial` is what `hqlt train` calls directly and what the Ray sweep calls in a worker. It never
+raises for problems that belong to the config (NaN loss, GPU OOM, a failing step): it returns a
+`TrialResult` with status and reason, and every report carries every objective key.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from hqlt.blocks import HybridLM, estimate
+
+from . import trainer
+from .probe import probe_throughput
+from .tasks import make_task
+from .trial_config import TrialConfig, config_hash, plain, trial_config
+
+STATUSES = ("completed", "failed", "oom", "nan", "pruned", "infeasible")
+
+
+@dataclass
+class TrialResult:
+    status: str
+    reason: str = ""
+    metrics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    arch: str = ""
+    config_hash: str = ""
+
+    def as_dict(self) -> dict:
+        return {"status": self.status, "reason": self.reason, "metrics": self.metrics, "arch": self.arch,
+                "config_hash": self.config_hash, "config": self.config}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _inject_faults(cfg: TrialConfig) -> None:
+    """Wrap the train step so that the configured fault happens at step `fault_step` (testing aid)."""
+    original = trainer.train_step
+
+    def faulty(model, optimizer, batch, tcfg, step, device):
+        if step + 1 == cfg.fault_step:
+            if cfg.fault == "raise":
+                raise RuntimeError(f"injected failure at step {step + 1}")
+            if cfg.fault == "oom":
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected at step {step + 1})")
+            loss, norm = original(model, optimizer, batch, tcfg, step, device)
+            return float("nan"), norm
+        return original(model, optimizer, batch, tcfg, step, device)
+
+    trainer.train_step = faulty
+    return original
+
+
+def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None]] = None,
+              progress: Optional[Callable[[int, dict], None]] = None) -> TrialResult:
+    cfg = config if isinstance(config, TrialConfig) else trial_config(config)
+    seeds = cfg.seeds()
+    task = make_task(cfg.task["name"], cfg.task_config, "task")
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = task.vocab_size
+    flat_cfg = plain(cfg)
+    result = TrialResult("running", config=flat_cfg, arch=cfg.model.short_id(), config_hash=config_hash(flat_cfg))
+    device = pick_device(cfg.device)
+    est = estimate(cfg.model, task.seq_len)
+    constant = {**est.as_metrics()}
+    metrics: dict = dict(constant)
+    original_step = _inject_faults(cfg) if cfg.fault else None
+    model = None
+    try:
+        torch.manual_seed(seeds["model"])
+        np.random.seed(seeds["data"])
+        model = HybridLM(cfg.model).to(device)
+        if cfg.probe.enabled:
+            t0 = time.perf_counter()
+            constant.update(probe_throughput(model, cfg.probe, cfg.train, vocab_size=cfg.model.vocab_size,
+                                             seq_len=task.seq_len, device=device,
+                                             flops_per_token=est.flops_per_token))
+            constant["time/probe_s"] = time.perf_counter() - t0
+        metrics = trainer.train(model, task, cfg.train, device=device, data_seed=seeds["data"],
+                                order_seed=seeds["order"], report=report, constant_metrics=constant,
+                                progress=progress)
+        result.status = "completed"
+    except trainer.TrialFailure as exc:
+        result.status, result.reason, metrics = exc.status, exc.reason, {**constant, **exc.metrics}
+    except Exception as exc:  # noqa: BLE001 — a trial's own error is recorded, not propagated
+        if is_oom(exc):
+            result.status, result.reason = "oom", f"out of memory: {str(exc).splitlines()[0][:300]}"
+        else:
+            result.status = "failed"
+            result.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            result.metrics["traceback"] = traceback.format_exc(limit=8)
+        metrics = {**constant, **metrics}
+    finally:
+        if original_step is not None:
+            trainer.train_step = original_step
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result.metrics = {**result.metrics, **metrics, "trial/status": result.status}
+    return result

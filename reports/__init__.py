@@ -1,0 +1,37 @@
+"""hqlt.reports — Pareto ranks, hypervolume, plots and tables of a sweep, read from and logged to MLflow.
+
+Public API (matplotlib / plotly / mlflow are imported only when a function needs them):
+
+* :func:`non_dominated_sort`, :func:`pareto_front`, :func:`dominates`        — :mod:`.pareto`
+* :func:`hypervolume`, :func:`default_reference`, :func:`hypervolume_growth`  — :mod:`.hypervolume`
+* :func:`parse_objectives`, :class:`Objective`                               — :mod:`.objectives`
+* :func:`load_sweep` (MLflow layout contract in :mod:`.mlflow_io`)
+* :func:`write_report` → :class:`ReportResult`                               — :mod:`.report`
+* plots in :mod:`.plots`, tables in :mod:`.tables`, the ``hqlt report`` command in :mod:`.cli`
+
+This package never imports torch or ray.
+"""
+
+from .hypervolume import default_reference, hypervolume, hypervolume_growth
+from .mlflow_io import NoCompletedTrials, ReportError, load_sweep
+from .objectives import Objective, ObjectiveSpecError, parse_objectives
+from .pareto import dominates, non_dominated_sort, pareto_front
+from .report import ReportResult, rank_trials, write_report
+
+__all__ = [
+    "Objective",
+    "ObjectiveSpecError",
+    "parse_objectives",
+    "dominates",
+    "non_dominated_sort",
+    "pareto_front",
+    "hypervolume",
+    "default_reference",
+    "hypervolume_growth",
+    "load_sweep",
+    "ReportError",
+    "NoCompletedTrials",
+    "ReportResult",
+    "rank_trials",
+    "write_report",
+]
