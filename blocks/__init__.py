@@ -11,8 +11,8 @@ _EXPORTS = {
     "ConfigError": "configs", "build": "configs",
     "Registry": "registry", "REGISTRIES": "registry", "KV": "registry", "FW": "registry", "BLEND": "registry",
     "MIX": "registry",
-    "LAYER_KINDS": "model_config", "MixerConfig": "model_config", "ModelConfig": "model_config",
-    "model_config": "model_config",
+    "LAYER_KINDS": "model_configs", "MixerConfig": "model_configs", "ModelConfig": "model_configs",
+    "model_config": "model_configs",
     "Estimate": "estimators", "estimate": "estimators", "param_count": "estimators",
     "HybridMixer": "mixer", "HybridLM": "model", "build_model": "model",
 }
@@ -22,7 +22,7 @@ def __getattr__(name):
     if name in _EXPORTS:
         module = import_module(f".{_EXPORTS[name]}", __name__)
         if _EXPORTS[name] == "registry":
-            import_module(".model_config", __name__)  # registers the built-in entries
+            import_module(".model_configs", __name__)  # registers the built-in entries
         return getattr(module, name)
     raise AttributeError(f"module 'hqlt.blocks' has no attribute {name!r}")
 

@@ -50,13 +50,16 @@ def _type_name(tp) -> str:
 def coerce(tp, value, path: str):
     """Check `value` against the annotation `tp`; return the (possibly converted) value."""
     origin = typing.get_origin(tp)
+    if tp in (list, tuple, dict):  # bare annotations have no origin but are checked like list[Any] etc.
+        origin = tp
     if tp is Any:
         return value
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(path, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}{closest(value, allowed)}")
-        return value
+        for option in allowed:  # bool is not int here (True == 1), and 2.0 becomes the allowed 2
+            if value == option and isinstance(value, bool) == isinstance(option, bool):
+                return option
+        raise ConfigError(path, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}{closest(value, allowed)}")
     if origin in (Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .model_config import ModelConfig
+from .model_configs import ModelConfig
 
 _MIX_PARAMS = {"sum": lambda D, H: 0, "static_scalar": lambda D, H: 2,
                "dynamic_scalar": lambda D, H: D * 2 * H, "vector": lambda D, H: D * D}

@@ -34,7 +34,7 @@ class SoftmaxKVConfig:
 
 
 def _kv_short(cfg: SoftmaxKVConfig) -> str:
-    return ("T" if cfg.window is None else f"SWA{cfg.window}") + ("" if cfg.pos == "rope" else "np")
+    return ("T" if cfg.window is None else f"SWA{cfg.window}") + ("" if cfg.pos == "rope" else "-np")
 
 
 @KV.register("softmax", config=SoftmaxKVConfig, short=_kv_short)
@@ -52,8 +52,9 @@ def apply_rope(x: torch.Tensor, theta: float, offset: int = 0) -> torch.Tensor:
     """GPT-NeoX rotate-half RoPE over the full head dim; x is [B, T, H, D], positions offset..offset+T-1."""
     _, T, _, D = x.shape
     half = D // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=x.device, dtype=torch.float32) / half))
-    pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+    ftype = torch.promote_types(x.dtype, torch.float32)  # angles in fp32, or fp64 for fp64 inputs
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=x.device, dtype=ftype) / half))
+    pos = torch.arange(offset, offset + T, device=x.device, dtype=ftype)
     ang = torch.outer(pos, inv_freq)  # [T, half]
     cos = torch.cat([ang.cos(), ang.cos()], dim=-1)[None, :, None, :].to(x.dtype)
     sin = torch.cat([ang.sin(), ang.sin()], dim=-1)[None, :, None, :].to(x.dtype)
@@ -129,7 +130,8 @@ class DecayRate(nn.Module):
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -self.A_log.float().exp() * F.softplus(self.proj(x).float() + self.dt_bias.float())
+        ftype = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 up to fp32; fp64 stays fp64
+        return -self.A_log.to(ftype).exp() * F.softplus(self.proj(x).to(ftype) + self.dt_bias.to(ftype))
 
 
 # ----------------------------------------------------------------------------------------- blends

@@ -14,7 +14,7 @@ from torch import nn
 from hqlt import kernels
 
 from .memories import DecayRate
-from .model_config import ModelConfig
+from .model_configs import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16/bf16 up to fp32; fp64 stays fp64
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -80,7 +80,9 @@ class HybridMixer(nn.Module):
         o_kv = o_fw = None
         if self.use_fw:
             q_fw, k_fw = self.fw_mem.featurize(q, k)
-            beta = torch.sigmoid(self.beta_proj(x).float()) * self.fw_cfg.beta_range if self.beta_proj is not None else None
+            ftype = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 up to fp32; fp64 stays fp64
+            beta = (torch.sigmoid(self.beta_proj(x).to(ftype)) * self.fw_cfg.beta_range
+                    if self.beta_proj is not None else None)
             g = self.decay(x) if self.decay is not None else None
             if beta is None:  # linear attention ignores β; the kernel still takes the tensor
                 beta = torch.ones(B, T, self.n_heads, device=x.device, dtype=torch.float32)

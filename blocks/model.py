@@ -9,7 +9,7 @@ from torch import nn
 
 from .memories import DecayRate
 from .mixer import HybridMixer, RMSNorm
-from .model_config import ModelConfig, model_config
+from .model_configs import ModelConfig, model_config
 
 
 class SwiGLU(nn.Module):
@@ -39,7 +39,7 @@ class Block(nn.Module):
 class HybridLM(nn.Module):
     def __init__(self, cfg: ModelConfig | dict):
         super().__init__()
-        cfg = model_config(cfg) if not isinstance(cfg, ModelConfig) else cfg
+        cfg = model_config(cfg)  # validates (and completes) a dict or a directly constructed ModelConfig
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size: got 0; set it or let the task provide it")
         self.cfg = cfg

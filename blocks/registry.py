@@ -25,6 +25,19 @@ class Entry:
     impl: Any
     config: type
     short: Callable[[Any], str]
+    kind: str = ""
+
+    def __reduce__(self):
+        # `short` is often a lambda, which pickle cannot store: a registered entry pickles as (kind, name)
+        # and is looked up again on load (so torch.save(model) and pickled configs work).
+        if self.kind in REGISTRIES and REGISTRIES[self.kind]._entries.get(self.name) is self:
+            return _lookup, (self.kind, self.name)
+        return Entry, (self.name, self.impl, self.config, self.short, self.kind)
+
+
+def _lookup(kind: str, name: str) -> Entry:
+    from . import model_config  # noqa: F401  (registers the built-in entries)
+    return REGISTRIES[kind].get(name)
 
 
 class Registry:
@@ -37,7 +50,7 @@ class Registry:
             if name in self._entries:
                 raise ValueError(f"{self.kind} registry: '{name}' is registered twice")
             fn = short if callable(short) else (lambda _cfg, s=short: s)
-            self._entries[name] = Entry(name, impl, config, fn)
+            self._entries[name] = Entry(name, impl, config, fn, self.kind)
             return impl
 
         return deco

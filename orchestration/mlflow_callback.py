@@ -75,7 +75,7 @@ class MlflowSweepCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         rid = self._run_for(trial)
         step = int(result.get("step") or result.get("training_iteration", 0))
-        if step <= self._last_step.get(trial.trial_id, 0) and not result.get(DONE_KEY):
+        if step <= self._last_step.get(trial.trial_id, 0):
             return  # already logged before a restart of this trial
         self._last_step[trial.trial_id] = max(step, self._last_step.get(trial.trial_id, 0))
         tracking.log_metrics(self.cl, rid, {k: v for k, v in result.items() if "/" in k or k == "step"}, step)

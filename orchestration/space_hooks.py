@@ -24,7 +24,7 @@ from functools import lru_cache
 from typing import Any, Iterable
 
 from hqlt.blocks.estimators import estimate
-from hqlt.blocks.model_config import MixerConfig
+from hqlt.blocks.model_configs import MixerConfig
 from hqlt.blocks.registry import REGISTRIES
 from hqlt.search_space.hooks import Hooks
 

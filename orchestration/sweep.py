@@ -45,12 +45,19 @@ class NumberedSpace:
 
 def _searcher_class():
     """An OptunaSearch subclass (Ray is imported lazily, so `hqlt validate` stays light)."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
     class _Search(OptunaSearch):
         """Tells Optuna the hqlt status: completed → COMPLETE, stopped by the scheduler → PRUNED (never
         COMPLETE with partial values), failed / oom / nan / infeasible → FAIL with the reason attached."""
+
+        def on_trial_result(self, trial_id, result):
+            try:
+                super().on_trial_result(trial_id, result)
+            except UpdateFinishedTrialError:
+                pass  # a trial Ray's last snapshot saw running, already told to Optuna before a hard kill
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -62,18 +69,26 @@ def _searcher_class():
                 status = "failed"
             elif not result.get(DONE_KEY):
                 status = "pruned"
-            ot_trial.set_user_attr("hqlt.status", status)
-            if result.get("trial/reason"):
-                ot_trial.set_user_attr("hqlt.reason", str(result["trial/reason"])[:500])
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             values = [result.get(m) for m in metrics]
-            if status == "completed" and all(v is not None and v == v for v in values):
-                self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0], state=TrialState.COMPLETE)
-            elif status == "pruned":
-                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-            else:
-                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
             self._completed_trials.add(trial_id)
+            try:
+                ot_trial.set_user_attr("hqlt.status", status)
+                if result.get("trial/reason"):
+                    ot_trial.set_user_attr("hqlt.reason", str(result["trial/reason"])[:500])
+                if status == "completed" and all(v is not None and v == v for v in values):
+                    self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0], state=TrialState.COMPLETE)
+                elif status == "pruned":
+                    self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+                else:
+                    self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                pass  # see on_trial_result
+            except RuntimeError as exc:
+                # GridSampler.after_trial calls Study.stop() once the grid is exhausted, which raises outside
+                # study.optimize; the trial itself has been told by then.
+                if "Study.stop" not in str(exc):
+                    raise
 
     return _Search
 
@@ -211,7 +226,7 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
                                       reduction_factor=s.asha.reduction_factor)
         trainable = tune.with_resources(
             tune.with_parameters(tune_trainable, spec=spec, objectives=objectives, seeds=s.seeds,
-                                 seed_aggregate=s.seed_aggregate),
+                                 seed_aggregate=s.seed_aggregate, results_dir=str((directory / "results").resolve())),
             {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
         callback = MlflowSweepCallback(tracking_uri, name, parent_id)
         exp_path = str((directory / EXPERIMENT_DIR).resolve())

@@ -85,7 +85,9 @@ def log_single_trial(tracking_uri: str, experiment: str, result, history: list[d
     rid = run.info.run_id
     log_params(cl, rid, result.config)
     log_history(cl, rid, history)
-    log_metrics(cl, rid, result.metrics, int(result.metrics.get("step", 0)))
+    logged = set(history[-1]) if history else set()
+    log_metrics(cl, rid, {k: v for k, v in result.metrics.items() if k not in logged},
+                int(result.metrics.get("step", 0)))  # what no report carried (e.g. a failed trial's sizes)
     set_tags(cl, rid, {"status": result.status, "reason": result.reason, "arch": result.arch,
                        "config_hash": result.config_hash, "seed": result.config.get("seed", "")})
     cl.set_terminated(rid, "FINISHED" if result.status == "completed" else "FAILED")

@@ -7,8 +7,10 @@ a scheduler stopped early (PRUNED).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 from typing import Optional
 
 INFEASIBLE_KEY = "hqlt.infeasible"
@@ -33,62 +35,86 @@ def _filled(metrics: dict, objectives: list) -> dict:
     return out
 
 
-def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggregate: str,
-                report) -> dict:
-    """Train the sampled config for each seed; `report(metrics)` is tune.report or a test double."""
+def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggregate: str, report) -> dict:
+    """Train the sampled config for each seed; `report(metrics)` is tune.report or a test double.
+
+    Reports are held back by one, so that the last evaluation and the trial's final (seed-aggregated)
+    result are one report: a scheduler's `max_t` then counts evaluations (seeds × evaluations per seed)."""
     from hqlt.search_space import materialize
 
     from .trial import run_trial
 
-    sampled = {k: v for k, v in config.items() if not k.startswith("hqlt.")}  # hqlt.* are sweep bookkeeping
     if config.get(INFEASIBLE_KEY):
         final = _filled({"trial/status": "infeasible", "trial/reason": config[INFEASIBLE_KEY], DONE_KEY: 1.0},
                         objectives)
         report(final)
         return final
+    sampled = {k: v for k, v in config.items() if not k.startswith("hqlt.")}  # hqlt.* are sweep bookkeeping
     plain = materialize(spec, sampled)
     base_seed = int(plain.get("seed", 0))
+    held: list[dict] = []
     results, step_offset = [], 0
     for i in range(seeds):
-        trial_plain = {**plain, "seed": base_seed + i}
-
         def seed_report(metrics, i=i, offset=step_offset):
-            report(_filled({**metrics, "seed_index": i, "step": offset + metrics.get("step", 0),
-                            "trial/status": "running", DONE_KEY: 0.0}, objectives))
+            if held:
+                report(held.pop())
+            held.append(_filled({**metrics, "seed_index": i, "step": offset + metrics.get("step", 0),
+                                 "trial/status": "running", DONE_KEY: 0.0}, objectives))
 
-        result = run_trial(trial_plain, report=seed_report)
+        result = run_trial({**plain, "seed": base_seed + i}, report=seed_report)
         results.append(result)
         step_offset += int(result.metrics.get("step", 0))
+    final = {**(held.pop() if held else {"step": step_offset}), **summarize_seeds(results, objectives, seed_aggregate)}
+    report(final)
+    return final
+
+
+def summarize_seeds(results: list, objectives: list, seed_aggregate: str) -> dict:
+    """The trial's final keys: objectives aggregated over its seeds, per-seed values, status, labels."""
     completed = [r for r in results if r.status == "completed"]
-    status = "completed" if completed else results[0].status
-    reason = "" if completed else results[0].reason
     pool = completed or results
-    final = dict(pool[-1].metrics)
+    final = {k: v for k, v in pool[-1].metrics.items() if k not in ("traceback", "step")}
     for metric, mode in objectives:
         final[metric] = aggregate([r.metrics.get(metric) for r in pool], seed_aggregate, mode)
         for i, r in enumerate(results):
             final[f"seed{i}/{metric}"] = r.metrics.get(metric, float("nan"))
-    final.update({"trial/status": status, "trial/reason": reason, "trial/arch": results[0].arch,
-                  "trial/config_hash": results[0].config_hash, "trial/seeds": ",".join(str(base_seed + i) for i in range(seeds)),
-                  "trial/n_failed_seeds": float(len(results) - len(completed)), DONE_KEY: 1.0,
-                  "step": step_offset})
-    final.pop("traceback", None)
-    baseline = BASELINES.get(results[0].arch.rstrip("0123456789") if results[0].arch.startswith("dn") else results[0].arch)
+    arch = results[0].arch
+    final.update({"trial/status": "completed" if completed else results[0].status,
+                  "trial/reason": "" if completed else results[0].reason, "trial/arch": arch,
+                  "trial/config_hash": results[0].config_hash,
+                  "trial/seeds": ",".join(str(r.config.get("seed")) for r in results),
+                  "trial/n_failed_seeds": float(len(results) - len(completed)), DONE_KEY: 1.0})
+    baseline = BASELINES.get("dn" if arch.startswith("dn") else arch)
     if baseline:
         final["baseline"] = baseline
-    report(_filled(final, objectives))
-    return final
+    return _filled(final, objectives)
 
 
 def tune_trainable(config: dict, spec=None, objectives: list = None, seeds: int = 1,
-                   seed_aggregate: str = "max") -> None:
-    """Entry point for `tune.with_parameters`; runs in a Ray worker process."""
+                   seed_aggregate: str = "max", results_dir: Optional[str] = None) -> None:
+    """Entry point for `tune.with_parameters`; runs in a Ray worker process.
+
+    The final result is also written to `results_dir/<trial_id>.json`: after a hard kill, Ray may restart
+    a trial that had already finished (its last snapshot predates the finish); that trial then reports
+    its recorded result instead of training again."""
     from ray import tune
+
+    record = Path(results_dir) / f"{tune.get_context().get_trial_id()}.json" if results_dir else None
+    if record is not None and record.exists():
+        tune.report(json.loads(record.read_text()))
+        return
 
     threads = os.environ.get("HQLT_TRIAL_THREADS")
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
-    run_sampled(config, spec=spec, objectives=objectives, seeds=seeds, seed_aggregate=seed_aggregate,
-                report=tune.report)
+    def report(metrics: dict) -> None:
+        if record is not None and metrics.get(DONE_KEY):  # recorded before Ray (and Optuna) hear of it
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(metrics, default=str))
+            tmp.replace(record)  # atomic: a kill leaves either no record or a whole one
+        tune.report(metrics)
+
+    run_sampled(config, spec=spec, objectives=objectives, seeds=seeds, seed_aggregate=seed_aggregate, report=report)

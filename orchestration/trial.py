@@ -77,7 +77,9 @@ def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None
     result = TrialResult("running", config=flat_cfg, arch=cfg.model.short_id(), config_hash=config_hash(flat_cfg))
     device = pick_device(cfg.device)
     est = estimate(cfg.model, task.seq_len)
-    constant = {**est.as_metrics()}
+    # The identity keys ride along in every report, so even a trial stopped early is labelled.
+    constant = {**est.as_metrics(), "trial/arch": result.arch, "trial/config_hash": result.config_hash,
+                "trial/seeds": str(cfg.seed)}
     metrics: dict = dict(constant)
     original_step = _inject_faults(cfg) if cfg.fault else None
     model = None

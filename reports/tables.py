@@ -84,8 +84,8 @@ def select_key_params(trials: pd.DataFrame, max_params: int | None = 6) -> list[
     for c in trials.columns:
         if not c.startswith("params."):
             continue
-        if c.rsplit(".", 1)[-1] in _IGNORED_PARAM_LEAVES:
-            continue
+        if c.rsplit(".", 1)[-1] in _IGNORED_PARAM_LEAVES or c.startswith("params.hqlt."):
+            continue  # hqlt.* params are sweep bookkeeping (Optuna trial number, infeasibility)
         values = trials[c].dropna().astype(str)
         if values.nunique() > 1:
             cols.append(c)

@@ -64,6 +64,8 @@ class ModelConfig:
     chunk_size: int = 64
 
     def check(self, path: str) -> None:
+        # A directly constructed ModelConfig holds an unchecked MixerConfig (or a dict): validate it too.
+        self.mixer = build(MixerConfig, self.mixer, join(path, "mixer"))
         require(self.vocab_size >= 0, join(path, "vocab_size"), f"got {self.vocab_size}; allowed: >= 1 (0 = from the task)")
         for key in ("d_model", "n_layers", "n_heads", "mlp_multiple_of", "chunk_size"):
             require(getattr(self, key) >= 1, join(path, key), f"got {getattr(self, key)}; allowed: an integer >= 1")
@@ -124,3 +126,4 @@ def model_config(data, path: str = "model") -> ModelConfig:
 
 
 Layer = Literal["H", "K", "F"]
+
