@@ -36,6 +36,7 @@ class MlflowSweepCallback(Callback):
         self._cl = None
         self._runs: dict[str, str] = {}  # trial_id -> run_id
         self._last_step: dict[str, int] = {}
+        self._started: dict[str, float] = {}  # trial_id -> driver time at start
 
     # Ray pickles callbacks into the experiment state; the MLflow client is rebuilt lazily.
     def __getstate__(self):
@@ -70,6 +71,7 @@ class MlflowSweepCallback(Callback):
         return rid
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._started[trial.trial_id] = time.time()
         self._run_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -90,6 +92,12 @@ class MlflowSweepCallback(Callback):
         if last.get("baseline"):
             tags["baseline"] = last["baseline"]
         tracking.set_tags(self.cl, rid, tags)
+        if trial.trial_id in self._started and last.get("time/trainable_s") is not None:
+            # Start-up overhead as the driver sees it: scheduling, process start / reuse, result delivery.
+            wall = time.time() - self._started[trial.trial_id]
+            tracking.log_metrics(self.cl, rid, {"trial/wall_s": wall,
+                                                "trial/overhead_s": max(0.0, wall - last["time/trainable_s"])},
+                                 step=int(last.get("step", 0) or 0))
         self.cl.set_terminated(rid, TERMINAL.get(status, "FAILED"), end_time=int(time.time() * 1000))
 
     def on_trial_complete(self, iteration, trials, trial, **info):

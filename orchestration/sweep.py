@@ -248,8 +248,10 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         results = tuner.fit()
         wall = time.time() - started
         summary = summarize(cl, name, objectives)
-        tracking.log_metrics(cl, parent_id, {"sweep/wall_s": wall, **{f"sweep/n_{k}": v for k, v in summary["counts"].items()},
-                                             "sweep/n_trials": summary["n"]}, step=0)
+        tracking.log_metrics(cl, parent_id, {
+            "sweep/wall_s": wall, "sweep/n_trials": summary["n"], "sweep/trial_overhead_s": summary["overhead_s"],
+            "sweep/trial_setup_s": summary["setup_s"], **{f"sweep/n_{k}": v for k, v in summary["counts"].items()}},
+            step=0)
         _final_report(tracking_uri, name, directory)
         cl.set_terminated(parent_id, "FINISHED")
         print_summary(summary, objectives, directory, tracking_uri)
@@ -286,8 +288,12 @@ def summarize(cl, experiment: str, objectives: list) -> dict:
     exp = cl.get_experiment_by_name(experiment)
     runs = cl.search_runs([exp.experiment_id], filter_string="tags.`hqlt.role` = 'trial'", max_results=50000) if exp else []
     counts: dict = {}
-    rows = []
+    rows, overheads, setups = [], [], []
     for run in runs:
+        if "trial/overhead_s" in run.data.metrics:
+            overheads.append(run.data.metrics["trial/overhead_s"])
+        if "time/setup_s" in run.data.metrics:
+            setups.append(run.data.metrics["time/setup_s"] + run.data.metrics.get("time/probe_s", 0.0))
         status = run.data.tags.get("status", "running")
         counts[status] = counts.get(status, 0) + 1
         if status == "completed":
@@ -295,12 +301,18 @@ def summarize(cl, experiment: str, objectives: list) -> dict:
                          **{m: run.data.metrics.get(m) for m, _ in objectives}})
     metric, mode = objectives[0]
     rows.sort(key=lambda r: (r[metric] is None, -(r[metric] or 0) if mode == "max" else (r[metric] or 0)))
-    return {"counts": counts, "n": len(runs), "best": rows[:5]}
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"counts": counts, "n": len(runs), "best": rows[:5], "overhead_s": mean(overheads),
+            "setup_s": mean(setups)}
 
 
 def print_summary(summary: dict, objectives: list, directory: Path, tracking_uri: str) -> None:
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary["counts"].items()))
     print(f"\nsweep finished: {summary['n']} trials ({counts})")
+    if summary.get("overhead_s") is not None:
+        print(f"per-trial start-up: {summary['overhead_s']:.2f} s outside the trial function (Ray scheduling, "
+              f"process start/reuse) + {summary['setup_s'] or 0:.2f} s inside (build model, throughput probe "
+              f"incl. compilation), means over trials")
     if summary["best"]:
         names = [m for m, _ in objectives]
         print("best trials by " + names[0] + ":")

@@ -97,8 +97,11 @@ def tune_trainable(config: dict, spec=None, objectives: list = None, seeds: int 
     The final result is also written to `results_dir/<trial_id>.json`: after a hard kill, Ray may restart
     a trial that had already finished (its last snapshot predates the finish); that trial then reports
     its recorded result instead of training again."""
+    import time
+
     from ray import tune
 
+    t_enter = time.time()
     record = Path(results_dir) / f"{tune.get_context().get_trial_id()}.json" if results_dir else None
     if record is not None and record.exists():
         tune.report(json.loads(record.read_text()))
@@ -110,6 +113,7 @@ def tune_trainable(config: dict, spec=None, objectives: list = None, seeds: int 
 
         torch.set_num_threads(int(threads))
     def report(metrics: dict) -> None:
+        metrics["time/trainable_s"] = time.time() - t_enter  # the driver subtracts it from the trial's wall time
         if record is not None and metrics.get(DONE_KEY):  # recorded before Ray (and Optuna) hear of it
             record.parent.mkdir(parents=True, exist_ok=True)
             tmp = record.with_suffix(".tmp")

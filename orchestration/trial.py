@@ -68,6 +68,7 @@ def _inject_faults(cfg: TrialConfig) -> None:
 
 def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None]] = None,
               progress: Optional[Callable[[int, dict], None]] = None) -> TrialResult:
+    t_start = time.perf_counter()
     cfg = config if isinstance(config, TrialConfig) else trial_config(config)
     seeds = cfg.seeds()
     task = make_task(cfg.task["name"], cfg.task_config, "task")
@@ -87,6 +88,7 @@ def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None
         torch.manual_seed(seeds["model"])
         np.random.seed(seeds["data"])
         model = HybridLM(cfg.model).to(device)
+        constant["time/setup_s"] = time.perf_counter() - t_start  # config, task, model: before any step
         if cfg.probe.enabled:
             t0 = time.perf_counter()
             constant.update(probe_throughput(model, cfg.probe, cfg.train, vocab_size=cfg.model.vocab_size,

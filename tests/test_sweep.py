@@ -180,3 +180,28 @@ def test_sigkill_then_rerun_resumes_without_loss_or_duplicates(tmp_path):
     spec.write_text(changed)
     refused = hqlt("sweep", spec, "--dir", sw, cwd=tmp_path)
     assert refused.returncode == 2 and "--fresh" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_bad_spec_fails_before_anything_is_created(tmp_path):
+    spec = write_spec(tmp_path, """
+        space:
+          model.mixer.mix: {choice: [sum, vectr]}
+        sweep: {name: bad, num_samples: 2}
+        """)
+    out = hqlt("sweep", spec, cwd=tmp_path)
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert "spec.yaml" in line and "model.mixer.mix" in line and "vector" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_cluster_mode_requires_a_tracking_server(tmp_path):
+    spec = write_spec(tmp_path, """
+        space:
+          model.mixer.kv.window: {choice: [2, 4]}
+        sweep: {name: cluster, num_samples: 2}
+        """)
+    out = hqlt("sweep", spec, "--address", "127.0.0.1:1", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--tracking-uri" in out.stderr and "server" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
