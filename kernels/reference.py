@@ -22,6 +22,7 @@ primitives: sliding-window or chunk-local softmax attention, and a fast-weight s
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,17 @@ from .contract import BLENDS, LINEAR_EPS, check_choice
 # Query block of the chunked sliding-window attention when W is small: tiny blocks would mean many
 # tiny matmuls; 64 keeps them efficient while the cost stays O(T * max(W, 64)).
 _MIN_ATTN_BLOCK = 64
+
+
+def without_autocast(fn):
+    """Run a pure-torch form with autocast off: it picks its own compute dtype (float32 for half inputs),
+    and under autocast its matmuls would drop to bf16, whose triangular solve torch does not implement."""
+
+    @functools.wraps(fn)
+    def run(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+    return run
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -105,6 +117,7 @@ def _pad_time(x: Tensor, pad: int) -> Tensor:
 # ==================================================================================================
 # Step-by-step oracle.
 
+@without_autocast
 def recurrent_hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, fw, kv_scale, fw_scale,
                             g=None, chunk_size=None):
     """Oracle for ``hybrid_memory``; ``chunk_size`` is accepted for a uniform signature and unused."""
@@ -119,6 +132,7 @@ def recurrent_hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, f
     return _seq(o_kv, v.dtype), _seq(o_fw, v.dtype)
 
 
+@without_autocast
 def recurrent_kv_memory(q, k, v, *, window, scale):
     """Oracle for ``kv_memory``: full causal attention (window None) or a sliding window of W keys."""
     dtype = _compute_dtype(q, k, v)
@@ -126,6 +140,7 @@ def recurrent_kv_memory(q, k, v, *, window, scale):
     return _seq(_recurrent_attention(qh, kh, vh, scale, window=window, chunk_local=False), v.dtype)
 
 
+@without_autocast
 def recurrent_fw_memory(q, k, v, beta, *, fw, scale, g=None, chunk_size=None):
     """Oracle for ``fw_memory`` (the sync FW branch); ``chunk_size`` is unused."""
     dtype = _compute_dtype(q, k, v, beta, g)
@@ -191,6 +206,7 @@ def _read_fw(S, z, q, scale, kind):
 # ==================================================================================================
 # Chunk-parallel form.
 
+@without_autocast
 def chunked_hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, fw, kv_scale, fw_scale,
                           g=None, chunk_size=64):
     """Chunk-parallel ``hybrid_memory`` (backend "reference")."""
@@ -204,6 +220,7 @@ def chunked_hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, fw,
     return _seq(o_kv, v.dtype), _seq(o_fw, v.dtype)
 
 
+@without_autocast
 def chunked_kv_memory(q, k, v, *, window, scale):
     """Chunk-parallel ``kv_memory``."""
     dtype = _compute_dtype(q, k, v)
@@ -211,6 +228,7 @@ def chunked_kv_memory(q, k, v, *, window, scale):
     return _seq(_local_attention(qh, kh, vh, scale, window=window, chunk_local=False), v.dtype)
 
 
+@without_autocast
 def chunked_fw_memory(q, k, v, beta, *, fw, scale, g=None, chunk_size=64):
     """Chunk-parallel ``fw_memory`` (the sync FW branch)."""
     dtype = _compute_dtype(q, k, v, beta, g)

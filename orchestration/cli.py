@@ -12,28 +12,13 @@ from hqlt.blocks.configs import ConfigError
 
 
 def _commands():
-    from . import cmd_info, cmd_train
+    # Imported here so that `hqlt --help` and a bad config fail fast without loading torch or ray first.
+    from hqlt.kernels import bench_cli
+    from hqlt.reports import cli as report_cli
 
-    cmds = {"info": cmd_info, "train": cmd_train}
-    try:  # sweep-side commands
-        from . import cmd_sweep
+    from . import cmd_info, cmd_sweep, cmd_train
 
-        cmds.update(cmd_sweep.COMMANDS)
-    except ImportError:
-        pass
-    try:
-        from hqlt.reports import cli as report_cli
-
-        cmds["report"] = report_cli
-    except ImportError:
-        pass
-    try:
-        from hqlt.kernels import bench_cli
-
-        cmds["bench"] = bench_cli
-    except ImportError:
-        pass
-    return cmds
+    return {"info": cmd_info, "train": cmd_train, **cmd_sweep.COMMANDS, "report": report_cli, "bench": bench_cli}
 
 
 HELP = {

@@ -187,3 +187,10 @@ def test_example_configs_validate():
         if path.name == "byte_lm.yaml":
             continue  # needs task.path set by the user (a local text file)
         trial_config(to_plain(load_yaml(path)))
+
+
+def test_bf16_autocast_trains_on_cpu():
+    """precision: bf16 autocasts the model; the pure-torch kernels run with autocast off (no bf16 solve)."""
+    result = run_trial(merged(train__precision="bf16", train__steps=10))
+    assert result.status == "completed", result.reason
+    assert math.isfinite(result.metrics["train/loss"])
