@@ -48,7 +48,14 @@ def build_parser(cmds) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     cmds = _commands()
     parser = build_parser(cmds)
-    args = parser.parse_args(argv)
+    # key=value overrides may also follow the options (`hqlt sweep SPEC --dir D a.b=1`), which argparse's
+    # positional handling alone would reject.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

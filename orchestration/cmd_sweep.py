@@ -63,10 +63,14 @@ class sweep:  # noqa: N801
 
 
 def _sweep_meta(directory: str) -> dict:
+    from .sweep import embedded_uri
+
     meta = Path(directory) / "sweep.json"
     if not meta.is_file():
         raise ConfigError("DIR", f"{directory}: not a sweep folder (no sweep.json)")
-    return json.loads(meta.read_text())
+    data = json.loads(meta.read_text())
+    data["tracking_uri"] = data.get("tracking_uri") or embedded_uri(Path(directory))
+    return data
 
 
 class status:  # noqa: N801

@@ -29,6 +29,7 @@ EXPERIMENT_DIR = "ray"
 
 
 TRIAL_NUMBER_KEY = "hqlt.optuna_number"
+SWEEP_DIR_ENV = "HQLT_SWEEP_DIR"  # the folder of the sweep this driver runs (read when state is restored)
 
 
 class NumberedSpace:
@@ -52,6 +53,22 @@ def _searcher_class():
     class _Search(OptunaSearch):
         """Tells Optuna the hqlt status: completed → COMPLETE, stopped by the scheduler → PRUNED (never
         COMPLETE with partial values), failed / oom / nan / infeasible → FAIL with the reason attached."""
+
+        def restore(self, checkpoint_path):
+            """Re-point the restored study at the journal of the folder being resumed, which may have been
+            copied from another host or path since the state was saved."""
+            super().restore(checkpoint_path)
+            here = os.environ.get(SWEEP_DIR_ENV)
+            if not here:
+                return
+            import optuna
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            self._storage = JournalStorage(JournalFileBackend(str(Path(here) / "optuna.log")))
+            self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                               sampler=self._sampler, pruner=self._ot_study.pruner)
+            self._ot_trials = {tid: optuna.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
 
         def on_trial_result(self, trial_id, result):
             try:
@@ -93,6 +110,10 @@ def _searcher_class():
     return _Search
 
 
+def embedded_uri(directory: Path) -> str:
+    return f"sqlite:///{(directory / 'mlflow.db').resolve()}"
+
+
 def sweep_dir_for(spec, given: Optional[str]) -> Path:
     return Path(given) if given else Path("sweeps") / spec.name
 
@@ -102,6 +123,11 @@ def prepare_dir(directory: Path, spec, fresh: bool) -> bool:
     meta = directory / "sweep.json"
     if meta.exists() and not fresh:
         old = json.loads(meta.read_text())
+        if old.get("path") and old["path"] != str(directory.resolve()):
+            # Ray Tune's experiment state records absolute trial paths; resuming elsewhere would split the
+            # sweep between the two folders.
+            raise ConfigError("--dir", f"{directory} was created at {old['path']}; resuming a moved sweep folder "
+                                       "is not supported yet: move it back, or use --fresh to start anew")
         if old.get("spec_hash") != spec.hash:
             raise ConfigError("", f"{directory}: holds a sweep of a different spec (hash {old.get('spec_hash')} ≠ "
                                   f"{spec.hash}); rerun with --fresh to discard it, or use another --dir")
@@ -176,26 +202,30 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
     name = spec.name
     resuming = prepare_dir(directory, spec, fresh)
     address = address or os.environ.get("RAY_ADDRESS")
-    tracking_uri = tracking_uri or f"sqlite:///{(directory / 'mlflow.db').resolve()}"
+    if resuming and not tracking_uri:  # a resumed sweep keeps writing to the server it started with
+        tracking_uri = json.loads((directory / "sweep.json").read_text()).get("tracking_uri")
+    embedded = not tracking_uri
+    tracking_uri = tracking_uri or embedded_uri(directory)
     if address and not tracking_uri.startswith(("http://", "https://", "postgresql", "mysql", "databricks")):
         raise ConfigError("--tracking-uri", f"got {tracking_uri!r}; on a Ray cluster (--address / RAY_ADDRESS) "
                                             "use an MLflow server (http://host:5000 or postgresql://...)")
     directory.mkdir(parents=True, exist_ok=True)
+    os.environ[SWEEP_DIR_ENV] = str(directory.resolve())
     cache = (directory / "cache").resolve()
     objectives = [(o.metric, o.mode) for o in s.objectives]
     if not resuming:
         (directory / "spec.yaml").write_text(spec.text)
         (directory / "sweep.json").write_text(json.dumps({
-            "name": name, "spec_hash": spec.hash, "objectives": objectives, "tracking_uri": tracking_uri,
+            "name": name, "spec_hash": spec.hash, "objectives": objectives, "path": str(directory.resolve()),
+            "tracking_uri": None if embedded else tracking_uri,  # null: mlflow.db in this folder, wherever it moves
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
 
     threads = max(1, int(s.resources.cpu))
     env = {"TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
            "HQLT_TRIAL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
-           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "0",
-           "RAY_AIR_NEW_OUTPUT": "0"}
+           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # small window between a trial start and its snapshot
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's status table as the live view
     if not ray.is_initialized():
         ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False,
                  log_to_driver=verbose > 1, configure_logging=True, logging_level="WARNING")
@@ -245,7 +275,7 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
                 search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
                 max_concurrent_trials=s.max_concurrent, reuse_actors=True), run_config=run_config)
         started = time.time()
-        results = tuner.fit()
+        tuner.fit()
         wall = time.time() - started
         summary = summarize(cl, name, objectives)
         tracking.log_metrics(cl, parent_id, {
@@ -255,7 +285,6 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         _final_report(tracking_uri, name, directory)
         cl.set_terminated(parent_id, "FINISHED")
         print_summary(summary, objectives, directory, tracking_uri)
-        del results
         return 0
     finally:
         ray.shutdown()

@@ -63,15 +63,20 @@ class _InputError(Exception):
     pass
 
 
-def _sweep_name_from_dir(d: Path) -> str | None:
+def _sweep_meta(d: Path) -> dict:
     spec = d / "sweep.json"
     if not spec.is_file():
-        return None
+        return {}
     try:
         data = json.loads(spec.read_text())
     except (OSError, ValueError) as e:
         raise _InputError(f"cannot read {spec}: {e}") from None
-    name = data.get("name") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def _sweep_name_from_dir(d: Path) -> str | None:
+    spec = d / "sweep.json"
+    name = _sweep_meta(d).get("name")
     if name is not None and not isinstance(name, str):
         raise _InputError(f"{spec}: key 'name' must be a string")
     return name or None
@@ -99,6 +104,8 @@ def _resolve(args: argparse.Namespace) -> tuple[str, str, Path | None]:
         folder = Path(d)
         if not folder.is_dir():
             raise _InputError(f"no such sweep folder: {folder}")
+        if uri is None:
+            uri = _sweep_meta(folder).get("tracking_uri")  # a sweep logged to a server says so
         if uri is None:
             db = folder / "mlflow.db"
             if not db.is_file():

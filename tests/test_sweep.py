@@ -205,3 +205,18 @@ def test_cluster_mode_requires_a_tracking_server(tmp_path):
     assert out.returncode == 2
     assert "--tracking-uri" in out.stderr and "server" in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_moved_sweep_folder_is_refused_with_a_clear_message(tmp_path):
+    spec = write_spec(tmp_path, """
+        space:
+          model.mixer.kv.window: {choice: [2, 4]}
+        sweep: {name: moved, num_samples: 2}
+        """)
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    (folder / "sweep.json").write_text('{"name": "moved", "spec_hash": "x", "path": "/elsewhere/moved"}')
+    out = hqlt("sweep", spec, "--dir", folder, "--verbose", "0", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "/elsewhere/moved" in out.stderr and "--fresh" in out.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["sweep.json"]
