@@ -266,8 +266,9 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         if resuming and Tuner.can_restore(exp_path):
             tuner = Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
             known = _restored_trials(exp_path)
-            _reconcile_orphans(optuna.load_study(study_name=study, storage=storage), cl, name, known)
-            print(f"resuming sweep '{name}' in {directory} ({len(known)} trials known)", file=sys.stderr)
+            if known is not None:  # never delete runs on the strength of a snapshot we could not read
+                _reconcile_orphans(optuna.load_study(study_name=study, storage=storage), cl, name, known)
+            print(f"resuming sweep '{name}' in {directory} ({len(known or {})} trials known)", file=sys.stderr)
         else:
             if resuming:  # killed before Ray wrote its first snapshot: nothing ran; start clean
                 _reset_partial(cl, name, storage, study)
@@ -290,14 +291,16 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         ray.shutdown()
 
 
-def _restored_trials(exp_path: str) -> dict:
-    """trial_id -> config of the trials in Ray's last experiment snapshot."""
+def _restored_trials(exp_path: str) -> Optional[dict]:
+    """trial_id -> config of the trials in Ray's last experiment snapshot; None if it cannot be read."""
     from ray.tune import ExperimentAnalysis
 
     try:
         return {t.trial_id: t.config for t in ExperimentAnalysis(exp_path).trials}
-    except Exception:  # noqa: BLE001 — no readable state means no trials known
-        return {}
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: cannot read Ray's experiment state ({type(exc).__name__}); orphaned trials of a hard "
+              "kill are left as they are", file=sys.stderr)
+        return None
 
 
 def _reset_partial(cl, experiment: str, storage, study: str) -> None:

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-INFEASIBLE_KEY = "hqlt.infeasible"
+from hqlt.search_space import INFEASIBLE_KEY
+
 DONE_KEY = "trial/done"
 # Pure-KV full attention and pure DeltaNet arms are drawn as baselines in the Pareto plots.
 BASELINES = {"T": "transformer", "dn": "deltanet"}
