@@ -31,7 +31,9 @@ def find_or_create_parent(cl, experiment: str, sweep_name: str, objectives: list
 
 
 class MlflowSweepCallback(Callback):
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str):
+    def __init__(self, tracking_uri: str | None, experiment: str, parent_run_id: str):
+        # None: the sweep folder's own mlflow.db, located when used — Ray pickles this callback with the
+        # experiment, and a folder copied elsewhere must keep writing into its own copy.
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
         self._cl = None
         self._runs: dict[str, str] = {}  # trial_id -> run_id
@@ -47,7 +49,9 @@ class MlflowSweepCallback(Callback):
     @property
     def cl(self):
         if self._cl is None:
-            self._cl = tracking.client(self.tracking_uri)
+            from .sweep import current_tracking_uri
+
+            self._cl = tracking.client(self.tracking_uri or current_tracking_uri())
         return self._cl
 
     def _run_for(self, trial) -> str:

@@ -114,6 +114,22 @@ def embedded_uri(directory: Path) -> str:
     return f"sqlite:///{(directory / 'mlflow.db').resolve()}"
 
 
+def current_tracking_uri() -> str:
+    """The embedded store of the sweep this driver runs (see SWEEP_DIR_ENV)."""
+    return embedded_uri(Path(os.environ[SWEEP_DIR_ENV]))
+
+
+def relocate_embedded_store(directory: Path, old_path: str) -> None:
+    """A sweep folder copied to another path or host: MLflow stored absolute artifact locations in its
+    SQLite file, and has no API to change them; rewrite the old folder prefix to the new one."""
+    import sqlite3
+
+    old, new = Path(old_path).as_uri(), directory.resolve().as_uri()
+    with sqlite3.connect(directory / "mlflow.db") as con:
+        con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+
+
 def sweep_dir_for(spec, given: Optional[str]) -> Path:
     return Path(given) if given else Path("sweeps") / spec.name
 
@@ -123,11 +139,6 @@ def prepare_dir(directory: Path, spec, fresh: bool) -> bool:
     meta = directory / "sweep.json"
     if meta.exists() and not fresh:
         old = json.loads(meta.read_text())
-        if old.get("path") and old["path"] != str(directory.resolve()):
-            # Ray Tune's experiment state records absolute trial paths; resuming elsewhere would split the
-            # sweep between the two folders.
-            raise ConfigError("--dir", f"{directory} was created at {old['path']}; resuming a moved sweep folder "
-                                       "is not supported yet: move it back, or use --fresh to start anew")
         if old.get("spec_hash") != spec.hash:
             raise ConfigError("", f"{directory}: holds a sweep of a different spec (hash {old.get('spec_hash')} ≠ "
                                   f"{spec.hash}); rerun with --fresh to discard it, or use another --dir")
@@ -202,9 +213,14 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
     name = spec.name
     resuming = prepare_dir(directory, spec, fresh)
     address = address or os.environ.get("RAY_ADDRESS")
+    meta = json.loads((directory / "sweep.json").read_text()) if resuming else {}
     if resuming and not tracking_uri:  # a resumed sweep keeps writing to the server it started with
-        tracking_uri = json.loads((directory / "sweep.json").read_text()).get("tracking_uri")
+        tracking_uri = meta.get("tracking_uri")
     embedded = not tracking_uri
+    if resuming and embedded and meta.get("path") and meta["path"] != str(directory.resolve()):
+        relocate_embedded_store(directory, meta["path"])
+        meta["path"] = str(directory.resolve())
+        (directory / "sweep.json").write_text(json.dumps(meta, indent=2))
     tracking_uri = tracking_uri or embedded_uri(directory)
     if address and not tracking_uri.startswith(("http://", "https://", "postgresql", "mysql", "databricks")):
         raise ConfigError("--tracking-uri", f"got {tracking_uri!r}; on a Ray cluster (--address / RAY_ADDRESS) "
@@ -258,7 +274,7 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
             tune.with_parameters(tune_trainable, spec=spec, objectives=objectives, seeds=s.seeds,
                                  seed_aggregate=s.seed_aggregate, results_dir=str((directory / "results").resolve())),
             {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
-        callback = MlflowSweepCallback(tracking_uri, name, parent_id)
+        callback = MlflowSweepCallback(None if embedded else tracking_uri, name, parent_id)
         exp_path = str((directory / EXPERIMENT_DIR).resolve())
         run_config = RunConfig(name=EXPERIMENT_DIR, storage_path=str(directory.resolve()), callbacks=[callback],
                                failure_config=FailureConfig(max_failures=2),
@@ -293,14 +309,23 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
 
 def _restored_trials(exp_path: str) -> Optional[dict]:
     """trial_id -> config of the trials in Ray's last experiment snapshot; None if it cannot be read."""
+    import logging
+
     from ray.tune import ExperimentAnalysis
 
+    # Only trial ids and configs are needed; the analysis also tries to load every trial's metrics and
+    # warns about trials that never wrote any (those a kill interrupted, or any after a move).
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         return {t.trial_id: t.config for t in ExperimentAnalysis(exp_path).trials}
     except Exception as exc:  # noqa: BLE001
         print(f"warning: cannot read Ray's experiment state ({type(exc).__name__}); orphaned trials of a hard "
               "kill are left as they are", file=sys.stderr)
         return None
+    finally:
+        quiet.setLevel(level)
 
 
 def _reset_partial(cl, experiment: str, storage, study: str) -> None:

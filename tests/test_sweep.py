@@ -132,6 +132,7 @@ def _statuses(db: Path) -> list[str]:
 
 
 def test_sigkill_then_rerun_resumes_without_loss_or_duplicates(tmp_path):
+    """Kill the whole process group mid-sweep, copy the folder elsewhere (as onto another host), rerun."""
     spec = write_spec(tmp_path, """
         space:
           model.mixer.kv.window: {choice: [2, 4, 8]}
@@ -160,6 +161,10 @@ def test_sigkill_then_rerun_resumes_without_loss_or_duplicates(tmp_path):
     time.sleep(2)
     before = _statuses(sw / "mlflow.db")
     assert before.count("completed") < 6
+    moved = tmp_path / "elsewhere" / "sw"
+    moved.parent.mkdir()
+    sw.rename(moved)
+    sw = moved
 
     again = hqlt("sweep", spec, "--dir", sw, "--verbose", "0", cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -175,6 +180,11 @@ def test_sigkill_then_rerun_resumes_without_loss_or_duplicates(tmp_path):
     done = [t for t in trials if not t.user_attrs.get("hqlt.orphaned")]
     assert sum(t.state == TrialState.COMPLETE for t in done) == 6
     assert all(t.state != TrialState.RUNNING for t in trials)
+    assert not (tmp_path / "sw").exists()  # nothing written to the old location
+    cl = mlflow.MlflowClient(f"sqlite:///{sw / 'mlflow.db'}")
+    parent = cl.search_runs([cl.get_experiment_by_name("killed").experiment_id], "tags.`hqlt.role` = 'sweep'")[0]
+    assert parent.info.artifact_uri.startswith(sw.as_uri())
+    assert "pareto.png" in [a.path for a in cl.list_artifacts(parent.info.run_id)]
 
     changed = spec.read_text().replace("num_samples: 6", "num_samples: 6\n  seeds: 2")
     spec.write_text(changed)
@@ -206,17 +216,3 @@ def test_cluster_mode_requires_a_tracking_server(tmp_path):
     assert "--tracking-uri" in out.stderr and "server" in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
 
-
-def test_moved_sweep_folder_is_refused_with_a_clear_message(tmp_path):
-    spec = write_spec(tmp_path, """
-        space:
-          model.mixer.kv.window: {choice: [2, 4]}
-        sweep: {name: moved, num_samples: 2}
-        """)
-    folder = tmp_path / "copied"
-    folder.mkdir()
-    (folder / "sweep.json").write_text('{"name": "moved", "spec_hash": "x", "path": "/elsewhere/moved"}')
-    out = hqlt("sweep", spec, "--dir", folder, "--verbose", "0", cwd=tmp_path)
-    assert out.returncode == 2
-    assert "/elsewhere/moved" in out.stderr and "--fresh" in out.stderr
-    assert sorted(p.name for p in folder.iterdir()) == ["sweep.json"]
