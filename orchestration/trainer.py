@@ -112,10 +112,12 @@ def evaluate(model, task: Task, batch_size: int, device, precision: str) -> dict
 
 def train(model, task: Task, cfg: TrainConfig, *, device, data_seed: int, order_seed: int,
           report: Optional[Report] = None, constant_metrics: Optional[dict] = None,
-          progress: Optional[Callable[[int, dict], None]] = None) -> dict:
+          progress: Optional[Callable[[int, dict], None]] = None, step_fn: Optional[Callable] = None) -> dict:
     """Train `model` on `task`; returns the last metrics. `constant_metrics` (throughput, sizes) are added
-    to every report so that each one carries every objective key."""
+    to every report so that each one carries every objective key. `step_fn` replaces `train_step` (fault
+    injection in tests)."""
     constant_metrics = dict(constant_metrics or {})
+    step_fn = step_fn or train_step
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng([data_seed, order_seed])
     model.train()
@@ -125,7 +127,7 @@ def train(model, task: Task, cfg: TrainConfig, *, device, data_seed: int, order_
     metric, target = cfg.early_stop.metric, cfg.early_stop.value
     for step in range(cfg.steps):
         batch = to_device(task.train_batch(cfg.batch_size, rng), device)
-        loss, grad_norm = train_step(model, optimizer, batch, cfg, step, device)
+        loss, grad_norm = step_fn(model, optimizer, batch, cfg, step, device)
         if not math.isfinite(loss):
             raise TrialFailure("nan", f"training loss became {loss} at step {step + 1}",
                                {**constant_metrics, **last_eval, "train/loss": loss, "step": step + 1})

@@ -48,8 +48,8 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _inject_faults(cfg: TrialConfig) -> None:
-    """Wrap the train step so that the configured fault happens at step `fault_step` (testing aid)."""
+def faulty_step(cfg: TrialConfig) -> Callable:
+    """The train step with the configured fault at step `fault_step` (testing aid)."""
     original = trainer.train_step
 
     def faulty(model, optimizer, batch, tcfg, step, device):
@@ -62,8 +62,7 @@ def _inject_faults(cfg: TrialConfig) -> None:
             return float("nan"), norm
         return original(model, optimizer, batch, tcfg, step, device)
 
-    trainer.train_step = faulty
-    return original
+    return faulty
 
 
 def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None]] = None,
@@ -82,7 +81,6 @@ def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None
     constant = {**est.as_metrics(), "trial/arch": result.arch, "trial/config_hash": result.config_hash,
                 "trial/seeds": str(cfg.seed)}
     metrics: dict = dict(constant)
-    original_step = _inject_faults(cfg) if cfg.fault else None
     model = None
     try:
         torch.manual_seed(seeds["model"])
@@ -97,7 +95,7 @@ def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None
             constant["time/probe_s"] = time.perf_counter() - t0
         metrics = trainer.train(model, task, cfg.train, device=device, data_seed=seeds["data"],
                                 order_seed=seeds["order"], report=report, constant_metrics=constant,
-                                progress=progress)
+                                progress=progress, step_fn=faulty_step(cfg) if cfg.fault else None)
         result.status = "completed"
     except trainer.TrialFailure as exc:
         result.status, result.reason, metrics = exc.status, exc.reason, {**constant, **exc.metrics}
@@ -110,8 +108,6 @@ def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None
             result.metrics["traceback"] = traceback.format_exc(limit=8)
         metrics = {**constant, **metrics}
     finally:
-        if original_step is not None:
-            trainer.train_step = original_step
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -213,6 +213,17 @@ def kv_attention(q, k, v, *, scale, window, chunk_local, sliding, causal):
     return unchunk_batch(o, B, T)
 
 
+def low_precision_kv_attention(q, k, v, *, scale, window, chunk_local, sliding, causal):
+    """`kv_attention` for kernels that run bf16/fp16 with head dims <= 256; everything else (float32/64
+    inputs, larger heads) takes the exact reference form."""
+    dtype = kernel_dtype(q, k, v)
+    if dtype not in LOW_PRECISION or q.shape[-1] > 256:
+        return reference_kv(q, k, v, scale=scale, window=window, chunk_local=chunk_local)
+    q, k, v = same_dtype(dtype, q, k, v)
+    return kv_attention(q, k, v, scale=scale, window=window, chunk_local=chunk_local, sliding=sliding,
+                        causal=causal)
+
+
 # ---------------------------------------------------------------------------------------- blends
 def blend_plan(blend: str, window: int):
     """(kv_chunk_local, fw_delay, fw_read_every) of a blend — the same plan as the reference's."""

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 from . import cuda_available
-from ._glue import (LOW_PRECISION, fla_available, kernel_dtype, kv_attention, make_ops, reference_kv,
-                    same_dtype, sdpa_causal)
+from ._glue import fla_available, low_precision_kv_attention, make_ops, sdpa_causal
 
 
 def is_available() -> bool:
@@ -42,14 +39,9 @@ def _chunk_causal(q, k, v, scale):
 
 
 def kv_attn(q, k, v, *, scale, window, chunk_local):
-    dtype = kernel_dtype(q, k, v)
-    if dtype not in LOW_PRECISION or q.shape[-1] > 256:
-        # float32/64: the reference form (fla's float32 paths: see _glue, "Precision")
-        return reference_kv(q, k, v, scale=scale, window=window, chunk_local=chunk_local)
-    q, k, v = same_dtype(dtype, q, k, v)
-    causal = _chunk_causal if chunk_local else _causal
-    return kv_attention(q, k, v, scale=scale, window=window, chunk_local=chunk_local, sliding=_sliding,
-                        causal=causal)
+    # float32/64 take the reference form (fla's float32 paths: see _glue, "Precision")
+    return low_precision_kv_attention(q, k, v, scale=scale, window=window, chunk_local=chunk_local,
+                                      sliding=_sliding, causal=_chunk_causal if chunk_local else _causal)
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,4 +49,4 @@ def load():
     return make_ops(kv_attn)
 
 
-__all__ = ["is_available", "load", "LOW_PRECISION"]
+__all__ = ["is_available", "load"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from . import cuda_available, has_module
-from ._glue import LOW_PRECISION, kernel_dtype, kv_attention, make_ops, reference_kv, same_dtype
+from ._glue import low_precision_kv_attention, make_ops
 
 
 def is_available() -> bool:
@@ -27,12 +27,8 @@ def _causal(q, k, v, scale):
 
 
 def kv_attn(q, k, v, *, scale, window, chunk_local):
-    dtype = kernel_dtype(q, k, v)
-    if dtype not in LOW_PRECISION or q.shape[-1] > 256:
-        return reference_kv(q, k, v, scale=scale, window=window, chunk_local=chunk_local)
-    q, k, v = same_dtype(dtype, q, k, v)
-    return kv_attention(q, k, v, scale=scale, window=window, chunk_local=chunk_local, sliding=_sliding,
-                        causal=_causal)
+    return low_precision_kv_attention(q, k, v, scale=scale, window=window, chunk_local=chunk_local,
+                                      sliding=_sliding, causal=_causal)
 
 
 @functools.lru_cache(maxsize=None)
