@@ -22,6 +22,8 @@ from typing import Optional
 
 from hqlt.blocks.configs import ConfigError
 
+from . import gpu_monitor
+from .gpu_monitor import GpuMonitor
 from .space_hooks import HOOKS
 from .trainable import DONE_KEY, tune_trainable
 
@@ -292,13 +294,17 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
                 search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
                 max_concurrent_trials=s.max_concurrent, reuse_actors=True), run_config=run_config)
         started = time.time()
-        tuner.fit()
+        with GpuMonitor(directory):
+            tuner.fit()
         wall = time.time() - started
         summary = summarize(cl, name, objectives)
+        summary["gpu"] = gpu_monitor.summarize(directory)
         tracking.log_metrics(cl, parent_id, {
             "sweep/wall_s": wall, "sweep/n_trials": summary["n"], "sweep/trial_overhead_s": summary["overhead_s"],
-            "sweep/trial_setup_s": summary["setup_s"], **{f"sweep/n_{k}": v for k, v in summary["counts"].items()}},
-            step=0)
+            "sweep/trial_setup_s": summary["setup_s"], **{f"sweep/n_{k}": v for k, v in summary["counts"].items()},
+            **gpu_metrics(summary)}, step=0)
+        if summary["gpu"]:
+            cl.log_artifact(parent_id, str(directory / gpu_monitor.FILE))
         _final_report(tracking_uri, name, directory)
         cl.set_terminated(parent_id, "FINISHED")
         print_summary(summary, objectives, directory, tracking_uri)
@@ -363,9 +369,27 @@ def summarize(cl, experiment: str, objectives: list) -> dict:
             "setup_s": mean(setups)}
 
 
+def gpu_metrics(summary: dict) -> dict:
+    """sweep/gpu_* metrics: busy fraction (all GPUs and each), GPU-hours and completed trials per GPU-hour,
+    over every segment of the sweep (a resumed sweep adds its segment to the earlier ones)."""
+    gpu = summary.get("gpu")
+    if not gpu:
+        return {}
+    done = summary["counts"].get("completed", 0)
+    return {"sweep/gpu_busy_frac": gpu["busy_frac"], "sweep/gpu_hours": gpu["gpu_hours"],
+            "sweep/n_gpus": gpu["n_gpus"], "sweep/trials_per_gpu_hour": done / gpu["gpu_hours"],
+            **{f"sweep/gpu_busy_frac_gpu{g}": v for g, v in gpu["per_gpu"].items()}}
+
+
 def print_summary(summary: dict, objectives: list, directory: Path, tracking_uri: str) -> None:
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary["counts"].items()))
     print(f"\nsweep finished: {summary['n']} trials ({counts})")
+    m = gpu_metrics(summary)
+    if m:
+        per = " ".join(f"{v:.0%}" for k, v in m.items() if k.startswith("sweep/gpu_busy_frac_gpu"))
+        print(f"GPUs: {m['sweep/n_gpus']} busy {m['sweep/gpu_busy_frac']:.1%} of the sampled time (per GPU: {per}); "
+              f"{m['sweep/gpu_hours']:.3f} GPU-hours, {m['sweep/trials_per_gpu_hour']:.1f} completed trials per "
+              f"GPU-hour ({directory / gpu_monitor.FILE})")
     if summary.get("overhead_s") is not None:
         print(f"per-trial start-up: {summary['overhead_s']:.2f} s outside the trial function (Ray scheduling, "
               f"process start/reuse) + {summary['setup_s'] or 0:.2f} s inside (build model, throughput probe "
