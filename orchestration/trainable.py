@@ -36,11 +36,46 @@ def _filled(metrics: dict, objectives: list) -> dict:
     return out
 
 
-def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggregate: str, report) -> dict:
+class SeedRecords:
+    """The completed seeds of one trial, on disk (``<folder>/<trial_id>.seed<i>.json``).
+
+    A trial that restarts — a resumed sweep, on this host or another — takes a recorded seed instead of
+    training it again, if the record was made for exactly the same trial config. Only completed seeds are
+    recorded: a seed that failed (a bug fixed since, an OOM on a smaller card) is trained again."""
+
+    def __init__(self, folder: Path, trial_id: str):
+        self.folder, self.trial_id = Path(folder), trial_id
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"{self.trial_id}.seed{i}.json"
+
+    def load(self, i: int, config: dict):
+        from .trial import TrialResult
+
+        try:
+            data = json.loads(self._path(i).read_text())
+        except (OSError, ValueError):
+            return None
+        if data.get("input") != json.loads(json.dumps(config, default=str)):
+            return None
+        return TrialResult(**data["result"])
+
+    def save(self, i: int, config: dict, result) -> None:
+        if result.status != "completed":
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(i).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"input": config, "result": result.as_dict()}, default=str))
+        tmp.replace(self._path(i))  # atomic: a kill leaves either no record or a whole one
+
+
+def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggregate: str, report,
+                records: Optional[SeedRecords] = None) -> dict:
     """Train the sampled config for each seed; `report(metrics)` is tune.report or a test double.
 
     Reports are held back by one, so that the last evaluation and the trial's final (seed-aggregated)
-    result are one report: a scheduler's `max_t` then counts evaluations (seeds × evaluations per seed)."""
+    result are one report: a scheduler's `max_t` then counts evaluations (seeds × evaluations per seed).
+    With `records`, seeds completed by an earlier run of this trial are taken from disk, not retrained."""
     from hqlt.search_space import materialize
 
     from .trial import run_trial
@@ -62,7 +97,12 @@ def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggreg
             held.append(_filled({**metrics, "seed_index": i, "step": offset + metrics.get("step", 0),
                                  "trial/status": "running", DONE_KEY: 0.0}, objectives))
 
-        result = run_trial({**plain, "seed": base_seed + i}, report=seed_report)
+        seed_config = {**plain, "seed": base_seed + i}
+        result = records.load(i, seed_config) if records is not None else None
+        if result is None:
+            result = run_trial(seed_config, report=seed_report)
+            if records is not None:
+                records.save(i, seed_config, result)
         results.append(result)
         step_offset += int(result.metrics.get("step", 0))
     final = {**(held.pop() if held else {"step": step_offset}), **summarize_seeds(results, objectives, seed_aggregate)}
@@ -103,7 +143,8 @@ def tune_trainable(config: dict, spec=None, objectives: list = None, seeds: int 
     from ray import tune
 
     t_enter = time.time()
-    record = Path(results_dir) / f"{tune.get_context().get_trial_id()}.json" if results_dir else None
+    trial_id = tune.get_context().get_trial_id()
+    record = Path(results_dir) / f"{trial_id}.json" if results_dir else None
     if record is not None and record.exists():
         tune.report(json.loads(record.read_text()))
         return
@@ -122,4 +163,5 @@ def tune_trainable(config: dict, spec=None, objectives: list = None, seeds: int 
             tmp.replace(record)  # atomic: a kill leaves either no record or a whole one
         tune.report(metrics)
 
-    run_sampled(config, spec=spec, objectives=objectives, seeds=seeds, seed_aggregate=seed_aggregate, report=report)
+    run_sampled(config, spec=spec, objectives=objectives, seeds=seeds, seed_aggregate=seed_aggregate, report=report,
+                records=SeedRecords(Path(results_dir), trial_id) if results_dir else None)

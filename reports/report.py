@@ -14,6 +14,7 @@ ranked like any other trial (so the table shows whether a baseline is on the fro
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import tempfile
@@ -238,12 +239,13 @@ def write_report(
     try:
         files = {
             "pareto.png": plots.pareto_png(df, objs, base / "pareto.png", title=title),
-            "pareto.html": plots.pareto_html(df, objs, base / "pareto.html", title=title),
             "hypervolume.png": plots.hypervolume_png(
                 growth, base / "hypervolume.png", objectives=objs, reference=ref, title=title,
                 improved_labels=df["arch"].fillna("").astype(str).tolist(),
             ),
         }
+        if importlib.util.find_spec("plotly") is not None:  # the interactive plot is optional (no plotly: png only)
+            files["pareto.html"] = plots.pareto_html(df, objs, base / "pareto.html", title=title)
         (base / "front.md").write_text(front_markdown(df, objs, max_rank=max_rank, title=f"{title} — Pareto front"))
         (base / "front.csv").write_text(front_csv(df, objs, max_rank=max_rank))
         export = df.drop(columns=[c for c in df.columns if c.startswith("tags.")])
@@ -283,6 +285,8 @@ def write_report(
                 synchronous=True,
             )
             for name in ARTIFACTS:
+                if name not in files:
+                    continue
                 client.log_artifact(parent.run_id, str(base / name))
                 logged.append(name)
     finally:

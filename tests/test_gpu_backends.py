@@ -35,7 +35,10 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 NAMES = ("q_kv", "k_kv", "q_fw", "k_fw", "v", "beta", "g")
 # (B, T, H, d, W): T not a multiple of 64 in both; d = 64 and 128
 SHAPES = {"T200-d64-W48": (2, 200, 2, 64, 48), "T130-d128-W64": (1, 130, 2, 128, 64)}
-ODD = {"W>T": (1, 100, 2, 64, 160), "W=1": (1, 70, 2, 64, 1), "W=T": (1, 96, 2, 128, 96)}
+ODD = {"W>T": (1, 100, 2, 64, 160), "W=1": (1, 70, 2, 64, 1), "W=T": (1, 96, 2, 128, 96),
+       # Delayed-Chunk's batch of chunks x heads = 67,200 > 65,535 rows of a CUDA grid axis (seen failing
+       # as "Triton Error [CUDA]: invalid argument" in a paper_expressivity trial before the split)
+       "many-chunks": (4200, 16, 2, 32, 2)}
 _ERRORS: list[dict] = []
 
 

@@ -162,3 +162,27 @@ def test_bench_flop_formulas():
     assert bk.pairs(130, 64, "delayed_chunk") == 2 * 64 * 65 // 2 + 2 * 3 // 2
     assert bk.fw_flops_per_token(128, "delta", "sync") == 10 * 64 * 128 + 6 * 128 * 128 + (2 / 3) * 64 * 64
     assert bk.sdpa_flops(1, 4, 1, 2) == 3 * 4 * 2 * 10
+
+
+@pytest.mark.parametrize("chunk_local", [False, True])
+def test_attention_runs_in_batch_slices_that_fit_a_cuda_grid_axis(monkeypatch, chunk_local):
+    """batch x heads above CUDA's 65535 grid rows (Delayed-Chunk's batch of chunks) is split, same values."""
+    B, T, H, d, W = 5, 24, 2, 8, 4
+    q, k, v = (torch.randn(B, T, H, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    full = _glue.kv_attention(q, k, v, scale=0.3, window=W, chunk_local=chunk_local, sliding=_sliding,
+                              causal=_causal)
+    seen = []
+
+    def tracked(fn):
+        def run(q, k, v, *args):
+            seen.append(q.shape[0] * q.shape[2])
+            return fn(q, k, v, *args)
+        return run
+    monkeypatch.setattr(_glue, "MAX_GRID_ROWS", 6)  # 3 sequences of 2 heads per call
+    sliced = _glue.kv_attention(q, k, v, scale=0.3, window=W, chunk_local=chunk_local, sliding=tracked(_sliding),
+                                causal=tracked(_causal))
+    assert max(seen) <= 6 and len(seen) == math.ceil((B * (T // W if chunk_local else 1)) / 3)
+    torch.testing.assert_close(sliced, full)
+    gq, = torch.autograd.grad(sliced.square().sum(), q)
+    gq_full, = torch.autograd.grad(full.square().sum(), q)
+    torch.testing.assert_close(gq, gq_full)

@@ -244,3 +244,16 @@ def test_reports_do_not_import_torch_or_ray():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_report_without_plotly_writes_everything_but_the_html(sweep, tmp_path, monkeypatch):
+    """GPU images may lack plotly: the report still ranks, draws the png plots and logs what it drew."""
+    import importlib.util as ilu
+
+    folder, uri = sweep
+    real = ilu.find_spec
+    monkeypatch.setattr(ilu, "find_spec", lambda name, *a: None if name == "plotly" else real(name, *a))
+    res = write_report(uri, SWEEP, out_dir=tmp_path / "np")
+    assert res.front_size == 5
+    assert "pareto.html" not in res.artifacts and not (tmp_path / "np" / "pareto.html").exists()
+    assert {"pareto.png", "hypervolume.png", "front.md", "front.csv", "trials.csv"} <= set(res.artifacts)

@@ -63,3 +63,39 @@ def test_a_failed_trial_reports_its_status_once(spec):
     assert final["trial/status"] == "nan" and "step 2" in final["trial/reason"]
     assert final["trial/n_failed_seeds"] == 2.0
     assert reports == [final] and final[DONE_KEY] == 1.0
+
+
+def test_a_restarted_trial_takes_its_completed_seeds_from_disk(spec, tmp_path, monkeypatch):
+    from hqlt.orchestration import trial as trial_mod
+    from hqlt.orchestration.trainable import SeedRecords
+
+    config = {"model.mixer.kv.window": 2, "hqlt.optuna_number": 0}
+    records = SeedRecords(tmp_path / "results", "abc123")
+    first = run_sampled(config, spec=spec, objectives=OBJECTIVES, seeds=2, seed_aggregate="max",
+                        report=lambda m: None, records=records)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["abc123.seed0.json", "abc123.seed1.json"]
+
+    def no_training(*a, **k):
+        raise AssertionError("a recorded seed was trained again")
+    monkeypatch.setattr(trial_mod, "run_trial", no_training)
+    reports = []
+    again = run_sampled(config, spec=spec, objectives=OBJECTIVES, seeds=2, seed_aggregate="max",
+                        report=reports.append, records=records)
+    assert reports == [again] and again[DONE_KEY] == 1.0
+    for key in ("val/acc", "seed0/val/acc", "seed1/val/acc", "trial/seeds", "trial/arch"):
+        assert again[key] == first[key]
+    # a record made for another config (here: another window) is not taken
+    assert records.load(0, {"model": "something else"}) is None
+    with pytest.raises(AssertionError, match="trained again"):
+        run_sampled({**config, "model.mixer.kv.window": 4}, spec=spec, objectives=OBJECTIVES, seeds=1,
+                    seed_aggregate="max", report=lambda m: None, records=records)
+
+
+def test_failed_seeds_are_not_recorded(spec, tmp_path):
+    from hqlt.orchestration.trainable import SeedRecords
+
+    spec = load_spec(spec.file, ["base.fault=nan", "base.fault_step=2"], hooks=HOOKS)
+    records = SeedRecords(tmp_path / "results", "t1")
+    final = run_sampled({"model.mixer.kv.window": 2}, spec=spec, objectives=OBJECTIVES, seeds=1,
+                        seed_aggregate="max", report=lambda m: None, records=records)
+    assert final["trial/status"] == "nan" and not (tmp_path / "results").exists()

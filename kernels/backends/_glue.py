@@ -26,6 +26,7 @@ Training runs bf16 autocast, where every op takes the fla kernels.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -196,13 +197,29 @@ def sdpa_causal(q, k, v, *, scale):
     return o.transpose(1, 2).to(v.dtype)
 
 
+# CUDA caps a grid's y and z dimensions at 65535 and attention kernels put batch x heads there; chunk-local
+# attention makes the batch B * T / C (1024 sequences of 256 tokens in chunks of 8: 32768 x heads).
+MAX_GRID_ROWS = 65535
+
+
+def in_grid_slices(fn, q, k, v, *args):
+    """fn(q, k, v, *args) over slices of the batch small enough that batch x heads fits one grid axis."""
+    rows = max(1, MAX_GRID_ROWS // q.shape[2])
+    if q.shape[0] <= rows:
+        return fn(q, k, v, *args)
+    return torch.cat([fn(q[i:i + rows], k[i:i + rows], v[i:i + rows], *args) for i in range(0, q.shape[0], rows)])
+
+
 def kv_attention(q, k, v, *, scale, window, chunk_local, sliding, causal):
     """KV memory through a backend's two attention primitives.
 
     sliding(q, k, v, scale, W) -> sliding-window attention (W < T); causal(q, k, v, scale) -> full
-    causal attention. Chunk-local attention is causal attention over the batch of chunks.
+    causal attention. Chunk-local attention is causal attention over the batch of chunks. Both run on
+    batch slices that fit a CUDA grid axis (``in_grid_slices``).
     """
     B, T = v.shape[:2]
+    sliding = functools.partial(in_grid_slices, sliding)
+    causal = functools.partial(in_grid_slices, causal)
     if window is None or (not chunk_local and window >= T):
         return causal(q, k, v, scale)
     if not chunk_local:
