@@ -15,6 +15,8 @@ Built in:
     fla         fla 0.6.0 Triton kernels (parallel_attn + chunk_delta_rule & co.), CUDA
     flex        FlexAttention sliding-window KV + fla FW, CUDA
     flash_attn  FlashAttention-2 window (W-1, 0) KV + fla FW, CUDA, when flash_attn is importable
+    fused       fused Triton forward for sync + delta (bf16/fp16, W <= 256; backward not fused yet),
+                fla glue for everything else, CUDA; never picked by "auto" (no priority)
 
 "auto" on CUDA chooses per call by measurement (``hqlt.kernels.backends.auto``: the table written by
 ``hqlt bench kernels --write-auto-table``), falling back to the highest ``auto_priority`` available.
@@ -161,3 +163,4 @@ register_backend(Backend("fla", _lazy("fla", "load"), _lazy("fla", "is_available
 register_backend(Backend("flex", _lazy("flex", "load"), _lazy("flex", "is_available"), ("cuda",)))
 register_backend(Backend("flash_attn", _lazy("flash_attn", "load"), _lazy("flash_attn", "is_available"),
                          ("cuda",)))
+register_backend(Backend("fused", _lazy("fused", "load"), _lazy("fused", "is_available"), ("cuda",)))
