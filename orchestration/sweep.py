@@ -23,6 +23,7 @@ from typing import Optional
 from hqlt.blocks.configs import ConfigError
 
 from . import gpu_monitor
+from .sweep_folder import adopt_moved_folder, relocate_embedded_store  # noqa: F401 (re-exported)
 from .gpu_monitor import GpuMonitor
 from .space_hooks import HOOKS
 from .trainable import DONE_KEY, tune_trainable
@@ -121,17 +122,6 @@ def current_tracking_uri() -> str:
     return embedded_uri(Path(os.environ[SWEEP_DIR_ENV]))
 
 
-def relocate_embedded_store(directory: Path, old_path: str) -> None:
-    """A sweep folder copied to another path or host: MLflow stored absolute artifact locations in its
-    SQLite file, and has no API to change them; rewrite the old folder prefix to the new one."""
-    import sqlite3
-
-    old, new = Path(old_path).as_uri(), directory.resolve().as_uri()
-    with sqlite3.connect(directory / "mlflow.db") as con:
-        con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
-        con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
-
-
 def sweep_dir_for(spec, given: Optional[str]) -> Path:
     return Path(given) if given else Path("sweeps") / spec.name
 
@@ -219,10 +209,8 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
     if resuming and not tracking_uri:  # a resumed sweep keeps writing to the server it started with
         tracking_uri = meta.get("tracking_uri")
     embedded = not tracking_uri
-    if resuming and embedded and meta.get("path") and meta["path"] != str(directory.resolve()):
-        relocate_embedded_store(directory, meta["path"])
-        meta["path"] = str(directory.resolve())
-        (directory / "sweep.json").write_text(json.dumps(meta, indent=2))
+    if resuming and embedded:
+        adopt_moved_folder(directory)
     tracking_uri = tracking_uri or embedded_uri(directory)
     if address and not tracking_uri.startswith(("http://", "https://", "postgresql", "mysql", "databricks")):
         raise ConfigError("--tracking-uri", f"got {tracking_uri!r}; on a Ray cluster (--address / RAY_ADDRESS) "
@@ -416,4 +404,7 @@ def _final_report(tracking_uri: str, experiment: str, directory: Path) -> None:
         if text:
             print(text)
     except Exception as exc:  # noqa: BLE001
-        print(f"report skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        import traceback
+
+        where = "; ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-3:])
+        print(f"report skipped: {type(exc).__name__}: {exc} (at {where}); rerun: hqlt report {directory}", file=sys.stderr)

@@ -110,6 +110,10 @@ def _resolve(args: argparse.Namespace) -> tuple[str, str, Path | None]:
             db = folder / "mlflow.db"
             if not db.is_file():
                 raise _InputError(f"{folder} has no mlflow.db (not a sweep folder?); use --tracking-uri")
+            if (folder / "sweep.json").is_file():
+                from hqlt.orchestration.sweep_folder import adopt_moved_folder
+
+                adopt_moved_folder(folder)  # artifacts land in this folder, not where the sweep first ran
             uri = sqlite_uri(db)
         if name is None:
             name = _sweep_name_from_dir(folder)

@@ -257,3 +257,20 @@ def test_report_without_plotly_writes_everything_but_the_html(sweep, tmp_path, m
     assert res.front_size == 5
     assert "pareto.html" not in res.artifacts and not (tmp_path / "np" / "pareto.html").exists()
     assert {"pareto.png", "hypervolume.png", "front.md", "front.csv", "trials.csv"} <= set(res.artifacts)
+
+
+def test_report_on_a_moved_folder_writes_artifacts_into_it(tmp_path, template_db):
+    """A sweep folder copied off the GPU host (or committed): its store named the old path; the report
+    must not write artifacts there."""
+    first = tmp_path / "gpu-host" / SWEEP
+    build_store(first, template=template_db)
+    meta = json.loads((first / "sweep.json").read_text())
+    (first / "sweep.json").write_text(json.dumps({**meta, "path": str(first.resolve())}))
+    moved = tmp_path / "repo" / SWEEP
+    moved.parent.mkdir()
+    first.rename(moved)
+    assert _run_cli([str(moved)]) == 0
+    assert not first.exists()
+    written = {p.name for p in (moved / "artifacts").rglob("*") if p.is_file()}
+    assert {"pareto.png", "front.md"} <= written
+    assert json.loads((moved / "sweep.json").read_text())["path"] == str(moved.resolve())
