@@ -112,14 +112,18 @@ def rank_trials(trials: pd.DataFrame, objectives: Sequence[Objective]) -> pd.Dat
     modes = [o.mode for o in objectives]
     values = df[cols].to_numpy(float) if len(df) else np.zeros((0, len(cols)))
     eligible = (df["status"] == "completed").to_numpy() & np.all(np.isfinite(values), axis=1)
-    ranks = pd.Series(pd.NA, index=df.index, dtype="Int64")
-    dominated = pd.Series(pd.NA, index=df.index, dtype="Int64")
-    if eligible.any():
-        sub = values[eligible]
-        ranks[eligible] = non_dominated_sort(sub, modes)
-        dominated[eligible] = domination_counts(sub, modes)
-    df["pareto_rank"] = ranks
-    df["dominated_by"] = dominated
+    rows = np.flatnonzero(eligible)
+    sub = values[eligible]
+
+    def full_column(found: list) -> pd.Series:
+        # built whole: masked assignment of a list into an Int64 Series breaks on pandas 3.0.x
+        col: list = [pd.NA] * len(df)
+        for i, v in zip(rows, found):
+            col[i] = pd.NA if v is None else int(v)
+        return pd.Series(col, index=df.index, dtype="Int64")
+
+    df["pareto_rank"] = full_column(non_dominated_sort(sub, modes) if len(rows) else [])
+    df["dominated_by"] = full_column(domination_counts(sub, modes) if len(rows) else [])
     return df
 
 
