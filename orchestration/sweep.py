@@ -1,12 +1,16 @@
 """`hqlt sweep`: a validated spec → Ray Tune (OptunaSearch, FIFO or ASHA) → MLflow, resumable.
 
 Sweep folder layout (everything a resume needs):
-    sweep.json      name, spec hash, objectives, tracking URI
+    sweep.json      name, spec hash, objectives, tracking URI, folder path, wall time of each run
     spec.yaml       the merged spec as run
     optuna.log      Optuna journal (the study)
     mlflow.db       embedded MLflow store (unless --tracking-uri)
     ray/            Ray Tune experiment state (Tuner.restore)
-    cache/          Triton / Inductor compile caches shared by all trials
+    results/        per trial: the final result (<trial_id>.json) and each completed seed (.seed<i>.json)
+    gpu_util.csv    GPU utilization sampled by the driver (gpu_monitor), one segment per run
+    cache/          Triton / Inductor compile caches shared by all trials (not needed to resume)
+Parent-run metrics: sweep/wall_s (all runs), sweep/run_wall_s, sweep/n_<status>, sweep/trial_overhead_s,
+sweep/trial_setup_s, sweep/gpu_busy_frac[_gpu<i>], sweep/gpu_hours, sweep/trials_per_gpu_hour.
 Re-running the same command on the same folder resumes; a changed spec is refused unless --fresh.
 """
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -285,11 +290,14 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         with GpuMonitor(directory):
             tuner.fit()
         wall = time.time() - started
+        total_wall = record_wall_time(directory, wall)
         summary = summarize(cl, name, objectives)
         summary["gpu"] = gpu_monitor.summarize(directory)
+        # every status is logged (0 when none), so a resumed sweep overwrites the counts of the last run
+        counts = {f"sweep/n_{k}": summary["counts"].get(k, 0) for k in (*STATUSES, *summary["counts"])}
         tracking.log_metrics(cl, parent_id, {
-            "sweep/wall_s": wall, "sweep/n_trials": summary["n"], "sweep/trial_overhead_s": summary["overhead_s"],
-            "sweep/trial_setup_s": summary["setup_s"], **{f"sweep/n_{k}": v for k, v in summary["counts"].items()},
+            "sweep/wall_s": total_wall, "sweep/run_wall_s": wall, "sweep/n_trials": summary["n"],
+            "sweep/trial_overhead_s": summary["overhead_s"], "sweep/trial_setup_s": summary["setup_s"], **counts,
             **gpu_metrics(summary)}, step=0)
         if summary["gpu"]:
             cl.log_artifact(parent_id, str(directory / gpu_monitor.FILE))
@@ -355,6 +363,21 @@ def summarize(cl, experiment: str, objectives: list) -> dict:
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"counts": counts, "n": len(runs), "best": rows[:5], "overhead_s": mean(overheads),
             "setup_s": mean(setups)}
+
+
+STATUSES = ("completed", "failed", "oom", "nan", "pruned", "infeasible", "running")
+
+
+def record_wall_time(directory: Path, wall: float) -> float:
+    """Add this run's wall time to the sweep's total in sweep.json (a resumed sweep runs in several
+    parts, perhaps on several hosts); returns the total."""
+    meta_path = directory / "sweep.json"
+    meta = json.loads(meta_path.read_text())
+    meta["wall_s"] = float(meta.get("wall_s", 0.0)) + wall
+    meta.setdefault("runs", []).append({"wall_s": round(wall, 1), "host": socket.gethostname(),
+                                        "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return meta["wall_s"]
 
 
 def gpu_metrics(summary: dict) -> dict:

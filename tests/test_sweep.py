@@ -4,6 +4,7 @@ Each test runs `hqlt sweep` in a subprocess, as a user would, on tiny trials.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -185,6 +186,9 @@ def test_sigkill_then_rerun_resumes_without_loss_or_duplicates(tmp_path):
     parent = cl.search_runs([cl.get_experiment_by_name("killed").experiment_id], "tags.`hqlt.role` = 'sweep'")[0]
     assert parent.info.artifact_uri.startswith(sw.as_uri())
     assert "pareto.png" in [a.path for a in cl.list_artifacts(parent.info.run_id)]
+    pm = parent.data.metrics
+    assert pm["sweep/n_completed"] == 6 and pm["sweep/n_running"] == 0 and pm["sweep/n_failed"] == 0
+    assert pm["sweep/wall_s"] >= pm["sweep/run_wall_s"] > 0
 
     changed = spec.read_text().replace("num_samples: 6", "num_samples: 6\n  seeds: 2")
     spec.write_text(changed)
@@ -216,3 +220,13 @@ def test_cluster_mode_requires_a_tracking_server(tmp_path):
     assert "--tracking-uri" in out.stderr and "server" in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
 
+
+
+def test_wall_time_adds_up_over_the_runs_of_a_resumed_sweep(tmp_path):
+    from hqlt.orchestration.sweep import record_wall_time
+
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "x"}))
+    assert record_wall_time(tmp_path, 10.0) == 10.0
+    assert record_wall_time(tmp_path, 2.5) == 12.5
+    meta = json.loads((tmp_path / "sweep.json").read_text())
+    assert meta["name"] == "x" and [r["wall_s"] for r in meta["runs"]] == [10.0, 2.5]
