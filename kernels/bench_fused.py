@@ -1,4 +1,4 @@
-"""Benchmark of the fused Synchronous-HQLT forward (FUSED_NOTES.md step 2) against the fla composition and SDPA.
+"""Benchmark of the fused Synchronous-HQLT forward and backward (FUSED_NOTES.md steps 2-3) against the fla composition and SDPA.
 
     python -m hqlt.kernels.bench_fused [--out FILE.json] [--shapes 8x2048 1x32768] [--heads 8] [--dim 128]
                                        [--window 64] [--warmup 5] [--repeats 20] [--no-sweep]
@@ -8,12 +8,16 @@ Per (B, T), bf16, H heads of dim d, window W, raw q, k, v ~ N(0, 1), beta = 2 si
 * fused fwd           ``fused_forward`` (FW features computed in the kernel), no autograd;
 * fused fwd (given features)  the backend's path: q_fw, k_fw passed in (``hybrid_memory(backend="fused")``);
 * fused stages        the three launches timed cumulatively (wy; wy+scan; all), differences = per kernel;
-* fused fwd+bwd       ``sync_hybrid_memory`` + ``torch.autograd.grad`` for q, k, v, beta — the backward
-                      is NOT fused (recomputes with the fla composition), so this is fused fwd + fla fwd+bwd;
+* fused fwd+bwd       ``sync_hybrid_memory`` + ``torch.autograd.grad`` for q, k, v, beta with the fused
+                      backward (FUSED_NOTES.md step 3): chunk states kept from the forward (default), or
+                      recomputed in the backward (``save_states=False``);
+* fused bwd only      ``fused_backward`` alone on a saved forward (states kept), no autograd;
+* fused fwd+bwd (recompute bwd)  the old backward: fused fwd + fla fwd+bwd (``fused_backward=False``);
 * fla fwd, fwd+bwd    the composition as a model runs it: l2(silu(q)), l2(silu(k)) in torch, then
                       ``hybrid_memory(backend="fla")`` (fla ``parallel_attn`` window + ``chunk_delta_rule``);
 * SDPA fwd, fwd+bwd   ``F.scaled_dot_product_attention(is_causal=True)`` over the same tokens (baseline).
 
+The gradients of the fused backward are compared with the fla composition's (relative RMS, bf16 both).
 Times: median of ``--repeats`` CUDA-event timings after ``--warmup`` untimed calls (warmup also absorbs
 Triton compilation and fla autotuning). The max |fused - fla| of both outputs (and the relative RMS) is
 printed per shape. ``--no-sweep`` skips the sweep of alternative fused block/warp configurations. A
@@ -33,6 +37,11 @@ SWEEP = (  # overrides of fused_triton.default_config, one group at a time
     {"scan_bv": 16}, {"scan_bv": 32}, {"scan_bv": 64, "scan_warps": 8}, {"scan_warps": 4}, {"scan_warps": 8},
     {"out_bv": 128, "out_warps": 8}, {"out_warps": 4}, {"out_warps": 8}, {"wy_warps": 4}, {"wy_warps": 8},
     {"num_stages": 1}, {"num_stages": 3},
+)
+BWD_SWEEP = (  # the same for the fused backward (timed alone on a saved forward)
+    {"bwd_scan_bv": 16}, {"bwd_scan_bv": 32}, {"bwd_scan_bv": 64, "bwd_scan_warps": 8}, {"bwd_scan_warps": 4},
+    {"fw_bwd_bv": 16}, {"fw_bwd_bv": 64}, {"fw_bwd_warps": 4}, {"fw_bwd_warps": 8}, {"kv_bwd_warps": 4},
+    {"kv_bwd_warps": 8}, {"num_stages": 1}, {"num_stages": 3},
 )
 
 
@@ -107,9 +116,26 @@ def bench_shape(B: int, T: int, args) -> dict:
               f"{stages['wy+scan'] - stages['wy']:.3f} / {stages['wy+scan+out'] - stages['wy+scan']:.3f} ms",
               flush=True)
 
-    row["fused_fwd_bwd"] = _time(_grad_step(
-        lambda: FT.sync_hybrid_memory(*leaves, window=W, kv_scale=scale, fw_scale=scale), leaves, grads), args)
-    _show("fused fwd+bwd (bwd NOT fused: fla recompute)", row["fused_fwd_bwd"])
+    def fused_fb(**kw):
+        return _grad_step(lambda: FT.sync_hybrid_memory(*leaves, window=W, kv_scale=scale, fw_scale=scale, **kw),
+                          leaves, grads)
+
+    row["fused_fwd_bwd"] = _time(fused_fb(fused_backward=True, save_states=True), args)
+    _show("fused fwd+bwd (fused bwd, states kept)", row["fused_fwd_bwd"])
+    row["fused_fwd_bwd_recompute_states"] = _time(fused_fb(fused_backward=True, save_states=False), args)
+    _show("fused fwd+bwd (fused bwd, states recomputed)", row["fused_fwd_bwd_recompute_states"])
+    with torch.no_grad():
+        o_kv, _, aux = FT.fused_forward(q, k, v, beta, window=W, kv_scale=scale, fw_scale=scale, return_aux=True)
+
+    def fused_bwd(config=None):
+        return lambda: FT.fused_backward(q, k, v, beta, o_kv, aux["lse"], grads[0], grads[1], window=W,
+                                         kv_scale=scale, fw_scale=scale, w=aux["w"], v_new=aux["v_new"],
+                                         states=aux["states"], config=config)
+
+    row["fused_bwd_only"] = _time(fused_bwd(), args)
+    _show("fused bwd only (states kept)", row["fused_bwd_only"])
+    row["fused_fwd_bwd_unfused_bwd"] = _time(fused_fb(fused_backward=False), args)
+    _show("fused fwd+bwd (old bwd: fla recompute)", row["fused_fwd_bwd_unfused_bwd"])
 
     fla_ok = available_backends().get("fla", False)
 
@@ -150,6 +176,14 @@ def bench_shape(B: int, T: int, args) -> dict:
                     err[f"{name}_max_abs"] = (a - b).abs().max().item()
                     err[f"{name}_max_abs_ref"] = b.abs().max().item()
                     err[f"{name}_rel_rms"] = ((a - b).norm() / b.norm()).item()
+        if fla_ok:   # gradients: fused backward vs the fla composition's autograd
+            g_f = torch.autograd.grad(FT.sync_hybrid_memory(*leaves, window=W, kv_scale=scale, fw_scale=scale,
+                                                            fused_backward=True), leaves, grads)
+            g_l = torch.autograd.grad(fla_forward(*leaves), leaves, grads)
+            for name, a, b in zip(("dq", "dk", "dv", "dbeta"), g_f, g_l):
+                a, b = a.float(), b.float()
+                err[f"{name}_rel_rms"] = ((a - b).norm() / b.norm()).item()
+                err[f"{name}_finite"] = bool(torch.isfinite(a).all())
     except Exception as exc:
         err = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
     row["fused_vs_fla"] = err
@@ -167,7 +201,18 @@ def bench_shape(B: int, T: int, args) -> dict:
             best = min(timed, key=lambda s: s["ms"])
             print(f"  best sweep entry: {json.dumps(best['override'])} {best['ms']:.3f} ms "
                   f"(default {row['fused_fwd'].get('ms')})", flush=True)
-    del q, k, v, beta, leaves, grads
+        sweep = []
+        for override in BWD_SWEEP:
+            r = _time(fused_bwd(config=override), args)
+            sweep.append({"override": override, **r})
+            _show(f"bwd sweep {json.dumps(override)}", r)
+        row["fused_bwd_sweep"] = sweep
+        timed = [s for s in sweep if s.get("ms")]
+        if timed:
+            best = min(timed, key=lambda s: s["ms"])
+            print(f"  best bwd sweep entry: {json.dumps(best['override'])} {best['ms']:.3f} ms "
+                  f"(default {row['fused_bwd_only'].get('ms')})", flush=True)
+    del q, k, v, beta, leaves, grads, o_kv, aux
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -201,7 +246,7 @@ def main(argv=None) -> int:
             "fla": _version("fla-core"), "dtype": "bfloat16", "warmup": args.warmup, "repeats": args.repeats,
             "command": "python -m hqlt.kernels.bench_fused " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "note": "fused fwd+bwd uses an unfused backward (fla recompute); see kernels/FUSED_NOTES.md step 2"}
+            "note": "fused fwd+bwd uses the fused backward (FUSED_NOTES.md step 3) unless labelled 'old bwd'"}
     print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}; "
           f"ms = median of {args.repeats} after {args.warmup} warmup", flush=True)
     rows = []

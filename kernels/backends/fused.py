@@ -8,9 +8,11 @@ Every other call — other blends or FW kinds, float32/float64, W > 256, larger 
 ``kv_memory`` / ``fw_memory`` ops go to the fla backend's ops (``make_ops`` over fla's sliding-window
 attention and FW kernels), or, without fla, to the same glue over the reference forms.
 
-Training: the forward is fused; the backward is NOT fused yet — it recomputes the outputs with the fla
-composition (or the reference) under autograd (``fused_triton.FusedSyncHybrid``), so fwd+bwd costs the
-fused forward plus an unfused forward and backward.
+Training: forward and backward are fused (``fused_triton.FusedSyncHybrid``, FUSED_NOTES.md step 3;
+gradients for q_kv, k_kv, q_fw, k_fw, v, beta separately). ``HQLT_FUSED_BACKWARD=0`` switches back to
+the old backward, which recomputes the outputs with the fla composition (or the reference) under
+autograd; ``HQLT_FUSED_SAVE_STATES=0`` recomputes the chunk states in the backward instead of keeping
+them from the forward.
 
 Never picked by "auto" (no ``auto_priority``) until a measured auto table lists it. The probe only looks
 for the triton package and a CUDA device; triton is imported when the fused kernel first runs.
