@@ -304,7 +304,9 @@ def test_interpreter_fused_backward_matches_reference(case, featurize):
                          ids=["T130-d32-W100", "T65-dk24-dv40-W3", "T200-dk128-dv64-W256"])
 def test_interpreter_fused_backward_poisoned(case, featurize):
     B, T, H, dk, dv, W = case
-    poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T)
+    grads = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T)
+    assert len(grads) == (4 if featurize else 6)  # dq, dk, dv, dbeta (+ dq_kv, dk_kv with features given)
+    assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads)
 
 
 @interp
@@ -367,7 +369,9 @@ class TestGPUFusedBackward:
     @pytest.mark.parametrize("case", [(2, 130, 2, 64, 64, 100), (1, 2048, 2, 128, 128, 64), (1, 77, 3, 24, 40, 5)])
     def test_poisoned_backward(self, case, featurize):
         B, T, H, dk, dv, W = case
-        poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T)
+        grads = poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T)
+        assert len(grads) == (4 if featurize else 6)
+        assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads)
 
     def test_fp16_grads(self):
         for featurize in (True, False):
