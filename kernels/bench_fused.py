@@ -26,12 +26,15 @@ failing entry prints its error and the run goes on. Needs a CUDA device.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from .bench_kernels import parse_pair
 
 SWEEP = (  # overrides of fused_triton.default_config, one group at a time
     {"scan_bv": 16}, {"scan_bv": 32}, {"scan_bv": 64, "scan_warps": 8}, {"scan_warps": 4}, {"scan_warps": 8},
@@ -190,40 +193,30 @@ def bench_shape(B: int, T: int, args) -> dict:
     print(f"  fused vs fla: {json.dumps(err)}", flush=True)
 
     if args.sweep:
-        sweep = []
-        for override in SWEEP:
-            r = _time(fused_fwd(config=override), args)
-            sweep.append({"override": override, **r})
-            _show(f"sweep {json.dumps(override)}", r)
-        row["fused_fwd_sweep"] = sweep
-        timed = [s for s in sweep if s.get("ms")]
-        if timed:
-            best = min(timed, key=lambda s: s["ms"])
-            print(f"  best sweep entry: {json.dumps(best['override'])} {best['ms']:.3f} ms "
-                  f"(default {row['fused_fwd'].get('ms')})", flush=True)
-        sweep = []
-        for override in BWD_SWEEP:
-            r = _time(fused_bwd(config=override), args)
-            sweep.append({"override": override, **r})
-            _show(f"bwd sweep {json.dumps(override)}", r)
-        row["fused_bwd_sweep"] = sweep
-        timed = [s for s in sweep if s.get("ms")]
-        if timed:
-            best = min(timed, key=lambda s: s["ms"])
-            print(f"  best bwd sweep entry: {json.dumps(best['override'])} {best['ms']:.3f} ms "
-                  f"(default {row['fused_bwd_only'].get('ms')})", flush=True)
+        row["fused_fwd_sweep"] = _config_sweep("sweep", SWEEP, fused_fwd, row["fused_fwd"], args)
+        row["fused_bwd_sweep"] = _config_sweep("bwd sweep", BWD_SWEEP, fused_bwd, row["fused_bwd_only"], args)
     del q, k, v, beta, leaves, grads, o_kv, aux
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
-def parse_bt(text: str) -> tuple[int, int]:
-    try:
-        b, t = text.lower().split("x")
-        return int(b), int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 8x2048 (batch x length); got {text!r}")
+def _config_sweep(label: str, overrides, make, default: dict, args) -> list[dict]:
+    """Time make(config=override) for each override; print each and the best against the default."""
+    sweep = []
+    for override in overrides:
+        r = _time(make(config=override), args)
+        sweep.append({"override": override, **r})
+        _show(f"{label} {json.dumps(override)}", r)
+    timed = [s for s in sweep if s.get("ms")]
+    if timed:
+        best = min(timed, key=lambda s: s["ms"])
+        print(f"  best {label} entry: {json.dumps(best['override'])} {best['ms']:.3f} ms "
+              f"(default {default.get('ms')})", flush=True)
+    return sweep
+
+
+parse_bt = functools.partial(parse_pair, example="8x2048", meaning="batch x length")
 
 
 def main(argv=None) -> int:

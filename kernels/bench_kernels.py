@@ -93,19 +93,20 @@ def _fwd_bwd(forward, leaves, grads):
     return step
 
 
-def parse_shape(text: str) -> tuple[int, int]:
+def parse_pair(text: str, example: str = "8x128", meaning: str = "heads x head dim") -> tuple[int, int]:
+    """'AxB' -> (A, B), for argparse ``type=`` (with functools.partial for other examples/meanings)."""
     try:
-        h, d = text.lower().split("x")
-        return int(h), int(d)
+        a, b = text.lower().split("x")
+        return int(a), int(b)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 8x128 (heads x head dim); got {text!r}")
+        raise argparse.ArgumentTypeError(f"shape must look like {example} ({meaning}); got {text!r}")
 
 
 # ------------------------------------------------------------------------------------------- main
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqs", type=int, nargs="+", default=list(DEFAULT_SEQS), help="sequence lengths T")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch; B = max(1, tokens // T)")
-    p.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES],
+    p.add_argument("--shapes", type=parse_pair, nargs="+", default=[parse_pair(s) for s in DEFAULT_SHAPES],
                    help="heads x head dim, e.g. 8x128 16x64")
     p.add_argument("--pairs", nargs="+", default=None, metavar="T:HxD",
                    help="explicit (T, shape) pairs, e.g. 32768:8x128 (instead of --seqs x --shapes)")
@@ -167,7 +168,7 @@ def run(args) -> int:
 
     stopped = False
     if args.pairs:
-        todo = [(int(t), parse_shape(hd)) for t, hd in (p.split(":") for p in args.pairs)]
+        todo = [(int(t), parse_pair(hd)) for t, hd in (p.split(":") for p in args.pairs)]
     else:
         todo = [(T, shape) for T in args.seqs for shape in args.shapes]
     for T, (H, d) in todo:

@@ -28,7 +28,7 @@ from typing import Optional
 from hqlt.blocks.configs import ConfigError
 
 from . import gpu_monitor
-from .sweep_folder import adopt_moved_folder, relocate_embedded_store  # noqa: F401 (re-exported)
+from .sweep_folder import adopt_moved_folder
 from .gpu_monitor import GpuMonitor
 from .space_hooks import HOOKS
 from .trainable import DONE_KEY, tune_trainable
@@ -294,7 +294,9 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         summary = summarize(cl, name, objectives)
         summary["gpu"] = gpu_monitor.summarize(directory)
         # every status is logged (0 when none), so a resumed sweep overwrites the counts of the last run
-        counts = {f"sweep/n_{k}": summary["counts"].get(k, 0) for k in (*STATUSES, *summary["counts"])}
+        from hqlt.reports.mlflow_io import TRIAL_STATUSES
+
+        counts = {f"sweep/n_{k}": summary["counts"].get(k, 0) for k in (*TRIAL_STATUSES, *summary["counts"])}
         tracking.log_metrics(cl, parent_id, {
             "sweep/wall_s": total_wall, "sweep/run_wall_s": wall, "sweep/n_trials": summary["n"],
             "sweep/trial_overhead_s": summary["overhead_s"], "sweep/trial_setup_s": summary["setup_s"], **counts,
@@ -363,9 +365,6 @@ def summarize(cl, experiment: str, objectives: list) -> dict:
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"counts": counts, "n": len(runs), "best": rows[:5], "overhead_s": mean(overheads),
             "setup_s": mean(setups)}
-
-
-STATUSES = ("completed", "failed", "oom", "nan", "pruned", "infeasible", "running")
 
 
 def record_wall_time(directory: Path, wall: float) -> float:

@@ -36,6 +36,14 @@ def _filled(metrics: dict, objectives: list) -> dict:
     return out
 
 
+def write_json_atomic(path: Path, data) -> None:
+    """A kill leaves either no file or a whole one (write aside, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    tmp.replace(path)
+
+
 class SeedRecords:
     """The completed seeds of one trial, on disk (``<folder>/<trial_id>.seed<i>.json``).
 
@@ -63,10 +71,7 @@ class SeedRecords:
     def save(self, i: int, config: dict, result) -> None:
         if result.status != "completed":
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(i).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"input": config, "result": result.as_dict()}, default=str))
-        tmp.replace(self._path(i))  # atomic: a kill leaves either no record or a whole one
+        write_json_atomic(self._path(i), {"input": config, "result": result.as_dict()})
 
 
 def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggregate: str, report,
@@ -157,10 +162,7 @@ def tune_trainable(config: dict, spec=None, objectives: list = None, seeds: int 
     def report(metrics: dict) -> None:
         metrics["time/trainable_s"] = time.time() - t_enter  # the driver subtracts it from the trial's wall time
         if record is not None and metrics.get(DONE_KEY):  # recorded before Ray (and Optuna) hear of it
-            record.parent.mkdir(parents=True, exist_ok=True)
-            tmp = record.with_suffix(".tmp")
-            tmp.write_text(json.dumps(metrics, default=str))
-            tmp.replace(record)  # atomic: a kill leaves either no record or a whole one
+            write_json_atomic(record, metrics)
         tune.report(metrics)
 
     run_sampled(config, spec=spec, objectives=objectives, seeds=seeds, seed_aggregate=seed_aggregate, report=report,

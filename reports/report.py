@@ -122,8 +122,8 @@ def rank_trials(trials: pd.DataFrame, objectives: Sequence[Objective]) -> pd.Dat
             col[i] = pd.NA if v is None else int(v)
         return pd.Series(col, index=df.index, dtype="Int64")
 
-    df["pareto_rank"] = full_column(non_dominated_sort(sub, modes) if len(rows) else [])
-    df["dominated_by"] = full_column(domination_counts(sub, modes) if len(rows) else [])
+    df["pareto_rank"] = full_column(non_dominated_sort(sub, modes))
+    df["dominated_by"] = full_column(domination_counts(sub, modes))
     return df
 
 
@@ -288,9 +288,7 @@ def write_report(
                 tags=[RunTag("report.objectives", obj_text), RunTag("report.reference_point", json.dumps(ref))],
                 synchronous=True,
             )
-            for name in ARTIFACTS:
-                if name not in files:
-                    continue
+            for name in (n for n in ARTIFACTS if n in files):
                 client.log_artifact(parent.run_id, str(base / name))
                 logged.append(name)
     finally:
