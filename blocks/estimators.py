@@ -1,12 +1,12 @@
 """Analytic size and cost estimates of a model config — no model is built, so a sweep can check budgets
 inside Optuna's define-by-run in microseconds. Parameter counts are exact (a test compares them with
-the built module); FLOPs follow tasks-reference.md §C7 (model FLOPs: a multiply-add is 2, backward 2×).
+the built module); FLOPs follow docs/tasks.md §C7 (model FLOPs: a multiply-add is 2, backward 2×).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .model_configs import ModelConfig
+from .model_schema import ModelConfig
 
 _MIX_PARAMS = {"sum": lambda D, H: 0, "static_scalar": lambda D, H: 2,
                "dynamic_scalar": lambda D, H: D * 2 * H, "vector": lambda D, H: D * D}
@@ -18,8 +18,9 @@ def _layer_params(cfg: ModelConfig, kind: str) -> tuple[int, int]:
     m = cfg.mixer
     fw_entry, _ = m.part("fw")
     use_fw = kind in "HF"
-    matmul = 4 * D * D + 3 * D * cfg.mlp_hidden
-    other = 2 * D + d  # block norms + per-head output norm
+    has_mlp = cfg.mlp == "swiglu"
+    matmul = 4 * D * D + (3 * D * cfg.mlp_hidden if has_mlp else 0)
+    other = (2 if has_mlp else 1) * D + d  # block norms (no MLP norm without an MLP) + per-head output norm
     if m.short_conv:
         other += 3 * D * m.conv_size
     if use_fw and fw_entry.impl.uses_beta:
@@ -39,6 +40,8 @@ def _layer_params(cfg: ModelConfig, kind: str) -> tuple[int, int]:
 def param_count(cfg: ModelConfig) -> int:
     V, D = cfg.vocab_size, cfg.d_model
     total = V * D + D + (0 if cfg.tie_embeddings else V * D)
+    if cfg.pos_emb == "learned":
+        total += cfg.max_len * D
     return total + sum(_layer_params(cfg, kind)[0] for kind in cfg.pattern)
 
 
@@ -70,17 +73,16 @@ class Estimate:
     kv_cache_bytes: int
     flops_per_token: float  # training (forward + backward) model FLOPs per token
 
-    def as_metrics(self) -> dict:
-        return {"model/params": self.params, "model/fw_state_bytes": self.fw_state_bytes,
-                "model/kv_cache_bytes": self.kv_cache_bytes, "model/flops_per_token": self.flops_per_token}
-
 
 def estimate(cfg: ModelConfig, seq_len: int, *, state_bytes: int = 4, cache_bytes: int = 2) -> Estimate:
     """Sizes per sequence at length `seq_len`: FW state in fp32, KV cache (k and v) in bf16 by default."""
     H, d = cfg.n_heads, cfg.head_dim
     kv = cfg.mixer.part("kv")[1]
     fw_entry, _ = cfg.mixer.part("fw")
-    blend = cfg.mixer.part("blend")[0].name
+    blend_entry, blend_opts = cfg.mixer.part("blend")
+    blend = blend_entry.name
+    # Delayed-Chunk's FW runs in chunks of its read interval R (fw_chunk; null = the KV chunk C = window)
+    read_every = getattr(blend_opts, "fw_chunk", None) or kv.window
     fw_kind = fw_entry.impl.kernel_name
     fw_state = kv_cache = 0
     flops = 6.0 * cfg.d_model * cfg.vocab_size  # LM head (a matmul even when tied)
@@ -89,7 +91,7 @@ def estimate(cfg: ModelConfig, seq_len: int, *, state_bytes: int = 4, cache_byte
         if kind in "HF":
             fw_state += H * d * d * state_bytes + (H * d * state_bytes if fw_kind == "linear" else 0)
             fw_blend = blend if kind == "H" else "sync"
-            flops += 3.0 * H * fw_flops_per_token(d, cfg.chunk_size if fw_blend != "delayed_chunk" else kv.window,
+            flops += 3.0 * H * fw_flops_per_token(d, cfg.chunk_size if fw_blend != "delayed_chunk" else read_every,
                                                   fw_kind, fw_blend)
         if kind in "HK":
             kv_blend = blend if kind == "H" else "sync"

@@ -1,4 +1,4 @@
-"""The registered KV memories, FW memories and blends (hqlt-reference.md §3.3, §3.4, §4).
+"""The registered KV memories, FW memories and blends (docs/hqlt-math.md §3.3, §3.4, §4).
 
 A KV entry says how the shared q, k reach softmax attention (window, positions); an FW entry says how
 they are featurised and which per-token rates it needs (β, decay g). Blends are names the kernel
@@ -16,7 +16,7 @@ from torch import nn
 
 from hqlt.kernels import l2_normalize
 
-from .configs import join, require
+from .validation import join, require
 from .registry import BLEND, FW, KV, NoOptions
 
 
@@ -135,5 +135,20 @@ class DecayRate(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- blends
-for _name, _short in (("sync", "S"), ("delayed_stream", "D"), ("delayed_chunk", "C")):
+@dataclass(frozen=True)
+class DelayedChunkConfig:
+    # FW read interval R: query t reads the FW state before position R*floor(t/R); null = the KV chunk C
+    # (model.mixer.kv.window), the paper's description. The reference kernel uses R = 64 whatever C is
+    # (docs/hqlt-math.md §4.3). R != C runs the pure-torch kernel forms (hqlt.kernels.hybrid_memory).
+    fw_chunk: Optional[int] = None
+
+    def check(self, path: str) -> None:
+        require(self.fw_chunk is None or self.fw_chunk >= 1, join(path, "fw_chunk"),
+                f"got {self.fw_chunk}; allowed: an integer >= 1, or null (= the KV chunk, model.mixer.kv.window)")
+
+
+for _name, _short in (("sync", "S"), ("delayed_stream", "D")):
     BLEND.register(_name, config=NoOptions, short=_short)(_name)
+# short id: "C" + window ("C8"); with a read interval "R64C" + window ("R64C8")
+BLEND.register("delayed_chunk", config=DelayedChunkConfig,
+               short=lambda c: "C" if c.fw_chunk is None else f"R{c.fw_chunk}C")("delayed_chunk")

@@ -1,4 +1,4 @@
-"""HybridMixer: one token-mixing layer holding a KV memory, an FW memory, or both (hqlt-reference.md §3).
+"""HybridMixer: one token-mixing layer holding a KV memory, an FW memory, or both (docs/hqlt-math.md §3).
 
 shared q/k/v projections (+ optional short causal conv) → KV branch (raw q, k, optional RoPE) and FW
 branch (featurised q, k; β, decay) → `hqlt.kernels` → mix → per-head RMSNorm → optional output gate →
@@ -14,7 +14,7 @@ from torch import nn
 from hqlt import kernels
 
 from .memories import DecayRate
-from .model_configs import ModelConfig
+from .model_schema import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -53,6 +53,7 @@ class HybridMixer(nn.Module):
         self.kv_entry, self.kv_cfg = m.part("kv")
         self.fw_entry, self.fw_cfg = m.part("fw")
         self.blend = m.part("blend")[0].name
+        self.fw_chunk = getattr(m.part("blend")[1], "fw_chunk", None)  # delayed_chunk's FW read interval
         self.fw_mem = self.fw_entry.impl
         self.q_proj = nn.Linear(D, D, bias=False)
         self.k_proj = nn.Linear(D, D, bias=False)
@@ -92,7 +93,8 @@ class HybridMixer(nn.Module):
         if self.use_kv and self.use_fw:
             o_kv, o_fw = kernels.hybrid_memory(
                 q_kv, k_kv, q_fw, k_fw, v, beta.to(v.dtype), blend=self.blend, window=self.kv_cfg.window,
-                fw=self.fw_mem.kernel_name, g=g, backend=self.backend, chunk_size=self.chunk_size)
+                fw=self.fw_mem.kernel_name, g=g, backend=self.backend, chunk_size=self.chunk_size,
+                fw_chunk=self.fw_chunk)
             o = self.mix(x, o_kv, o_fw)
         elif self.use_kv:
             o = kernels.kv_memory(q_kv, k_kv, v, window=self.kv_cfg.window, backend=self.backend)

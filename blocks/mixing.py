@@ -1,4 +1,4 @@
-"""How the KV and FW outputs are combined inside one layer (hqlt-reference.md §3.5).
+"""How the KV and FW outputs are combined inside one layer (docs/hqlt-math.md §3.5).
 
 Each mix is a module built as `Mix(d_model, n_heads, head_dim)` and called as
 `mix(x, o_kv, o_fw) -> o`, with x the pre-normed layer input [B, T, D] and o_* of shape [B, T, H, d].

@@ -1,4 +1,5 @@
-"""The language model: embedding → L pre-norm blocks (mixer + SwiGLU MLP) → RMSNorm → LM head."""
+"""The language model: embedding (+ learned positions) → L pre-norm blocks (mixer + SwiGLU MLP, or the mixer
+alone) → RMSNorm → LM head."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ from torch import nn
 
 from .memories import DecayRate
 from .mixer import HybridMixer, RMSNorm
-from .model_configs import ModelConfig, model_config
+from .model_schema import ModelConfig, model_config
 
 
 class SwiGLU(nn.Module):
@@ -28,12 +29,13 @@ class Block(nn.Module):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = HybridMixer(cfg, kind)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+        has_mlp = cfg.mlp == "swiglu"  # `mlp: none`: the block is the mixer alone (no MLP, no second norm)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if has_mlp else None
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden) if has_mlp else None
 
     def forward(self, x):
         h = x + self.mixer(self.mixer_norm(x))
-        return h + self.mlp(self.mlp_norm(h))
+        return h if self.mlp is None else h + self.mlp(self.mlp_norm(h))
 
 
 class HybridLM(nn.Module):
@@ -44,6 +46,8 @@ class HybridLM(nn.Module):
             raise ValueError("model.vocab_size: got 0; set it or let the task provide it")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # learned absolute positions 0..max_len-1, added to the token embeddings (`pos_emb: learned`)
+        self.pos_embed = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.blocks = nn.ModuleList([Block(cfg, kind) for kind in cfg.pattern])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -53,7 +57,7 @@ class HybridLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """N(0, std²) for every linear/conv/embedding; out projections (mixer o_proj, MLP down_proj)
-        Kaiming-uniform(a=√5) scaled by 1/√(2L) (hqlt-reference.md §3.7); norms 1, scalars 1."""
+        Kaiming-uniform(a=√5) scaled by 1/√(2L) (docs/hqlt-math.md §3.7); norms 1, scalars 1."""
         std, L = self.cfg.init_std, self.cfg.n_layers
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
@@ -70,6 +74,12 @@ class HybridLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] → logits [B, T, V]."""
         x = self.embed(tokens)
+        if self.pos_embed is not None:
+            T = tokens.shape[1]
+            if T > self.pos_embed.num_embeddings:
+                raise ValueError(f"sequence length {T} exceeds model.max_len={self.pos_embed.num_embeddings} "
+                                 f"(learned position embeddings)")
+            x = x + self.pos_embed(torch.arange(T, device=tokens.device))
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm(x))

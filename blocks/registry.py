@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .configs import ConfigError, build, closest, join
+from .validation import ConfigError, build, closest, join
 
 
 @dataclass(frozen=True)

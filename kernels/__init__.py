@@ -6,10 +6,12 @@
 
 Ops (``api``): ``hybrid_memory``, ``kv_memory``, ``fw_memory``. Decode steps (``decode``):
 ``hybrid_memory_step``, ``kv_memory_step``, ``fw_memory_step``. Backends (``dispatch``): "reference"
-(chunked pure torch; "auto" on CPU) and "recurrent" (step-by-step oracle). The math and the visibility
-of each blend are in docs/hqlt-reference.md §3-4.
+(chunked pure torch; "auto" on CPU) and "recurrent" (step-by-step oracle); ``auto_choices()`` says what
+``backend="auto"`` picked on CUDA (``auto_table``). The math and the visibility of each blend are in
+docs/hqlt-math.md §3-4.
 """
 from .api import fw_memory, hybrid_memory, kv_memory
+from .auto_table import choices as auto_choices
 from .contract import BLENDS, FW_KINDS
 from .decode import FWState, HybridDecodeState, KVCache, fw_memory_step, hybrid_memory_step, kv_memory_step
 from .dispatch import available_backends, backend_names, resolve_backend
@@ -17,4 +19,4 @@ from .reference import l2_normalize
 
 __all__ = ["hybrid_memory", "kv_memory", "fw_memory", "hybrid_memory_step", "kv_memory_step",
            "fw_memory_step", "HybridDecodeState", "KVCache", "FWState", "available_backends",
-           "backend_names", "resolve_backend", "l2_normalize", "BLENDS", "FW_KINDS"]
+           "auto_choices", "backend_names", "resolve_backend", "l2_normalize", "BLENDS", "FW_KINDS"]

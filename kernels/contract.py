@@ -1,4 +1,5 @@
-"""The functional contract every kernel backend implements: vocabulary, defaults, argument checks.
+"""The functional contract every kernel backend implements: vocabulary, defaults, argument checks,
+and the ops triple (``KernelOps``) a backend provides.
 
 Checks live here rather than in the backends so that every backend receives inputs that are already
 validated with scales already resolved, and so that a bad argument produces the same one-line
@@ -10,7 +11,7 @@ drop the time axis: ``[B, H, D]`` (gates ``[B, H]``).
 from __future__ import annotations
 
 import numbers
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -19,8 +20,21 @@ BLENDS = ("sync", "delayed_stream", "delayed_chunk")
 FW_KINDS = ("delta", "gated_delta", "linear")
 DELTA_KINDS = ("delta", "gated_delta")
 
-# hqlt-reference.md §4.4: added to the sum-normaliser of linear attention.
+# docs/hqlt-math.md §4.4: added to the sum-normaliser of linear attention.
 LINEAR_EPS = 1e-10
+# docs/hqlt-math.md §1: the FW feature map's l2(x) = x / sqrt(|x|^2 + eps).
+FEATURE_EPS = 1e-6
+
+
+class KernelOps(NamedTuple):
+    """What a backend provides: its three ops, with the signatures of ``hqlt.kernels.reference.chunked_*``."""
+    hybrid_memory: Callable
+    kv_memory: Callable
+    fw_memory: Callable
+
+
+# CUDA's limit on grid axes y and z; kernels put (batch, head) pairs there (the fused kernel, attention calls).
+MAX_GRID_ROWS = 65535
 
 
 def default_scale(head_dim: int) -> float:

@@ -10,7 +10,7 @@ Three entry points, all taking one token as ``[B, H, D]`` (gates ``[B, H]``) and
 * ``fw_memory_step(q_t, k_t, v_t, beta_t, state, *, fw, scale=None, g_t=None) -> (o_t, FWState)`` —
   fast-weight memory alone (DeltaNet / Gated DeltaNet / linear attention).
 
-How each blend is streamed (hqlt-reference.md §4):
+How each blend is streamed (docs/hqlt-math.md §4):
 * sync: the KV cache keeps the last W tokens; every token is written to the FW state, then read.
 * delayed_stream: the KV cache also keeps the FW key of each cached token; the token evicted from the
   window at step t (position t-W) is written to the FW state with the CURRENT beta_t, g_t.
@@ -58,6 +58,7 @@ class HybridDecodeState:
     kv: KVCache | None            # None: empty (before the first token / at a chunk start)
     fw_state: FWState             # state after every token written so far
     fw_read: FWState | None = None  # delayed_chunk: the snapshot taken at the current chunk's start
+    fw_chunk: int | None = None   # delayed_chunk: the FW read interval R (None: the window)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,22 +67,28 @@ class HybridDecodeState:
 def hybrid_memory_step(q_kv_t: Tensor, k_kv_t: Tensor, q_fw_t: Tensor, k_fw_t: Tensor, v_t: Tensor,
                        beta_t: Tensor | None, state: HybridDecodeState | None = None, *, blend: str,
                        window: int, fw: str = "delta", kv_scale: float | None = None,
-                       fw_scale: float | None = None, g_t: Tensor | None = None
+                       fw_scale: float | None = None, g_t: Tensor | None = None, fw_chunk: int | None = None
                        ) -> tuple[Tensor, Tensor, HybridDecodeState]:
-    """One token of ``hybrid_memory``: returns ``(o_kv_t, o_fw_t, new_state)``, outputs ``[B, H, Dv]``."""
+    """One token of ``hybrid_memory``: returns ``(o_kv_t, o_fw_t, new_state)``, outputs ``[B, H, Dv]``.
+    ``fw_chunk`` (delayed_chunk only): the FW read interval R, None = window (as ``hybrid_memory``)."""
     check_choice("blend", blend, BLENDS)
     check_choice("fw", fw, FW_KINDS)
     check_positive_int("window", window)
+    check_positive_int("fw_chunk", fw_chunk, allow_none=True)
+    if fw_chunk is not None and blend != "delayed_chunk":
+        raise ValueError(f"fw_chunk is only for blend='delayed_chunk'; got fw_chunk={fw_chunk!r} with blend={blend!r}")
     check_scale("kv_scale", kv_scale)
     check_scale("fw_scale", fw_scale)
     check_tensors({"q_kv_t": q_kv_t, "k_kv_t": k_kv_t, "q_fw_t": q_fw_t, "k_fw_t": k_fw_t, "v_t": v_t},
                   ndim=3, value_name="v_t", same_shape=[("q_kv_t", "k_kv_t"), ("q_fw_t", "k_fw_t")])
     check_gates(fw, beta_t, g_t, v_t.shape[:-1], v_t.device, beta_name="beta_t", g_name="g_t")
     if state is None:
-        state = HybridDecodeState(blend, int(window), fw, 0, None, _empty_fw(k_fw_t, v_t, fw))
-    elif (state.blend, state.window, state.fw) != (blend, window, fw):
+        state = HybridDecodeState(blend, int(window), fw, 0, None, _empty_fw(k_fw_t, v_t, fw),
+                                  fw_chunk=None if fw_chunk is None else int(fw_chunk))
+    elif (state.blend, state.window, state.fw, state.fw_chunk) != (blend, window, fw, fw_chunk):
         raise ValueError(f"state was built with blend={state.blend!r}, window={state.window}, "
-                         f"fw={state.fw!r}; got blend={blend!r}, window={window}, fw={fw!r}")
+                         f"fw={state.fw!r}, fw_chunk={state.fw_chunk}; got blend={blend!r}, window={window}, "
+                         f"fw={fw!r}, fw_chunk={fw_chunk}")
     kv_scale = default_scale(q_kv_t.shape[-1]) if kv_scale is None else float(kv_scale)
     fw_scale = default_scale(q_fw_t.shape[-1]) if fw_scale is None else float(fw_scale)
     dtype = _state_dtype(state.fw_state)
@@ -90,7 +97,9 @@ def hybrid_memory_step(q_kv_t: Tensor, k_kv_t: Tensor, q_fw_t: Tensor, k_fw_t: T
 
     kv, fw_state, fw_read = state.kv, state.fw_state, state.fw_read
     if blend == "delayed_chunk" and state.position % window == 0:
-        kv, fw_read = None, fw_state            # new chunk: KV memory resets, FW read point moves
+        kv = None                               # new chunk: the KV memory resets
+    if blend == "delayed_chunk" and state.position % (fw_chunk or window) == 0:
+        fw_read = fw_state                      # new read interval: the FW read point moves
     max_len = None if blend == "delayed_chunk" else window
     k_fw_cached = k_fw_t if blend == "delayed_stream" else None
     kv, evicted = _kv_append(kv, k_kv_t, v, k_fw_cached, max_len)

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference kernels: the oracle every other backend is tested against.
 
-Two forms of the same math (hqlt-reference.md §3.3-3.4 and the visibility table §4):
+Two forms of the same math (docs/hqlt-math.md §3.3-3.4 and the visibility table §4):
 
 * ``recurrent_*`` — a step-by-step oracle that loops over positions and literally applies the
   definitions. Slow; used by tests and benchmarks (backend ``"recurrent"``).
@@ -16,7 +16,7 @@ Both take fla-layout tensors ``[B, T, H, D]`` that the public API (``hqlt.kernel
 with scales resolved to numbers. Internally everything runs head-major ``[B, H, T, D]`` in float32
 (float64 stays float64), and results are cast back to the dtype of ``v``.
 
-Where the three blends differ is captured once, by ``_visibility``; the forms only implement four
+Where the three blends differ is captured once, by ``visibility``; the forms only implement four
 primitives: sliding-window or chunk-local softmax attention, and a fast-weight stream that may be delayed
 (keys/values shifted by W, gates not) and may be read at chunk starts instead of after every token.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .contract import BLENDS, LINEAR_EPS, check_choice
+from .contract import BLENDS, FEATURE_EPS, LINEAR_EPS, check_choice
 
 # Query block of the chunked sliding-window attention when W is small: tiny blocks would mean many
 # tiny matmuls; 64 keeps them efficient while the cost stays O(T * max(W, 64)).
@@ -48,7 +48,7 @@ def without_autocast(fn):
     return run
 
 
-def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+def l2_normalize(x: Tensor, eps: float = FEATURE_EPS) -> Tensor:
     """x / sqrt(||x||^2 + eps) over the last dim (the FW feature map's normalisation, §1)."""
     return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
 
@@ -57,7 +57,7 @@ def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
 # Visibility plan: the only place that knows what the blend names mean (§4.5).
 
 @dataclass(frozen=True)
-class _Visibility:
+class Visibility:
     kv_window: int              # sliding: keys per query incl. the current one; chunk-local: chunk length
     kv_chunk_local: bool        # True: query t sees [C*floor(t/C), t]; False: [t-W+1, t]
     fw_delay: int               # FW stream element i writes k, v of position i - fw_delay (gates unshifted)
@@ -65,26 +65,31 @@ class _Visibility:
                                 # C: the state before element C*floor(t/C) (its chunk's start)
 
 
-def _visibility(blend: str, window: int) -> _Visibility:
+def visibility(blend: str, window: int, fw_chunk: int | None = None) -> Visibility:
+    """The plan of a blend. ``fw_chunk`` (delayed_chunk only; None = ``window``) is the FW read interval R:
+    query t reads the FW state before position R*floor(t/R) while its KV memory is the chunk of C = window
+    tokens (the reference kernel's R = 64 with C != 64 leaves positions visible to neither memory, §4.3)."""
     check_choice("blend", blend, BLENDS)
+    if fw_chunk is not None and blend != "delayed_chunk":
+        raise ValueError(f"fw_chunk is only for blend='delayed_chunk'; got fw_chunk={fw_chunk!r} with blend={blend!r}")
     return {
-        "sync": _Visibility(window, False, 0, None),
-        "delayed_stream": _Visibility(window, False, window, None),
-        "delayed_chunk": _Visibility(window, True, 0, window),
+        "sync": Visibility(window, False, 0, None),
+        "delayed_stream": Visibility(window, False, window, None),
+        "delayed_chunk": Visibility(window, True, 0, window if fw_chunk is None else fw_chunk),
     }[blend]
 
 
 # --------------------------------------------------------------------------------------------------
 # Layout and precision.
 
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32: low precision is never accumulated in."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
 
 
-def _heads(x: Tensor | None, dtype: torch.dtype, *, contiguous: bool = False) -> Tensor | None:
+def to_heads(x: Tensor | None, dtype: torch.dtype, *, contiguous: bool = False) -> Tensor | None:
     """[B, T, H, ...] -> [B, H, T, ...] in the compute dtype; a view unless `contiguous` (the chunked
     forms make their own contiguous blocked copies; the oracle's per-step slices want a copy)."""
     if x is None:
@@ -93,12 +98,12 @@ def _heads(x: Tensor | None, dtype: torch.dtype, *, contiguous: bool = False) ->
     return x.contiguous() if contiguous else x
 
 
-def _seq(x: Tensor, dtype: torch.dtype) -> Tensor:
+def to_seq(x: Tensor, dtype: torch.dtype) -> Tensor:
     """[B, H, T, D] -> [B, T, H, D] in the output dtype."""
     return x.transpose(1, 2).contiguous().to(dtype)
 
 
-def _delay(x: Tensor, shift: int) -> Tensor:
+def delay_stream(x: Tensor, shift: int) -> Tensor:
     """Shift [B, H, T, D] right by `shift` positions along T, filling with zeros (a no-op FW write)."""
     if shift == 0:
         return x
@@ -119,34 +124,35 @@ def _pad_time(x: Tensor, pad: int) -> Tensor:
 
 @without_autocast
 def recurrent_hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, fw, kv_scale, fw_scale,
-                            g=None, chunk_size=None):
-    """Oracle for ``hybrid_memory``; ``chunk_size`` is accepted for a uniform signature and unused."""
-    dtype = _compute_dtype(q_kv, k_kv, q_fw, k_fw, v, beta, g)
-    q_kv, k_kv, q_fw, k_fw, vh, beta, g = (_heads(x, dtype, contiguous=True)
+                            g=None, chunk_size=None, fw_chunk=None):
+    """Oracle for ``hybrid_memory``; ``chunk_size`` is accepted for a uniform signature and unused;
+    ``fw_chunk``: the Delayed-Chunk FW read interval (None = window, see ``visibility``)."""
+    dtype = compute_dtype(q_kv, k_kv, q_fw, k_fw, v, beta, g)
+    q_kv, k_kv, q_fw, k_fw, vh, beta, g = (to_heads(x, dtype, contiguous=True)
                                            for x in (q_kv, k_kv, q_fw, k_fw, v, beta, g))
-    plan = _visibility(blend, window)
+    plan = visibility(blend, window, fw_chunk)
     o_kv = _recurrent_attention(q_kv, k_kv, vh, kv_scale, window=plan.kv_window,
                                 chunk_local=plan.kv_chunk_local)
     o_fw = _recurrent_fw(q_fw, k_fw, vh, beta, g, kind=fw, scale=fw_scale, delay=plan.fw_delay,
                          read_every=plan.fw_read_every)
-    return _seq(o_kv, v.dtype), _seq(o_fw, v.dtype)
+    return to_seq(o_kv, v.dtype), to_seq(o_fw, v.dtype)
 
 
 @without_autocast
 def recurrent_kv_memory(q, k, v, *, window, scale):
     """Oracle for ``kv_memory``: full causal attention (window None) or a sliding window of W keys."""
-    dtype = _compute_dtype(q, k, v)
-    qh, kh, vh = (_heads(x, dtype, contiguous=True) for x in (q, k, v))
-    return _seq(_recurrent_attention(qh, kh, vh, scale, window=window, chunk_local=False), v.dtype)
+    dtype = compute_dtype(q, k, v)
+    qh, kh, vh = (to_heads(x, dtype, contiguous=True) for x in (q, k, v))
+    return to_seq(_recurrent_attention(qh, kh, vh, scale, window=window, chunk_local=False), v.dtype)
 
 
 @without_autocast
 def recurrent_fw_memory(q, k, v, beta, *, fw, scale, g=None, chunk_size=None):
     """Oracle for ``fw_memory`` (the sync FW branch); ``chunk_size`` is unused."""
-    dtype = _compute_dtype(q, k, v, beta, g)
-    qh, kh, vh, beta, g = (_heads(x, dtype, contiguous=True) for x in (q, k, v, beta, g))
+    dtype = compute_dtype(q, k, v, beta, g)
+    qh, kh, vh, beta, g = (to_heads(x, dtype, contiguous=True) for x in (q, k, v, beta, g))
     o = _recurrent_fw(qh, kh, vh, beta, g, kind=fw, scale=scale, delay=0, read_every=None)
-    return _seq(o, v.dtype)
+    return to_seq(o, v.dtype)
 
 
 def _recurrent_attention(q, k, v, scale, *, window, chunk_local):
@@ -208,38 +214,38 @@ def _read_fw(S, z, q, scale, kind):
 
 @without_autocast
 def chunked_hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, fw, kv_scale, fw_scale,
-                          g=None, chunk_size=64):
-    """Chunk-parallel ``hybrid_memory`` (backend "reference")."""
-    dtype = _compute_dtype(q_kv, k_kv, q_fw, k_fw, v, beta, g)
-    q_kv, k_kv, q_fw, k_fw, vh, beta, g = (_heads(x, dtype) for x in (q_kv, k_kv, q_fw, k_fw, v, beta, g))
-    plan = _visibility(blend, window)
-    o_kv = _local_attention(q_kv, k_kv, vh, kv_scale, window=plan.kv_window,
-                            chunk_local=plan.kv_chunk_local)
-    o_fw = _chunked_fw(q_fw, _delay(k_fw, plan.fw_delay), _delay(vh, plan.fw_delay), beta, g, kind=fw,
-                       scale=fw_scale, chunk_size=chunk_size, read_every=plan.fw_read_every)
-    return _seq(o_kv, v.dtype), _seq(o_fw, v.dtype)
+                          g=None, chunk_size=64, fw_chunk=None):
+    """Chunk-parallel ``hybrid_memory`` (backend "reference"); ``fw_chunk`` as in ``visibility``."""
+    dtype = compute_dtype(q_kv, k_kv, q_fw, k_fw, v, beta, g)
+    q_kv, k_kv, q_fw, k_fw, vh, beta, g = (to_heads(x, dtype) for x in (q_kv, k_kv, q_fw, k_fw, v, beta, g))
+    plan = visibility(blend, window, fw_chunk)
+    o_kv = local_attention(q_kv, k_kv, vh, kv_scale, window=plan.kv_window,
+                           chunk_local=plan.kv_chunk_local)
+    o_fw = chunked_fw(q_fw, delay_stream(k_fw, plan.fw_delay), delay_stream(vh, plan.fw_delay), beta, g,
+                      kind=fw, scale=fw_scale, chunk_size=chunk_size, read_every=plan.fw_read_every)
+    return to_seq(o_kv, v.dtype), to_seq(o_fw, v.dtype)
 
 
 @without_autocast
 def chunked_kv_memory(q, k, v, *, window, scale):
     """Chunk-parallel ``kv_memory``."""
-    dtype = _compute_dtype(q, k, v)
-    qh, kh, vh = (_heads(x, dtype) for x in (q, k, v))
-    return _seq(_local_attention(qh, kh, vh, scale, window=window, chunk_local=False), v.dtype)
+    dtype = compute_dtype(q, k, v)
+    qh, kh, vh = (to_heads(x, dtype) for x in (q, k, v))
+    return to_seq(local_attention(qh, kh, vh, scale, window=window, chunk_local=False), v.dtype)
 
 
 @without_autocast
 def chunked_fw_memory(q, k, v, beta, *, fw, scale, g=None, chunk_size=64):
     """Chunk-parallel ``fw_memory`` (the sync FW branch)."""
-    dtype = _compute_dtype(q, k, v, beta, g)
-    qh, kh, vh, beta, g = (_heads(x, dtype) for x in (q, k, v, beta, g))
-    o = _chunked_fw(qh, kh, vh, beta, g, kind=fw, scale=scale, chunk_size=chunk_size, read_every=None)
-    return _seq(o, v.dtype)
+    dtype = compute_dtype(q, k, v, beta, g)
+    qh, kh, vh, beta, g = (to_heads(x, dtype) for x in (q, k, v, beta, g))
+    o = chunked_fw(qh, kh, vh, beta, g, kind=fw, scale=scale, chunk_size=chunk_size, read_every=None)
+    return to_seq(o, v.dtype)
 
 
 # ---- KV memory -----------------------------------------------------------------------------------
 
-def _local_attention(q, k, v, scale, *, window, chunk_local):
+def local_attention(q, k, v, scale, *, window, chunk_local):
     """Softmax attention restricted to a sliding window or to the query's own chunk.
 
     Queries are cut into blocks; each block attends to its own keys and — for a sliding window — to
@@ -276,7 +282,7 @@ def _local_attention(q, k, v, scale, *, window, chunk_local):
 
 # ---- FW memory -----------------------------------------------------------------------------------
 
-def _chunked_fw(q, k, v, beta, g, *, kind, scale, chunk_size, read_every):
+def chunked_fw(q, k, v, beta, g, *, kind, scale, chunk_size, read_every):
     """Fast-weight memory over the stream (k_i, v_i, beta_i, g_i), all chunks in parallel.
 
     With M = S^T (d_k x d_v) and the state M0 at a chunk start, the delta rule inside the chunk writes

@@ -1,7 +1,8 @@
 """Reading YAML configs with OmegaConf: file + `key=value` overrides → plain, resolved mapping.
 
 Only OmegaConf's built-in interpolation is available (`${model.d_model}`); no resolver that imports or
-evaluates code is registered, and `_target_`-style instantiation does not exist in hqlt.
+evaluates code is registered, and `_target_`-style instantiation does not exist in hqlt. The file and the
+overrides are read by hqlt's one YAML reader, ``hqlt.search_space.yamlio``, which refuses both (`check_safe`).
 """
 from __future__ import annotations
 
@@ -11,32 +12,21 @@ from typing import Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hqlt.blocks.configs import ConfigError
+from hqlt.blocks.validation import ConfigError
+from hqlt.search_space.yamlio import check_safe, read_overrides, read_yaml
 
 
 def load_yaml(path: str | Path) -> DictConfig:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("", f"{p}: no such file")
-    try:
-        cfg = OmegaConf.load(p)
-    except Exception as exc:  # yaml.YAMLError and friends: one line, naming the file
-        first = str(exc).strip().splitlines()
-        raise ConfigError("", f"{p}: not valid YAML: {' '.join(first[:3])}") from None
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError("", f"{p}: expected a mapping at the top level")
-    return cfg
+    plain = read_yaml(p)  # one-line SpecError (a ConfigError) naming the file
+    check_safe(plain, "", str(p))
+    return OmegaConf.create(plain)
 
 
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
-    items = list(overrides)
-    for item in items:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(item, "override must look like key.path=value")
-    try:
-        return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise ConfigError("", f"bad override: {str(exc).splitlines()[0]}") from None
+    plain = read_overrides(list(overrides))
+    check_safe(plain, "", None)
+    return OmegaConf.create(plain)
 
 
 def merge_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-FILE = "gpu_util.csv"
+from hqlt.search_space.vocabulary import GPU_UTIL_CSV
+
+FILE = GPU_UTIL_CSV
 FIELDS = ("time", "segment", "gpu", "util", "mem_mib")
 Sample = tuple[int, float, float]  # (gpu index, utilization %, memory used MiB)
 

@@ -10,11 +10,12 @@ from typing import Optional
 
 import torch
 
+from .engine import resolve_engine
 from .tasks.base import Batch
-from .trainer import make_optimizer, train_step
+from .trainer import make_optimizer, param_groups, train_step
 from .trial_config import ProbeConfig, TrainConfig
 
-# Dense bf16 peaks for model-FLOP utilisation (tasks-reference.md §C1); unknown cards report no MFU.
+# Dense bf16 peaks for model-FLOP utilisation (docs/tasks.md §C1); unknown cards report no MFU.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12}
 
 
@@ -35,15 +36,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def probe_optimizer(model, train_cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """The optimizer of the trial's engine: fused AdamW where training runs the static / graph engine (CUDA by
+    default, as `hqlt bench model`), the trainer's AdamW where it runs eager."""
+    if resolve_engine(train_cfg.engine, device) == "eager":
+        return make_optimizer(model, train_cfg)
+    return torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=tuple(train_cfg.betas),
+                             eps=train_cfg.eps, fused=True)
+
+
+def probe_batch_size(cfg: ProbeConfig, train_cfg: TrainConfig, T: int) -> int:
+    """Sequences per probe step: `batch_size`, else `batch_tokens // T` (at least 1), else train.batch_size."""
+    if cfg.batch_size:
+        return cfg.batch_size
+    if cfg.batch_tokens:
+        return max(1, cfg.batch_tokens // T)
+    return train_cfg.batch_size
+
+
 def probe_throughput(model, cfg: ProbeConfig, train_cfg: TrainConfig, *, vocab_size: int, seq_len: int,
                      device: torch.device, flops_per_token: float) -> dict:
-    batch_size = cfg.batch_size or train_cfg.batch_size
     T = cfg.seq_len or seq_len
+    batch_size = probe_batch_size(cfg, train_cfg, T)
     gen = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, vocab_size, (batch_size, T), generator=gen)
     batch = Batch(inputs.to(device), inputs.roll(-1, dims=1).to(device), {})
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optimizer = make_optimizer(model, train_cfg)
+    optimizer = probe_optimizer(model, train_cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(cfg.warmup_steps):

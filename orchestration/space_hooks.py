@@ -7,7 +7,7 @@
 - `check_trial(plain)`: `trial_config(plain)`; raises ConfigError naming the dotted path;
 - `estimate_trial(plain)`: validates too, then the analytic sizes {"model/params", "model/fw_state_bytes",
   "model/kv_cache_bytes", "model/flops_per_token"} at the task's sequence length, with the task's vocab_size
-  when ``model.vocab_size`` is 0 — exactly what the trial runner reports;
+  when ``model.vocab_size`` is 0 — exactly what the trial runner reports (both name them with `model_metrics`);
 - `config_paths(plain)`: every dotted key path the trial config schema knows for `plain` (dataclass fields, the
   named registry parts' options, the named task's options) — what a space may sample.
 
@@ -23,10 +23,11 @@ import typing
 from functools import lru_cache
 from typing import Any, Iterable
 
-from hqlt.blocks.estimators import estimate
-from hqlt.blocks.model_configs import MixerConfig
+from hqlt.blocks.estimators import Estimate, estimate
+from hqlt.blocks.model_schema import MixerConfig
 from hqlt.blocks.registry import REGISTRIES
 from hqlt.search_space.hooks import Hooks
+from hqlt.search_space.vocabulary import FLOPS_PER_TOKEN, FW_STATE_BYTES, KV_CACHE_BYTES, PARAMS
 
 from .tasks import TASKS, make_task
 from .trial_config import TrialConfig, trial_config
@@ -56,9 +57,13 @@ def estimate_trial(plain: dict) -> dict:
     model = cfg.model
     if model.vocab_size == 0:
         model.vocab_size = vocab
-    est = estimate(model, seq_len)
-    return {"model/params": est.params, "model/fw_state_bytes": est.fw_state_bytes,
-            "model/kv_cache_bytes": est.kv_cache_bytes, "model/flops_per_token": est.flops_per_token}
+    return model_metrics(estimate(model, seq_len))
+
+
+def model_metrics(est: Estimate) -> dict:
+    """The metric names of an analytic estimate's fields (the one mapping; `hqlt.blocks` knows no metrics)."""
+    return {PARAMS: est.params, FW_STATE_BYTES: est.fw_state_bytes, KV_CACHE_BYTES: est.kv_cache_bytes,
+            FLOPS_PER_TOKEN: est.flops_per_token}
 
 
 def _field_paths(cls: type, prefix: str) -> Iterable[str]:
@@ -114,4 +119,4 @@ def config_paths(plain: dict) -> list[str]:
 
 HOOKS = Hooks(check=check_trial, estimate=estimate_trial, paths=config_paths)
 
-__all__ = ["HOOKS", "check_trial", "config_paths", "estimate_trial", "task_dims"]
+__all__ = ["HOOKS", "check_trial", "config_paths", "estimate_trial", "model_metrics", "task_dims"]

@@ -1,7 +1,8 @@
 """`hqlt sweep`: a validated spec → Ray Tune (OptunaSearch, FIFO or ASHA) → MLflow, resumable.
 
 Sweep folder layout (everything a resume needs):
-    sweep.json      name, spec hash, objectives, tracking URI, folder path, wall time of each run
+    sweep.json      sweep id, name, spec hash, objectives, num_samples, tracking URI, folder path, wall time of
+                    each run (kept up to date while it runs), `finished` once a run ended the sweep
     spec.yaml       the merged spec as run
     optuna.log      Optuna journal (the study)
     mlflow.db       embedded MLflow store (unless --tracking-uri)
@@ -9,35 +10,47 @@ Sweep folder layout (everything a resume needs):
     results/        per trial: the final result (<trial_id>.json) and each completed seed (.seed<i>.json)
     gpu_util.csv    GPU utilization sampled by the driver (gpu_monitor), one segment per run
     cache/          Triton / Inductor compile caches shared by all trials (not needed to resume)
-Parent-run metrics: sweep/wall_s (all runs), sweep/run_wall_s, sweep/n_<status>, sweep/trial_overhead_s,
-sweep/trial_setup_s, sweep/gpu_busy_frac[_gpu<i>], sweep/gpu_hours, sweep/trials_per_gpu_hour.
-Re-running the same command on the same folder resumes; a changed spec is refused unless --fresh.
+Parent-run metrics (step k: the k-th run of the sweep): sweep/wall_s (all runs), sweep/run_wall_s, sweep/n_<status>,
+sweep/trial_overhead_s, sweep/trial_setup_s, sweep/gpu_busy_frac[_gpu<i>], sweep/gpu_hours, sweep/trials_per_gpu_hour.
+Re-running the same command on the same folder resumes, from a kill at any point; a changed spec is refused
+unless --fresh; a larger sweep.num_samples extends the sweep; a finished sweep is only summarised again.
+A sweep is its sweep id (sweep.json, and the `hqlt.sweep_id` tag of its parent run): two sweeps of one name
+on one tracking server never touch each other's runs.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from hqlt.blocks.configs import ConfigError
+from hqlt.blocks.validation import ConfigError
+from hqlt.search_space.vocabulary import (ARCH_TAG, ARTIFACTS_DIR, CACHE_DIR, COMPLETED, FAILED, GPU_UTIL_CSV,
+                                          OPTUNA_LOG, OPTUNA_ORPHANED_ATTR, OPTUNA_REASON_ATTR, OPTUNA_STATUS_ATTR,
+                                          PRUNED, RAY_DIR, RESULTS_DIR, ROLE_TRIAL, RUNNING, SPEC_YAML, STATUS_TAG, SWEEP_JSON,
+                                          TRIAL_ID_TAG, TRIAL_STATUSES, sqlite_uri)
 
-from . import gpu_monitor
-from .sweep_folder import adopt_moved_folder
+from hqlt.search_space import labels
+
+from . import gpu_monitor, tracking
 from .gpu_monitor import GpuMonitor
+from .startup import trial_resources, warm_sweep
 from .space_hooks import HOOKS
+from .faults import fault_point
+from .sweep_folder import (RunClock, adopt_moved_folder, current_sweep_dir, hold_folder, new_sweep_id, read_meta,
+                           repair_journal, update_meta, use_sweep_dir, write_meta)
+from .tracking import SERVER_URIS
 from .trainable import DONE_KEY, tune_trainable
 
-EXPERIMENT_DIR = "ray"
-
-
 TRIAL_NUMBER_KEY = "hqlt.optuna_number"
-SWEEP_DIR_ENV = "HQLT_SWEEP_DIR"  # the folder of the sweep this driver runs (read when state is restored)
+
+# The report run at the end of a sweep: (tracking_uri, experiment, sweep folder) -> None. Passed in by the
+# caller (the `hqlt sweep` command), so that orchestration never imports the reports built on top of it.
+FinalReport = Callable[[str, str, Path], None]
 
 
 class NumberedSpace:
@@ -60,20 +73,30 @@ def _searcher_class():
 
     class _Search(OptunaSearch):
         """Tells Optuna the hqlt status: completed → COMPLETE, stopped by the scheduler → PRUNED (never
-        COMPLETE with partial values), failed / oom / nan / infeasible → FAIL with the reason attached."""
+        COMPLETE with partial values), failed / oom / nan / infeasible → FAIL with the reason attached.
+
+        The only code that touches OptunaSearch's private attributes (_storage, _ot_study, _ot_trials,
+        _study_name, _sampler, _completed_trials): OptunaSearch has no public way to re-point a restored
+        study at another journal, nor to tell Optuna a state other than the one it derives from the result
+        itself. Keep every such access in this class, so that a Ray upgrade has one place to check."""
+
+        def _setup_study(self, mode):
+            """The study names its objectives (optuna-dashboard's axes read "val/acc", not "0")."""
+            super()._setup_study(mode)
+            name_study_metrics(self._ot_study, self._metric)
 
         def restore(self, checkpoint_path):
             """Re-point the restored study at the journal of the folder being resumed, which may have been
             copied from another host or path since the state was saved."""
             super().restore(checkpoint_path)
-            here = os.environ.get(SWEEP_DIR_ENV)
-            if not here:
+            here = current_sweep_dir()
+            if here is None:
                 return
             import optuna
             from optuna.storages import JournalStorage
             from optuna.storages.journal import JournalFileBackend
 
-            self._storage = JournalStorage(JournalFileBackend(str(Path(here) / "optuna.log")))
+            self._storage = JournalStorage(JournalFileBackend(str(here / OPTUNA_LOG)))
             self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
                                                sampler=self._sampler, pruner=self._ot_study.pruner)
             self._ot_trials = {tid: optuna.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
@@ -89,21 +112,21 @@ def _searcher_class():
                 return
             ot_trial = self._ot_trials[trial_id]
             result = result or {}
-            status = result.get("trial/status", "failed" if error else "pruned")
+            status = result.get("trial/status", FAILED if error else PRUNED)
             if error:
-                status = "failed"
+                status = FAILED
             elif not result.get(DONE_KEY):
-                status = "pruned"
+                status = PRUNED
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             values = [result.get(m) for m in metrics]
             self._completed_trials.add(trial_id)
             try:
-                ot_trial.set_user_attr("hqlt.status", status)
+                ot_trial.set_user_attr(OPTUNA_STATUS_ATTR, status)
                 if result.get("trial/reason"):
-                    ot_trial.set_user_attr("hqlt.reason", str(result["trial/reason"])[:500])
-                if status == "completed" and all(v is not None and v == v for v in values):
+                    ot_trial.set_user_attr(OPTUNA_REASON_ATTR, str(result["trial/reason"])[:500])
+                if status == COMPLETED and all(v is not None and v == v for v in values):
                     self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0], state=TrialState.COMPLETE)
-                elif status == "pruned":
+                elif status == PRUNED:
                     self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
                 else:
                     self._ot_study.tell(ot_trial, state=TrialState.FAIL)
@@ -118,13 +141,21 @@ def _searcher_class():
     return _Search
 
 
-def embedded_uri(directory: Path) -> str:
-    return f"sqlite:///{(directory / 'mlflow.db').resolve()}"
+def name_study_metrics(study, metrics) -> None:
+    """Set the study's metric names (`study.set_metric_names`) to the objectives, unless already set."""
+    import warnings
+
+    names = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
+    if study is None or None in names or study.metric_names is not None:
+        return
+    with warnings.catch_warnings():  # set_metric_names is marked experimental
+        warnings.simplefilter("ignore")
+        study.set_metric_names(names)
 
 
-def current_tracking_uri() -> str:
-    """The embedded store of the sweep this driver runs (see SWEEP_DIR_ENV)."""
-    return embedded_uri(Path(os.environ[SWEEP_DIR_ENV]))
+def arm_choices(spec) -> dict:
+    """{key: the JSON labels of its choices} of the space's whole-arm choices (arm ids in the MLflow params)."""
+    return {p.path: p.optuna_choices() for p in spec.params if p.encoded}
 
 
 def sweep_dir_for(spec, given: Optional[str]) -> Path:
@@ -133,9 +164,8 @@ def sweep_dir_for(spec, given: Optional[str]) -> Path:
 
 def prepare_dir(directory: Path, spec, fresh: bool) -> bool:
     """Returns True when resuming. Refuses a changed spec unless fresh."""
-    meta = directory / "sweep.json"
-    if meta.exists() and not fresh:
-        old = json.loads(meta.read_text())
+    old = None if fresh else read_meta(directory)
+    if old is not None:
         if old.get("spec_hash") != spec.hash:
             raise ConfigError("", f"{directory}: holds a sweep of a different spec (hash {old.get('spec_hash')} ≠ "
                                   f"{spec.hash}); rerun with --fresh to discard it, or use another --dir")
@@ -145,11 +175,101 @@ def prepare_dir(directory: Path, spec, fresh: bool) -> bool:
     return False
 
 
+@dataclass
+class SweepFolder:
+    """A sweep folder made ready to run in: where it is, whether it resumes, where it logs."""
+    directory: Path
+    resuming: bool
+    tracking_uri: str
+    embedded: bool  # the folder's own mlflow.db, wherever the folder moves
+    objectives: list  # [(metric, mode), ...]
+    sweep_id: str = ""  # sweep.json's `sweep_id`: the parent run's `hqlt.sweep_id` tag
+    num_samples: int = 0  # the sweep's size now (a resume with a larger sweep.num_samples extends it)
+    finished: bool = False  # an earlier run ended this sweep at this size: nothing left to run
+    legacy: bool = False  # made before sweep ids: its parent run is adopted by spec hash (embedded store only)
+    lock: object = None  # the open driver lock (sweep_folder.hold_folder), held while this process lives
+
+
+def prepare_folder(spec, directory: Path, tracking_uri: Optional[str], address: Optional[str],
+                   fresh: bool) -> SweepFolder:
+    """Step 1: check the folder against the spec, adopt a moved folder, decide where MLflow is (and that its
+    server answers), take the folder's driver lock, and (for a new sweep) write spec.yaml and then sweep.json —
+    the folder's commit point, with the new sweep id. Refuses, before anything is written, what cannot work."""
+    lock = hold_folder(directory) if (directory / SWEEP_JSON).is_file() else None  # before --fresh deletes it
+    resuming = prepare_dir(directory, spec, fresh)
+    meta = (read_meta(directory) or {}) if resuming else {}
+    recorded = meta.get("tracking_uri")
+    if resuming and tracking_uri and tracking_uri != (recorded or sqlite_uri(directory)):
+        raise ConfigError("--tracking-uri", f"{directory} logs to {recorded or 'its own ' + 'mlflow.db'}; a sweep "
+                                            "resumes where it started (leave --tracking-uri out)")
+    if resuming and not tracking_uri:  # a resumed sweep keeps writing to the server it started with
+        tracking_uri = recorded
+    embedded = not tracking_uri or tracking_uri == sqlite_uri(directory)
+    tracking_uri = tracking_uri or sqlite_uri(directory)
+    if address and not tracking_uri.startswith(SERVER_URIS):
+        raise ConfigError("--tracking-uri", f"got {tracking_uri!r}; on a Ray cluster (--address / RAY_ADDRESS) "
+                                            "use an MLflow server (http://host:5000 or postgresql://...)")
+    if not embedded:
+        tracking.check_server(tracking_uri)  # seconds, not minutes of retries, when it is down
+    samples, before = spec.sweep.num_samples, meta.get("num_samples")
+    if before is not None and samples < before:
+        raise ConfigError("sweep.num_samples", f"{samples} is less than the {before} trials of the sweep in "
+                                               f"{directory}: a sweep can grow, not shrink (use --fresh or another --dir)")
+    directory.mkdir(parents=True, exist_ok=True)
+    if lock is None or not resuming:  # a new folder, or --fresh removed the one locked above
+        lock = hold_folder(directory)
+    if resuming and embedded:
+        adopt_moved_folder(directory)
+    use_sweep_dir(directory)
+    objectives = [(o.metric, o.mode) for o in spec.sweep.objectives]
+    folder = SweepFolder(directory, resuming, tracking_uri, embedded, objectives, num_samples=samples, lock=lock)
+    if not resuming:
+        (directory / SPEC_YAML).write_text(spec.text)
+        folder.sweep_id = new_sweep_id()
+        write_meta(directory, {
+            "sweep_id": folder.sweep_id, "name": spec.name, "spec_hash": spec.hash, "objectives": objectives,
+            "num_samples": samples, "path": str(directory.resolve()),
+            "tracking_uri": None if embedded else tracking_uri,  # null: mlflow.db in this folder, wherever it moves
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        return folder
+    folder.legacy = not meta.get("sweep_id")
+    folder.finished = bool(meta.get("finished")) and samples == before
+    if folder.legacy or samples != before:
+        def change(m: dict) -> None:
+            m.setdefault("sweep_id", new_sweep_id())
+            m["num_samples"] = samples
+            if before is not None and samples > before:
+                m.pop("finished", None)  # extended: the sweep is open again until a run ends it
+
+        meta = update_meta(directory, change)
+    folder.sweep_id = meta["sweep_id"]
+    return folder
+
+
+def _init_ray(s, directory: Path, address: Optional[str], verbose: int) -> None:
+    """Start (or join) Ray with the environment every trial worker gets: shared compile caches, threads."""
+    import ray
+
+    cache = (directory / CACHE_DIR).resolve()
+    threads = max(1, int(s.resources.cpu))
+    env = {"TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+           "HQLT_TRIAL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+           "TRITON_CACHE_AUTOTUNING": "1"}  # Triton >= 3.4: autotuning results in the cache too (startup.warm_sweep)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # small window between a trial start and its snapshot
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's status table as the live view
+    if not ray.is_initialized():
+        # Only --address / RAY_ADDRESS join a cluster: without them a Ray of our own, never one that happens to
+        # run on this machine (Ray's auto-detection), whose checks (server, shared folder) would be skipped.
+        ray.init(address=address or "local", runtime_env={"env_vars": env}, include_dashboard=False,
+                 log_to_driver=verbose > 1, configure_logging=True, logging_level="WARNING")
+
+
 def _check_cluster(directory: Path, tracking_uri: str) -> None:
     """With a Ray cluster the sweep folder must be visible on every node and MLflow must be a server."""
     import ray
 
-    if not tracking_uri.startswith(("http://", "https://", "postgresql", "mysql", "databricks")):
+    if not tracking_uri.startswith(SERVER_URIS):
         raise ConfigError("--tracking-uri", f"got {tracking_uri!r}; on a Ray cluster use an MLflow server "
                                             "(http://host:5000 or postgresql://...)")
     marker = directory / f".shared-check-{os.getpid()}"
@@ -164,8 +284,16 @@ def _check_cluster(directory: Path, tracking_uri: str) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    checks = ray.get([visible.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                      .remote(str(marker.resolve())) for n in nodes])
+    pending = [visible.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+               .remote(str(marker.resolve())) for n in nodes]
+    checks = []
+    for node, ref in zip(nodes, pending):
+        try:
+            checks.append(ray.get(ref, timeout=120))
+        except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError,
+                ray.exceptions.WorkerCrashedError):  # a node lost a moment ago, not yet marked dead: not a node
+            print(f"warning: node {node.get('NodeManagerHostname', '?')} ({node['NodeID'][:8]}) is gone; the sweep "
+                  "runs on the others", file=sys.stderr)
     marker.unlink()
     missing = [host for host, ok in checks if not ok]
     if missing:
@@ -173,142 +301,203 @@ def _check_cluster(directory: Path, tracking_uri: str) -> None:
                                    "put the sweep folder on storage shared by all nodes")
 
 
-def _reconcile_orphans(study, cl, experiment: str, known: dict) -> None:
-    """After a hard kill, Optuna may hold RUNNING trials and MLflow child runs that Ray's last snapshot
-    never recorded; Ray samples those again as new trials, so the orphans are closed (Optuna FAIL with
-    `hqlt.orphaned`) and their MLflow runs deleted — no duplicates, none lost."""
-    from optuna.trial import TrialState
+def _open_parent_run(cl, spec, folder: SweepFolder) -> str:
+    """The sweep's MLflow parent run, found again by its sweep id (created, with the spec and the settings, when
+    there is none yet — also after a kill before it was made, or before it got them); RUNNING while a run lasts."""
+    from .mlflow_callback import find_or_create_parent
 
-    tracked = {cfg.get(TRIAL_NUMBER_KEY) for cfg in known.values()}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.number not in tracked:
-            study._storage.set_trial_user_attr(t._trial_id, "hqlt.orphaned", True)
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    exp = cl.get_experiment_by_name(experiment)
-    if exp is None:
-        return
-    for run in cl.search_runs([exp.experiment_id], filter_string="tags.`hqlt.role` = 'trial'", max_results=50000):
-        if run.data.tags.get("trial_id") not in known:
-            cl.delete_run(run.info.run_id)
+    if folder.embedded:
+        tracking.ensure_store(folder.tracking_uri)  # made whole or not at all: a kill never leaves half a store
+    # Artifacts: beside an embedded store in the folder; with a server, in the server's artifact store (its
+    # default location; `mlflow server --serve-artifacts` takes them through the client).
+    artifacts = (folder.directory / ARTIFACTS_DIR).resolve().as_uri() if folder.embedded else None
+    parent = find_or_create_parent(cl, spec.name, spec.name, folder.objectives, spec.hash, folder.sweep_id,
+                                   artifacts, adopt_legacy=folder.legacy and folder.embedded)
+    parent_id = parent.info.run_id
+    if not parent.data.params:  # a new parent, or one a kill left without them: they are logged once, here
+        cl.log_text(parent_id, spec.text, SPEC_YAML)
+        tracking.log_params(cl, parent_id, {"sweep": json.loads(json.dumps(asdict(spec.sweep), default=str))})
+    if parent.info.status != "RUNNING":  # a finished sweep extended
+        cl.update_run(parent_id, status="RUNNING")
+    return parent_id
 
 
-def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Optional[str], fresh: bool,
-              verbose: int = 1) -> int:
+def build_searcher(spec, objectives: list, storage):
+    """Step 2: the Optuna searcher over the compiled space, its study in the folder's journal."""
+    from hqlt.search_space import compile_space, make_sampler, study_name
+
+    metrics, modes = [m for m, _ in objectives], [mode for _, mode in objectives]
+    single = len(objectives) == 1
+    return _searcher_class()(
+        space=NumberedSpace(compile_space(spec, HOOKS)), metric=metrics[0] if single else metrics,
+        mode=modes[0] if single else modes, sampler=make_sampler(spec.sweep, spec.params),
+        study_name=study_name(spec), storage=storage)
+
+
+def build_tuner(spec, folder: SweepFolder, cl, parent_id: str, verbose: int, gpu_mem_bytes: Optional[float] = None):
+    """Step 3: the Tuner — restored from the folder's Ray state when resuming (orphans of a hard kill closed),
+    else new, with the searcher, the scheduler, the trainable and the MLflow callback."""
     import optuna
-    import ray
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
 
-    from hqlt.search_space import compile_space, make_sampler, study_name
+    from hqlt.search_space import study_name
 
-    from . import tracking
-    from .mlflow_callback import MlflowSweepCallback, find_or_create_parent
+    from .mlflow_callback import MlflowSweepCallback
 
-    s = spec.sweep
-    name = spec.name
-    resuming = prepare_dir(directory, spec, fresh)
-    address = address or os.environ.get("RAY_ADDRESS")
-    meta = json.loads((directory / "sweep.json").read_text()) if resuming else {}
-    if resuming and not tracking_uri:  # a resumed sweep keeps writing to the server it started with
-        tracking_uri = meta.get("tracking_uri")
-    embedded = not tracking_uri
-    if resuming and embedded:
-        adopt_moved_folder(directory)
-    tracking_uri = tracking_uri or embedded_uri(directory)
-    if address and not tracking_uri.startswith(("http://", "https://", "postgresql", "mysql", "databricks")):
-        raise ConfigError("--tracking-uri", f"got {tracking_uri!r}; on a Ray cluster (--address / RAY_ADDRESS) "
-                                            "use an MLflow server (http://host:5000 or postgresql://...)")
-    directory.mkdir(parents=True, exist_ok=True)
-    os.environ[SWEEP_DIR_ENV] = str(directory.resolve())
-    cache = (directory / "cache").resolve()
-    objectives = [(o.metric, o.mode) for o in s.objectives]
-    if not resuming:
-        (directory / "spec.yaml").write_text(spec.text)
-        (directory / "sweep.json").write_text(json.dumps({
-            "name": name, "spec_hash": spec.hash, "objectives": objectives, "path": str(directory.resolve()),
-            "tracking_uri": None if embedded else tracking_uri,  # null: mlflow.db in this folder, wherever it moves
-            "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    s, name, directory, objectives = spec.sweep, spec.name, folder.directory, folder.objectives
+    exp_path = str((directory / RAY_DIR).resolve())
+    restorable = folder.resuming and _usable_ray_state(Path(exp_path))
+    if folder.resuming and not restorable:
+        # Killed before Ray kept a snapshot it can restore (during start-up, or before the first one was whole):
+        # no trial is known to Ray, so whatever else the kill left (a study, trial runs, results) goes; the
+        # folder, its sweep id, spec check and parent run stay. Before the searcher makes its study again.
+        _reset_partial(cl, parent_id, directory)
+    repair_journal(directory / OPTUNA_LOG)
+    storage = JournalStorage(JournalFileBackend(str((directory / OPTUNA_LOG).resolve())))
+    study = study_name(spec)
+    scheduler = None
+    if s.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
 
-    threads = max(1, int(s.resources.cpu))
-    env = {"TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-           "HQLT_TRIAL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
-           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # small window between a trial start and its snapshot
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's status table as the live view
-    if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False,
-                 log_to_driver=verbose > 1, configure_logging=True, logging_level="WARNING")
+        scheduler = ASHAScheduler(metric=objectives[0][0], mode=objectives[0][1], time_attr="training_iteration",
+                                  max_t=s.asha.max_t, grace_period=s.asha.grace_period,
+                                  reduction_factor=s.asha.reduction_factor)
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trainable, spec=spec, objectives=objectives, seeds=s.seeds,
+                             seed_aggregate=s.seed_aggregate, results_dir=str((directory / RESULTS_DIR).resolve())),
+        trial_resources(spec, gpu_mem_bytes))  # resources.gpu auto: a fraction per trial (startup.py)
+    callback = MlflowSweepCallback(None if folder.embedded else folder.tracking_uri, name, parent_id,
+                                   arms=arm_choices(spec))
+    run_config = RunConfig(name=RAY_DIR, storage_path=str(directory.resolve()), callbacks=[callback],
+                           failure_config=FailureConfig(max_failures=2),
+                           checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=verbose)
+    if restorable:
+        _extend(Path(exp_path), folder.num_samples)
+        tuner = Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        known = _restored_trials(exp_path)
+        if known is not None:  # never delete runs on the strength of a snapshot we could not read
+            _reconcile_orphans(optuna.load_study(study_name=study, storage=storage), cl, parent_id, known)
+        print(f"resuming sweep '{name}' in {directory} ({len(known or {})} trials known)", file=sys.stderr)
+        return tuner
+    searcher = build_searcher(spec, objectives, storage)
+    return Tuner(trainable, tune_config=TuneConfig(
+        search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
+        max_concurrent_trials=s.max_concurrent, reuse_actors=True), run_config=run_config)
+
+
+def _reconcile_orphans(study, cl, parent_id: str, known: dict) -> None:
+    """After a hard kill, Optuna may hold RUNNING trials and MLflow child runs that Ray's last snapshot
+    never recorded; Ray samples those again as new trials, so the orphans are closed (Optuna FAIL with
+    `hqlt.orphaned`) and their MLflow runs deleted — no duplicates, none lost. Only this sweep's runs (those
+    under its parent run) are ever looked at."""
+    from optuna.trial import TrialState
+
+    tracked = {cfg.get(TRIAL_NUMBER_KEY) for cfg in known.values()}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number not in tracked:
+            # Optuna's storage API is addressed by the storage's trial id, which a FrozenTrial keeps private.
+            study._storage.set_trial_user_attr(t._trial_id, OPTUNA_ORPHANED_ATTR, True)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    for run in _trial_runs(cl, parent_id):
+        if run.data.tags.get(TRIAL_ID_TAG) not in known:
+            cl.delete_run(run.info.run_id)
+
+
+def _trial_runs(cl, parent_id: str) -> list:
+    """The (not deleted) trial runs of the sweep whose parent run is `parent_id`."""
+    exp_id = cl.get_run(parent_id).info.experiment_id
+    return list(cl.search_runs([exp_id], filter_string=tracking.trials_filter(parent_id), max_results=50000))
+
+
+def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Optional[str], fresh: bool,
+              verbose: int = 1, report: Optional[FinalReport] = None) -> int:
+    """Run (or resume) the sweep of a validated spec in `directory`; `report` (if given) runs after the
+    trials, before the parent run is closed, and must not raise: a failing report never fails the sweep."""
+    import ray
+
+    # A server that stops answering: a few retries (about half a minute), then one line — not minutes of them.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    folder = prepare_folder(spec, directory, tracking_uri, address, fresh)
+    if folder.finished:
+        return show_finished(spec, folder)
+    clock = RunClock(directory)  # this run's wall time in sweep.json, a killed run's too
     try:
+        fault_point("ray-start")
+        _init_ray(spec.sweep, directory, address, verbose)
         if address:
-            _check_cluster(directory, tracking_uri)
-        cl = tracking.client(tracking_uri)
-        parent_id = find_or_create_parent(cl, name, name, objectives, spec.hash,
-                                          (directory / "artifacts").resolve().as_uri())
-        if not resuming:
-            cl.log_text(parent_id, spec.text, "spec.yaml")
-            tracking.log_params(cl, parent_id, {"sweep": json.loads(json.dumps(asdict(s), default=str))})
-
-        storage = JournalStorage(JournalFileBackend(str((directory / "optuna.log").resolve())))
-        study = study_name(spec)
-        metrics, modes = [m for m, _ in objectives], [mode for _, mode in objectives]
-        single = len(objectives) == 1
-        space_fn = NumberedSpace(compile_space(spec, HOOKS))
-        searcher = _searcher_class()(
-            space=space_fn, metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
-            sampler=make_sampler(s, spec.params), study_name=study, storage=storage)
-        scheduler = None
-        if s.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(metric=metrics[0], mode=modes[0], time_attr="training_iteration",
-                                      max_t=s.asha.max_t, grace_period=s.asha.grace_period,
-                                      reduction_factor=s.asha.reduction_factor)
-        trainable = tune.with_resources(
-            tune.with_parameters(tune_trainable, spec=spec, objectives=objectives, seeds=s.seeds,
-                                 seed_aggregate=s.seed_aggregate, results_dir=str((directory / "results").resolve())),
-            {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
-        callback = MlflowSweepCallback(None if embedded else tracking_uri, name, parent_id)
-        exp_path = str((directory / EXPERIMENT_DIR).resolve())
-        run_config = RunConfig(name=EXPERIMENT_DIR, storage_path=str(directory.resolve()), callbacks=[callback],
-                               failure_config=FailureConfig(max_failures=2),
-                               checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=verbose)
-        if resuming and Tuner.can_restore(exp_path):
-            tuner = Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-            known = _restored_trials(exp_path)
-            if known is not None:  # never delete runs on the strength of a snapshot we could not read
-                _reconcile_orphans(optuna.load_study(study_name=study, storage=storage), cl, name, known)
-            print(f"resuming sweep '{name}' in {directory} ({len(known or {})} trials known)", file=sys.stderr)
-        else:
-            if resuming:  # killed before Ray wrote its first snapshot: nothing ran; start clean
-                _reset_partial(cl, name, storage, study)
-            tuner = Tuner(trainable, tune_config=TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
-                max_concurrent_trials=s.max_concurrent, reuse_actors=True), run_config=run_config)
-        started = time.time()
-        with GpuMonitor(directory):
-            tuner.fit()
-        wall = time.time() - started
-        total_wall = record_wall_time(directory, wall)
-        summary = summarize(cl, name, objectives)
-        summary["gpu"] = gpu_monitor.summarize(directory)
-        # every status is logged (0 when none), so a resumed sweep overwrites the counts of the last run
-        from hqlt.reports.mlflow_io import TRIAL_STATUSES
-
-        counts = {f"sweep/n_{k}": summary["counts"].get(k, 0) for k in (*TRIAL_STATUSES, *summary["counts"])}
-        tracking.log_metrics(cl, parent_id, {
-            "sweep/wall_s": total_wall, "sweep/run_wall_s": wall, "sweep/n_trials": summary["n"],
-            "sweep/trial_overhead_s": summary["overhead_s"], "sweep/trial_setup_s": summary["setup_s"], **counts,
-            **gpu_metrics(summary)}, step=0)
-        if summary["gpu"]:
-            cl.log_artifact(parent_id, str(directory / gpu_monitor.FILE))
-        _final_report(tracking_uri, name, directory)
-        cl.set_terminated(parent_id, "FINISHED")
-        print_summary(summary, objectives, directory, tracking_uri)
-        return 0
+            _check_cluster(directory, folder.tracking_uri)
+        cl = tracking.client(folder.tracking_uri)
+        parent_id = _open_parent_run(cl, spec, folder)
+        warm = warm_sweep(spec)  # GPU sweeps: compile/tune each kernel shape once before the trials fan out
+        tuner = build_tuner(spec, folder, cl, parent_id, verbose, gpu_mem_bytes=warm.get("gpu_mem_bytes"))
+        fault_point("before-fit")
+        fit(tuner, directory)
+        return finish(spec, folder, cl, parent_id, clock, report)
+    except Exception:
+        if not folder.embedded:
+            tracking.check_server(folder.tracking_uri)  # the server went away: one line, not three tracebacks
+        raise
     finally:
+        clock.stop()
         ray.shutdown()
+
+
+def fit(tuner, directory: Path) -> float:
+    """Step 4: run the trials, sampling the GPUs meanwhile; returns the time it took."""
+    started = time.time()
+    with GpuMonitor(directory):
+        tuner.fit()
+    return time.time() - started
+
+
+def show_finished(spec, folder: SweepFolder) -> int:
+    """A sweep an earlier run finished, at the same num_samples: its summary again; nothing is run or logged."""
+    cl = tracking.client(folder.tracking_uri)
+    parent = tracking.find_parent(cl, spec.name, folder.sweep_id)
+    summary = summarize(cl, spec.name, folder.objectives, parent.info.run_id if parent else None)
+    print(f"sweep '{spec.name}' in {folder.directory} is finished ({folder.num_samples} trials); raise "
+          "sweep.num_samples to extend it")
+    print_summary(summary, folder.objectives, folder.directory, folder.tracking_uri)
+    return exit_code(summary)
+
+
+def exit_code(summary: dict) -> int:
+    """0 when at least one trial completed; 1 (with a line on stderr saying so) when none did."""
+    if summary["counts"].get(COMPLETED, 0):
+        return 0
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary["counts"].items())) or "no trials"
+    print(f"hqlt sweep: no trial completed ({counts}); the reasons: hqlt status and the runs' `reason` tags",
+          file=sys.stderr)
+    return 1
+
+
+def finish(spec, folder: SweepFolder, cl, parent_id: str, clock: RunClock, report: Optional[FinalReport]) -> int:
+    """Step 5: wall time, counts and GPU use on the parent run, the report, the parent closed, `finished` in
+    sweep.json, a summary. Returns the exit status (1: no trial completed)."""
+    name, directory, objectives = spec.name, folder.directory, folder.objectives
+    total_wall = clock.update()["wall_s"]
+    summary = summarize(cl, name, objectives, parent_id)
+    summary["gpu"] = gpu_monitor.summarize(directory)
+    # every status is logged (0 when none), at the step of this run of the sweep: a resumed (or re-run) sweep
+    # adds a point after the last run's, never a second value at one step
+    counts = {f"sweep/n_{k}": summary["counts"].get(k, 0) for k in (*TRIAL_STATUSES, *summary["counts"])}
+    tracking.log_metrics(cl, parent_id, {
+        "sweep/wall_s": total_wall, "sweep/run_wall_s": clock.wall_s, "sweep/n_trials": summary["n"],
+        "sweep/trial_overhead_s": summary["overhead_s"], "sweep/trial_setup_s": summary["setup_s"], **counts,
+        **gpu_metrics(summary)}, step=clock.index)
+    if summary["gpu"]:
+        cl.log_artifact(parent_id, str(directory / GPU_UTIL_CSV))
+    if report is not None:
+        report(folder.tracking_uri, name, directory)
+    cl.set_terminated(parent_id, "FINISHED")
+    update_meta(directory, lambda m: m.update(finished={"num_samples": folder.num_samples,
+                                                        "at": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    print_summary(summary, objectives, directory, folder.tracking_uri)
+    return exit_code(summary)
 
 
 def _restored_trials(exp_path: str) -> Optional[dict]:
@@ -332,22 +521,76 @@ def _restored_trials(exp_path: str) -> Optional[dict]:
         quiet.setLevel(level)
 
 
-def _reset_partial(cl, experiment: str, storage, study: str) -> None:
-    import optuna
-
-    try:
-        optuna.delete_study(study_name=study, storage=storage)
-    except KeyError:
-        pass
-    exp = cl.get_experiment_by_name(experiment)
-    if exp is not None:
-        for run in cl.search_runs([exp.experiment_id], filter_string="tags.`hqlt.role` = 'trial'"):
-            cl.delete_run(run.info.run_id)
+STATE_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")  # one snapshot
 
 
-def summarize(cl, experiment: str, objectives: list) -> dict:
-    exp = cl.get_experiment_by_name(experiment)
-    runs = cl.search_runs([exp.experiment_id], filter_string="tags.`hqlt.role` = 'trial'", max_results=50000) if exp else []
+def _usable_ray_state(exp_path: Path) -> bool:
+    """Whether Ray's experiment folder holds a snapshot Tuner.restore can use. Ray copies its snapshot files
+    into the folder non-atomically (every second, one file after the other); a snapshot a kill cut off is
+    removed, so that the one before it (an earlier run's) is restored — or none, when it was the first."""
+    import pickle
+
+    if not (exp_path / "tuner.pkl").is_file():
+        return False
+    for state in sorted(exp_path.glob(STATE_FILES[0].format("*")), reverse=True):
+        session = state.name[len("experiment_state-"):-len(".json")]
+        files = [exp_path / t.format(session) for t in STATE_FILES]
+        try:
+            json.loads(files[0].read_text())
+            for f in files[1:]:
+                pickle.loads(f.read_bytes())
+            return True
+        except Exception as exc:  # noqa: BLE001 — cut off (or missing): not a snapshot
+            print(f"warning: Ray's snapshot {session} in {exp_path} is incomplete ({type(exc).__name__}: a kill while "
+                  "it was written); using the one before it", file=sys.stderr)
+            for f in files:
+                f.unlink(missing_ok=True)
+    return False
+
+
+def _extend(exp_path: Path, num_samples: int) -> None:
+    """Raise the number of samples in Ray's newest search snapshot to `num_samples` (a sweep extended by a
+    larger sweep.num_samples): Tune restores its sample count from the snapshot, not from the TuneConfig, and
+    has no API to change it; the snapshot is a pickled dict with `total_samples` and `finished`."""
+    import pickle
+
+    states = sorted(exp_path.glob("search_gen_state-*.json"))
+    if not states:
+        return
+    state = pickle.loads(states[-1].read_bytes())
+    if not isinstance(state, dict) or not isinstance(state.get("total_samples"), int):
+        raise ConfigError("sweep.num_samples", f"cannot extend the sweep in {exp_path.parent}: Ray's search state "
+                                               "has no sample count (another Ray version?); use --fresh or another --dir")
+    if state["total_samples"] >= num_samples:
+        return
+    state.update(total_samples=num_samples, finished=False)
+    tmp = states[-1].with_name(f".{states[-1].name}.tmp")
+    tmp.write_bytes(pickle.dumps(state))
+    tmp.replace(states[-1])
+    print(f"extending the sweep to {num_samples} trials", file=sys.stderr)
+
+
+def _reset_partial(cl, parent_id: str, directory: Path) -> None:
+    """Start over in the folder, keeping it (sweep.json, spec.yaml, the parent run, the probe cache): Ray's state,
+    the study (the journal holds only this sweep's), the trial results and this sweep's trial runs go."""
+    shutil.rmtree(directory / RAY_DIR, ignore_errors=True)
+    shutil.rmtree(directory / RESULTS_DIR, ignore_errors=True)
+    journal = directory / OPTUNA_LOG
+    journal.unlink(missing_ok=True)
+    repair_journal(journal)  # its writer lock, if a kill left one
+    for run in _trial_runs(cl, parent_id):
+        cl.delete_run(run.info.run_id)
+
+
+def summarize(cl, experiment: str, objectives: list, parent_id: Optional[str] = None) -> dict:
+    """Counts by status, the best trials and start-up means of the trials of the sweep under `parent_id`
+    (without: every trial run of the experiment — a folder from before sweep ids)."""
+    if parent_id is not None:
+        runs = _trial_runs(cl, parent_id)
+    else:
+        exp = cl.get_experiment_by_name(experiment)
+        runs = cl.search_runs([exp.experiment_id], filter_string=tracking.role_filter(ROLE_TRIAL),
+                              max_results=50000) if exp else []
     counts: dict = {}
     rows, overheads, setups = [], [], []
     for run in runs:
@@ -355,28 +598,19 @@ def summarize(cl, experiment: str, objectives: list) -> dict:
             overheads.append(run.data.metrics["trial/overhead_s"])
         if "time/setup_s" in run.data.metrics:
             setups.append(run.data.metrics["time/setup_s"] + run.data.metrics.get("time/probe_s", 0.0))
-        status = run.data.tags.get("status", "running")
+        status = run.data.tags.get(STATUS_TAG, RUNNING)
         counts[status] = counts.get(status, 0) + 1
-        if status == "completed":
-            rows.append({"arch": run.data.tags.get("arch", "?"), "trial_id": run.data.tags.get("trial_id"),
+        if status == COMPLETED:
+            rows.append({"arch": run.data.tags.get(ARCH_TAG, "?"), "trial_id": run.data.tags.get(TRIAL_ID_TAG),
+                         "task": labels.task_label(run.data.params),
                          **{m: run.data.metrics.get(m) for m, _ in objectives}})
     metric, mode = objectives[0]
     rows.sort(key=lambda r: (r[metric] is None, -(r[metric] or 0) if mode == "max" else (r[metric] or 0)))
+    tasks = sorted({r["task"] for r in rows})  # the best of each task (accuracies of two tasks do not compare)
+    best = [r for t in tasks for r in [r for r in rows if r["task"] == t][:5 if len(tasks) == 1 else 3]]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {"counts": counts, "n": len(runs), "best": rows[:5], "overhead_s": mean(overheads),
+    return {"counts": counts, "n": len(runs), "best": best, "overhead_s": mean(overheads),
             "setup_s": mean(setups)}
-
-
-def record_wall_time(directory: Path, wall: float) -> float:
-    """Add this run's wall time to the sweep's total in sweep.json (a resumed sweep runs in several
-    parts, perhaps on several hosts); returns the total."""
-    meta_path = directory / "sweep.json"
-    meta = json.loads(meta_path.read_text())
-    meta["wall_s"] = float(meta.get("wall_s", 0.0)) + wall
-    meta.setdefault("runs", []).append({"wall_s": round(wall, 1), "host": socket.gethostname(),
-                                        "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
-    meta_path.write_text(json.dumps(meta, indent=2))
-    return meta["wall_s"]
 
 
 def gpu_metrics(summary: dict) -> dict:
@@ -385,10 +619,21 @@ def gpu_metrics(summary: dict) -> dict:
     gpu = summary.get("gpu")
     if not gpu:
         return {}
-    done = summary["counts"].get("completed", 0)
+    done = summary["counts"].get(COMPLETED, 0)
     return {"sweep/gpu_busy_frac": gpu["busy_frac"], "sweep/gpu_hours": gpu["gpu_hours"],
             "sweep/n_gpus": gpu["n_gpus"], "sweep/trials_per_gpu_hour": done / gpu["gpu_hours"],
             **{f"sweep/gpu_busy_frac_gpu{g}": v for g, v in gpu["per_gpu"].items()}}
+
+
+def print_best_trials(best: list, objectives: list) -> None:
+    """One line per trial of summarize()'s `best`: its arch, its task (when searched), each objective's value."""
+    names = [m for m, _ in objectives]
+    width = max([len(str(r["arch"])) for r in best] + [4])
+    task_width = max([len(r.get("task") or "") for r in best] + [0])
+    for row in best:
+        task = f"{row.get('task') or '':<{task_width}}  " if task_width else ""
+        print(f"  {row['arch']:<{width}}  {task}" + "  ".join(
+            f"{m} {labels.format_metric(m, row[m])}" for m in names))
 
 
 def print_summary(summary: dict, objectives: list, directory: Path, tracking_uri: str) -> None:
@@ -399,34 +644,16 @@ def print_summary(summary: dict, objectives: list, directory: Path, tracking_uri
         per = " ".join(f"{v:.0%}" for k, v in m.items() if k.startswith("sweep/gpu_busy_frac_gpu"))
         print(f"GPUs: {m['sweep/n_gpus']} busy {m['sweep/gpu_busy_frac']:.1%} of the sampled time (per GPU: {per}); "
               f"{m['sweep/gpu_hours']:.3f} GPU-hours, {m['sweep/trials_per_gpu_hour']:.1f} completed trials per "
-              f"GPU-hour ({directory / gpu_monitor.FILE})")
+              f"GPU-hour ({directory / GPU_UTIL_CSV})")
     if summary.get("overhead_s") is not None:
         print(f"per-trial start-up: {summary['overhead_s']:.2f} s outside the trial function (Ray scheduling, "
               f"process start/reuse) + {summary['setup_s'] or 0:.2f} s inside (build model, throughput probe "
               f"incl. compilation), means over trials")
     if summary["best"]:
-        names = [m for m, _ in objectives]
-        print("best trials by " + names[0] + ":")
-        for row in summary["best"]:
-            print("  " + f"{row['arch']:<22}" + "  ".join(
-                f"{m}={row[m]:.4g}" if row[m] is not None else f"{m}=n/a" for m in names))
-    print(f"browse: hqlt ui {directory}    (or: mlflow ui --backend-store-uri {tracking_uri})")
+        print("best trials by " + objectives[0][0] + ":")
+        print_best_trials(summary["best"], objectives)
+    # a server has its own UI (`mlflow ui --backend-store-uri http://…` would not open it)
+    other = tracking_uri if tracking.is_server(tracking_uri) else f"mlflow ui --backend-store-uri {tracking_uri}"
+    print(f"browse: hqlt ui {directory} --open    (the runs of the Pareto front in MLflow; or: {other})")
+    print(f"live:   hqlt dashboard {directory}    (optuna-dashboard on the study, while a sweep runs)")
     print(f"report: hqlt report {directory}")
-
-
-def _final_report(tracking_uri: str, experiment: str, directory: Path) -> None:
-    """Pareto fronts, hypervolume and plots on the parent run; a failing report never fails the sweep."""
-    try:
-        from hqlt.reports.report import write_report
-    except ImportError:
-        return
-    try:
-        result = write_report(tracking_uri, experiment, out_dir=str(directory / "report"))
-        text = getattr(result, "table", None)
-        if text:
-            print(text)
-    except Exception as exc:  # noqa: BLE001
-        import traceback
-
-        where = "; ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-3:])
-        print(f"report skipped: {type(exc).__name__}: {exc} (at {where}); rerun: hqlt report {directory}", file=sys.stderr)

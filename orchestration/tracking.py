@@ -10,7 +10,13 @@ import math
 import os
 from typing import Iterable, Optional
 
+from hqlt.search_space.vocabulary import (ARCH_TAG, COMPLETED, CONFIG_HASH_TAG, PARENT_TAG, REASON_TAG, RESULT_TAGS,
+                                          ROLE_SWEEP, ROLE_TAG, ROLE_TRAIN, ROLE_TRIAL, SEED_TAG, STATUS_TAG,
+                                          SWEEP_ID_TAG)
+
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+SERVER_URIS = ("http://", "https://", "postgresql", "mysql", "databricks")  # tracking stores a cluster can share
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -41,10 +47,96 @@ def client(tracking_uri: str):
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
+def role_filter(role: str) -> str:
+    """The search_runs filter for the runs of one role (the sweep's parent run, its trials)."""
+    return f"tags.`{ROLE_TAG}` = '{role}'"
+
+
+def trials_filter(parent_run_id: str) -> str:
+    """The search_runs filter for the trial runs of one sweep: those under its parent run (two sweeps of one
+    name on one server share an experiment, never a parent run)."""
+    return f"{role_filter(ROLE_TRIAL)} and tags.`{PARENT_TAG}` = '{parent_run_id}'"
+
+
+def find_parent(cl, experiment: str, sweep_id: str):
+    """The parent run of the sweep `sweep_id` (its `hqlt.sweep_id` tag) in `experiment`; None if there is none."""
+    exp = cl.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = cl.search_runs([exp.experiment_id], max_results=1,
+                          filter_string=f"{role_filter(ROLE_SWEEP)} and tags.`{SWEEP_ID_TAG}` = '{sweep_id}'")
+    return runs[0] if runs else None
+
+
+def metric_logged(cl, run_id: str, key: str, step: int, value: Optional[float] = None) -> bool:
+    """Whether `run_id` holds `key` at `step` (with `value`, if given): what a re-run must not log twice."""
+    return any(m.step == step and (value is None or m.value == value)
+               for m in cl.get_metric_history(run_id, key))
+
+
+def is_server(tracking_uri: str) -> bool:
+    """A tracking store other processes and hosts can share (not a file or SQLite store)."""
+    return tracking_uri.startswith(SERVER_URIS)
+
+
+def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """One line (ConfigError) unless the tracking server of `tracking_uri` answers within `timeout` s — instead
+    of MLflow's client retrying for minutes and failing with chained tracebacks."""
+    import socket
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from hqlt.blocks.validation import ConfigError
+
+    url = urlparse(tracking_uri)
+    try:
+        if url.scheme in ("http", "https"):
+            try:
+                urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+            except urllib.error.HTTPError:
+                pass  # it answered (an auth proxy, an old server without /health)
+        elif url.hostname:  # postgresql://, mysql://: can a connection be opened at all
+            port = url.port or {"postgresql": 5432, "mysql": 3306}.get(url.scheme.split("+")[0])
+            if port:
+                socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ConfigError("--tracking-uri", f"the MLflow server {tracking_uri} does not answer ({reason}); start "
+                                            "it (the sweep resumes where it stopped), or name a running one") from None
+
+
+def ensure_store(tracking_uri: str) -> None:
+    """Create a SQLite store that does not exist yet whole or not at all: MLflow builds its tables in several
+    migrations (seconds), and a store cut off half-way cannot be opened again. It is made aside and renamed."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    from pathlib import Path
+
+    db = Path(tracking_uri[len("sqlite:///"):])
+    if db.exists():
+        return
+    for stale in db.parent.glob(f".{db.name}.*.tmp"):  # left by a kill during an earlier attempt
+        stale.unlink()
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    cl = client(f"sqlite:///{tmp}")
+    cl.search_experiments()  # runs the migrations
+    store = getattr(getattr(cl, "_tracking_client", None), "store", None)
+    if getattr(store, "engine", None) is not None:
+        store.engine.dispose()  # no pooled connection left on the file once it is renamed
+    tmp.replace(db)
+
+
 def ensure_experiment(cl, name: str, artifact_location: Optional[str] = None) -> str:
-    """Experiment id of `name`, created if needed (artifacts beside the sweep, not in the cwd's ./mlruns)."""
+    """Experiment id of `name`, created if needed (artifacts beside the sweep, not in the cwd's ./mlruns), tagged
+    so that MLflow 3's UI opens it on its runs table (`mlflow.experimentKind`), not on the GenAI overview."""
+    from hqlt.search_space.vocabulary import EXPERIMENT_KIND_RUNS, EXPERIMENT_KIND_TAG
+
     exp = cl.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else cl.create_experiment(name, artifact_location=artifact_location)
+    if exp is not None:
+        return exp.experiment_id
+    return cl.create_experiment(name, artifact_location=artifact_location,
+                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_RUNS})
 
 
 def log_params(cl, run_id: str, params: dict) -> None:
@@ -81,14 +173,15 @@ def log_single_trial(tracking_uri: str, experiment: str, result, history: list[d
     """`hqlt train --tracking-uri`: one run holding the trial's params, metric history and tags."""
     cl = client(tracking_uri)
     exp_id = ensure_experiment(cl, experiment)
-    run = cl.create_run(exp_id, run_name=run_name, tags={"hqlt.role": "train"})
+    run = cl.create_run(exp_id, run_name=run_name, tags={ROLE_TAG: ROLE_TRAIN})
     rid = run.info.run_id
     log_params(cl, rid, result.config)
     log_history(cl, rid, history)
     logged = set(history[-1]) if history else set()
     log_metrics(cl, rid, {k: v for k, v in result.metrics.items() if k not in logged},
                 int(result.metrics.get("step", 0)))  # what no report carried (e.g. a failed trial's sizes)
-    set_tags(cl, rid, {"status": result.status, "reason": result.reason, "arch": result.arch,
-                       "config_hash": result.config_hash, "seed": result.config.get("seed", "")})
-    cl.set_terminated(rid, "FINISHED" if result.status == "completed" else "FAILED")
+    set_tags(cl, rid, {STATUS_TAG: result.status, REASON_TAG: result.reason, ARCH_TAG: result.arch,
+                       CONFIG_HASH_TAG: result.config_hash, SEED_TAG: result.config.get("seed", ""),
+                       **{tag: result.metrics[key] for key, tag in RESULT_TAGS.items() if key in result.metrics}})
+    cl.set_terminated(rid, "FINISHED" if result.status == COMPLETED else "FAILED")
     return rid

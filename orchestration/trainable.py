@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Optional
 
 from hqlt.search_space import INFEASIBLE_KEY
+from hqlt.search_space.vocabulary import (BOOKKEEPING_PREFIX, COMPLETED, INFEASIBLE, PROBES_DIR, REPLAYED_KEY,
+                                          RUNNING, SEED_OF_PREFIX, SEED_STATS, SELECTED_SEED, TRIAL_NODE,
+                                          seed_metric, seed_stat_metric)
 
 DONE_KEY = "trial/done"
 # Pure-KV full attention and pure DeltaNet arms are drawn as baselines in the Pareto plots.
@@ -69,28 +73,30 @@ class SeedRecords:
         return TrialResult(**data["result"])
 
     def save(self, i: int, config: dict, result) -> None:
-        if result.status != "completed":
+        if result.status != COMPLETED:
             return
         write_json_atomic(self._path(i), {"input": config, "result": result.as_dict()})
 
 
 def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggregate: str, report,
-                records: Optional[SeedRecords] = None) -> dict:
+                records: Optional[SeedRecords] = None, probe_dir: Optional[Path] = None) -> dict:
     """Train the sampled config for each seed; `report(metrics)` is tune.report or a test double.
 
     Reports are held back by one, so that the last evaluation and the trial's final (seed-aggregated)
-    result are one report: a scheduler's `max_t` then counts evaluations (seeds × evaluations per seed).
-    With `records`, seeds completed by an earlier run of this trial are taken from disk, not retrained."""
+    result are one report: a scheduler's `max_t` then counts evaluations (seeds × evaluations per seed);
+    that report's metrics are the seed-aggregated ones only (`summarize_seeds`), never the last seed's.
+    With `records`, seeds completed by an earlier run of this trial are taken from disk, not retrained.
+    `probe_dir`: the sweep folder's probe cache (orchestration/cost.py), shared by seeds and trials."""
     from hqlt.search_space import materialize
 
     from .trial import run_trial
 
     if config.get(INFEASIBLE_KEY):
-        final = _filled({"trial/status": "infeasible", "trial/reason": config[INFEASIBLE_KEY], DONE_KEY: 1.0},
+        final = _filled({"trial/status": INFEASIBLE, "trial/reason": config[INFEASIBLE_KEY], DONE_KEY: 1.0},
                         objectives)
         report(final)
         return final
-    sampled = {k: v for k, v in config.items() if not k.startswith("hqlt.")}  # hqlt.* are sweep bookkeeping
+    sampled = {k: v for k, v in config.items() if not k.startswith(BOOKKEEPING_PREFIX)}  # sweep bookkeeping
     plain = materialize(spec, sampled)
     base_seed = int(plain.get("seed", 0))
     held: list[dict] = []
@@ -100,32 +106,97 @@ def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggreg
             if held:
                 report(held.pop())
             held.append(_filled({**metrics, "seed_index": i, "step": offset + metrics.get("step", 0),
-                                 "trial/status": "running", DONE_KEY: 0.0}, objectives))
+                                 "trial/status": RUNNING, DONE_KEY: 0.0}, objectives))
 
         seed_config = {**plain, "seed": base_seed + i}
         result = records.load(i, seed_config) if records is not None else None
         if result is None:
-            result = run_trial(seed_config, report=seed_report)
+            result = run_trial(seed_config, report=seed_report, probe_dir=probe_dir)
             if records is not None:
                 records.save(i, seed_config, result)
         results.append(result)
         step_offset += int(result.metrics.get("step", 0))
-    final = {**(held.pop() if held else {"step": step_offset}), **summarize_seeds(results, objectives, seed_aggregate)}
+    last_step = held.pop().get("step", step_offset) if held else step_offset
+    final = {"step": last_step, **summarize_seeds(results, objectives, seed_aggregate)}
     report(final)
     return final
 
 
+# Metrics of the architecture, not of a seed's training (the probe is cached per architecture): they never pick
+# the seed whose record the trial reports.
+ARCH_METRIC_PREFIXES = ("perf/", "model/", "probe/")
+_NOT_AGGREGATED = ("traceback", "step", "seed_index")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _best(values: list, mode: str, prefer: Optional[int] = None) -> Optional[int]:
+    """Index of the best finite value (the first on ties, or `prefer` when it ties for best); None if none."""
+    idx = [i for i, v in enumerate(values) if _finite(v)]
+    if not idx:
+        return None
+    pick = max if mode == "max" else min
+    best = pick(values[i] for i in idx)
+    if prefer is not None and _finite(values[prefer]) and values[prefer] == best:
+        return prefer
+    return next(i for i in idx if values[i] == best)
+
+
+def _mean_record(records: list[dict]) -> dict:
+    """Each numeric metric: its mean over the records that hold a finite value (NaN if none); any other value:
+    the first record's."""
+    out: dict = {}
+    for rec in records:
+        for key, value in rec.items():
+            if key in _NOT_AGGREGATED or key in out:
+                continue
+            values = [r.get(key) for r in records]
+            if any(_finite(v) for v in values) or all(isinstance(v, float) or v is None for v in values):
+                finite = [v for v in values if _finite(v)]
+                out[key] = sum(finite) / len(finite) if finite else float("nan")
+            else:
+                out[key] = value
+    return out
+
+
 def summarize_seeds(results: list, objectives: list, seed_aggregate: str) -> dict:
-    """The trial's final keys: objectives aggregated over its seeds, per-seed values, status, labels."""
-    completed = [r for r in results if r.status == "completed"]
-    pool = completed or results
-    final = {k: v for k, v in pool[-1].metrics.items() if k not in ("traceback", "step")}
-    for metric, mode in objectives:
-        final[metric] = aggregate([r.metrics.get(metric) for r in pool], seed_aggregate, mode)
+    """The trial's final keys from its seeds' records (only completed seeds count, unless none completed).
+
+    seed_aggregate `max` (best seed): the whole record — every slice, loss, per-length accuracy, test and
+    validation metric — is that of the seed with the best value of the first objective that is not an
+    architecture metric (`perf/`, `model/`, `probe/`: the same for every seed); `trial/selected_seed` is its
+    index. Each objective is its best value over the seeds, `seed_of/<objective>` the seed it came from (the
+    selected seed whenever it ties for best), so an objective from another seed is visible as such.
+    `mean`: every numeric metric is its mean over the seeds. Both: `seed<i>/<objective>` per seed, and
+    `seeds_median|min|max/<objective>` over the seeds."""
+    completed = [i for i, r in enumerate(results) if r.status == COMPLETED]
+    pool = completed or list(range(len(results)))
+    records = [results[i].metrics for i in pool]
+    if seed_aggregate == "mean":
+        final = _mean_record(records)
+        for metric, mode in objectives:
+            final[metric] = aggregate([rec.get(metric) for rec in records], "mean", mode)
+    else:
+        decider = next(((m, mode) for m, mode in objectives if not m.startswith(ARCH_METRIC_PREFIXES)), objectives[0])
+        chosen = _best([rec.get(decider[0]) for rec in records], decider[1])
+        chosen = len(pool) - 1 if chosen is None else chosen
+        final = {k: v for k, v in records[chosen].items() if k not in _NOT_AGGREGATED}
+        final[SELECTED_SEED] = float(pool[chosen])
+        for metric, mode in objectives:
+            b = _best([rec.get(metric) for rec in records], mode, prefer=chosen)
+            final[metric] = records[b][metric] if b is not None else float("nan")
+            final[SEED_OF_PREFIX + metric] = float(pool[b]) if b is not None else float("nan")
+    for metric, _mode in objectives:
         for i, r in enumerate(results):
-            final[f"seed{i}/{metric}"] = r.metrics.get(metric, float("nan"))
+            final[seed_metric(i, metric)] = r.metrics.get(metric, float("nan"))
+        values = sorted(v for v in (rec.get(metric) for rec in records) if _finite(v))
+        stats = {"median": statistics.median(values), "min": values[0], "max": values[-1]} if values else {}
+        for stat in SEED_STATS:
+            final[seed_stat_metric(stat, metric)] = stats.get(stat, float("nan"))
     arch = results[0].arch
-    final.update({"trial/status": "completed" if completed else results[0].status,
+    final.update({"trial/status": COMPLETED if completed else results[0].status,
                   "trial/reason": "" if completed else results[0].reason, "trial/arch": arch,
                   "trial/config_hash": results[0].config_hash,
                   "trial/seeds": ",".join(str(r.config.get("seed")) for r in results),
@@ -134,6 +205,19 @@ def summarize_seeds(results: list, objectives: list, seed_aggregate: str) -> dic
     if baseline:
         final["baseline"] = baseline
     return _filled(final, objectives)
+
+
+def _node_label() -> str:
+    """`<host>:<Ray node id, 8 hex>` of this worker (two nodes of one host differ by their id)."""
+    import socket
+
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:8]
+    except Exception:  # noqa: BLE001 — outside Ray
+        node = "?"
+    return f"{socket.gethostname()}:{node}"
 
 
 def tune_trainable(config: dict, spec=None, objectives: list = None, seeds: int = 1,
@@ -147,12 +231,15 @@ def tune_trainable(config: dict, spec=None, objectives: list = None, seeds: int 
 
     from ray import tune
 
+    from .faults import fault_point
+
     t_enter = time.time()
     trial_id = tune.get_context().get_trial_id()
     record = Path(results_dir) / f"{trial_id}.json" if results_dir else None
     if record is not None and record.exists():
-        tune.report(json.loads(record.read_text()))
+        tune.report({**json.loads(record.read_text()), REPLAYED_KEY: 1.0})  # the driver logs no timing for it
         return
+    node = _node_label()
 
     threads = os.environ.get("HQLT_TRIAL_THREADS")
     if threads:
@@ -161,9 +248,14 @@ def tune_trainable(config: dict, spec=None, objectives: list = None, seeds: int 
         torch.set_num_threads(int(threads))
     def report(metrics: dict) -> None:
         metrics["time/trainable_s"] = time.time() - t_enter  # the driver subtracts it from the trial's wall time
+        metrics[TRIAL_NODE] = node
         if record is not None and metrics.get(DONE_KEY):  # recorded before Ray (and Optuna) hear of it
             write_json_atomic(record, metrics)
+            fault_point("result-written", trial_id=trial_id, node=node)
+        else:
+            fault_point("trial-report", trial_id=trial_id, node=node)
         tune.report(metrics)
 
     run_sampled(config, spec=spec, objectives=objectives, seeds=seeds, seed_aggregate=seed_aggregate, report=report,
-                records=SeedRecords(Path(results_dir), trial_id) if results_dir else None)
+                records=SeedRecords(Path(results_dir), trial_id) if results_dir else None,
+                probe_dir=Path(results_dir).parent / PROBES_DIR if results_dir else None)  # beside results/

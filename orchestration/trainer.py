@@ -4,7 +4,8 @@ AdamW (decay / no-decay groups), linear warm-up + cosine to a floor, gradient cl
 bf16 autocast on CUDA (fp32 on CPU), periodic evaluation with per-slice metrics, optional early stop,
 and a `report(metrics)` callback so Ray Tune (or the CLI's progress bar) can follow along. A NaN/Inf
 loss raises `TrialFailure("nan")`; running out of GPU memory is turned into `TrialFailure("oom")` by
-the trial runner, so both become a recorded status rather than a crashed process.
+the trial runner, so both become a recorded status rather than a crashed process. The step itself runs in
+an engine (`train.engine`, see `engine`): eager, or one static-shape step captured into a CUDA graph.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hqlt.search_space.vocabulary import NAN, as_test_metric
+
+from .engine import EagerStep, StaticStep, resolve_engine
+from .prefetch import BatchStream
 from .tasks.base import Batch, Task, per_example_accuracy, slice_metrics
 from .trial_config import TrainConfig
 
@@ -31,32 +36,39 @@ class TrialFailure(RuntimeError):
         self.status, self.reason, self.metrics = status, reason, metrics or {}
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices and embeddings decay; vectors and scalars (norm weights, gains, decay rates) do not."""
+def param_groups(model: torch.nn.Module, weight_decay: float, groups: str = "matrices") -> list[dict]:
+    """groups="matrices": matrices and embeddings decay; vectors and scalars (norm weights, gains, decay rates) do not.
+    groups="all": one group, every parameter decays (`train.weight_decay_groups`)."""
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    if groups == "all":
+        return [{"params": params, "weight_decay": weight_decay}]
     decay, no_decay = [], []
-    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+    for p in params:
         (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.weight_decay_groups), lr=cfg.lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine to lr·min_lr_ratio."""
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine to lr·min_lr_ratio, reached at
+    step `cosine_steps` (null: `steps`) and held after it."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
+    horizon = cfg.steps if cfg.cosine_steps is None else cfg.cosine_steps
+    span = max(1, horizon - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def autocast_for(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str, cache_enabled: bool = True):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return nullcontext()
 
 
@@ -87,11 +99,12 @@ def train_step(model, optimizer, batch: Batch, cfg: TrainConfig, step: int, devi
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, batch_size: int, device, precision: str) -> dict:
-    """Validation metrics of `task`: accuracy (+ scaled, + per slice) or LM loss / bits per byte."""
+def evaluate(model, task: Task, batch_size: int, device, precision: str, split: str = "val") -> dict:
+    """Validation metrics of `task`: accuracy (+ scaled, + per slice) or LM loss / bits per byte. `split="test"`:
+    the same metrics of the test set (`task.test_batches`), named `test/...`."""
     model.eval()
     correct, slices, loss_sum, n_tok = [], {}, 0.0, 0
-    for batch in task.eval_batches(batch_size):
+    for batch in (task.test_batches(batch_size) if split == "test" else task.eval_batches(batch_size)):
         batch = to_device(batch, device)
         with autocast_for(device, precision):
             logits = model(batch.inputs)
@@ -107,45 +120,80 @@ def evaluate(model, task: Task, batch_size: int, device, precision: str) -> dict
     metrics["val/loss"] = mean_loss
     if task.kind == "lm":
         metrics["val/bpb"] = mean_loss / math.log(2)
-    return metrics
+    return {as_test_metric(k): v for k, v in metrics.items()} if split == "test" else metrics
+
+
+def make_engine(model, cfg: TrainConfig, device, *, seq_len: int, step_fn: Optional[Callable] = None,
+                fault: Optional[tuple] = None):
+    """The step engine of `cfg.engine` on `device` (see `engine`): eager runs `step_fn` (default `train_step`),
+    static/graph the static-shape step over batches of (cfg.batch_size, seq_len). `fault` = (kind, step) is
+    `TrialConfig.fault` for the static engines (eager gets it through `step_fn`)."""
+    device = torch.device(device)
+    kind = resolve_engine(cfg.engine, device)
+    if kind == "eager":
+        return EagerStep(model, make_optimizer(model, cfg), cfg, device, step_fn or train_step)
+    return StaticStep(model, param_groups(model, cfg.weight_decay, cfg.weight_decay_groups), cfg, device, batch_shape=(cfg.batch_size, seq_len),
+                      schedule=[lr_at(s, cfg) for s in range(cfg.steps)], loss_fn=lm_loss,
+                      autocast=lambda: autocast_for(device, cfg.precision, cache_enabled=False),
+                      capture=kind == "graph", fault=fault, fallback=cfg.engine == "auto")
 
 
 def train(model, task: Task, cfg: TrainConfig, *, device, data_seed: int, order_seed: int,
           report: Optional[Report] = None, constant_metrics: Optional[dict] = None,
-          progress: Optional[Callable[[int, dict], None]] = None, step_fn: Optional[Callable] = None) -> dict:
+          progress: Optional[Callable[[int, dict], None]] = None, step_fn: Optional[Callable] = None,
+          fault: Optional[tuple] = None, boundary: Optional[Callable[[int], None]] = None) -> dict:
     """Train `model` on `task`; returns the last metrics. `constant_metrics` (throughput, sizes) are added
     to every report so that each one carries every objective key. `step_fn` replaces `train_step` (fault
-    injection in tests)."""
+    injection in tests; eager engine), `fault` = (kind, step) injects the same faults into the static/graph
+    engines. The eager engine hands back each step's loss at once; the static/graph engines keep losses on the
+    device and are read at log points (every `log_every` steps) and evaluation points, where a NaN/Inf loss is
+    found with the range of steps it hides in. `boundary(step)` is called before each step (the card lock of
+    `cost.TrainerGate`: a pause while another trial's throughput probe measures)."""
     constant_metrics = dict(constant_metrics or {})
-    step_fn = step_fn or train_step
-    optimizer = make_optimizer(model, cfg)
-    rng = np.random.default_rng([data_seed, order_seed])
+    engine = make_engine(model, cfg, device, seq_len=task.train_seq_len, step_fn=step_fn, fault=fault)
+    batches = BatchStream(task, cfg.batch_size, np.random.default_rng([data_seed, order_seed]), count=cfg.steps,
+                          device=device)
     model.train()
     last_eval: dict = {}
     losses: list[float] = []
+    grad_norm, checked = float("nan"), 0
     start = time.perf_counter()
     metric, target = cfg.early_stop.metric, cfg.early_stop.value
-    for step in range(cfg.steps):
-        batch = to_device(task.train_batch(cfg.batch_size, rng), device)
-        loss, grad_norm = step_fn(model, optimizer, batch, cfg, step, device)
-        if not math.isfinite(loss):
-            raise TrialFailure("nan", f"training loss became {loss} at step {step + 1}",
-                               {**constant_metrics, **last_eval, "train/loss": loss, "step": step + 1})
-        losses.append(loss)
-        done = step + 1 == cfg.steps
-        if (step + 1) % cfg.eval_every == 0 or done:
-            last_eval = evaluate(model, task, cfg.eval_batch_size, device, cfg.precision)
-            metrics = {**constant_metrics, **last_eval, "train/loss": float(np.mean(losses[-cfg.log_every:])),
-                       "train/grad_norm": grad_norm, "train/lr": lr_at(step, cfg), "step": step + 1,
-                       "time/train_s": time.perf_counter() - start}
-            stop = target is not None and metrics.get(metric, -math.inf) >= target
-            metrics["trial/stopped_early"] = float(stop and not done)
-            if report is not None:
-                report(metrics)
-            if progress is not None:
-                progress(step + 1, metrics)
-            if stop:
-                return metrics
-        elif progress is not None and (step + 1) % cfg.log_every == 0:
-            progress(step + 1, {"train/loss": float(np.mean(losses[-cfg.log_every:])), **last_eval})
+    try:
+        for step in range(cfg.steps):
+            if boundary is not None:
+                boundary(step)
+            engine.step(batches.next(), step)
+            done = step + 1 == cfg.steps
+            at_eval, at_log = (step + 1) % cfg.eval_every == 0 or done, (step + 1) % cfg.log_every == 0
+            if engine.sync_every_step or at_eval or at_log:
+                new, grad_norm = engine.flush(step + 1)
+                for i, loss in enumerate(new):
+                    if not math.isfinite(loss):
+                        bad = checked + i + 1
+                        where = f"at step {bad}" if bad == step + 1 and checked == step else (
+                            f"at step {bad} (found at step {step + 1}: the {engine.name} engine reads steps "
+                            f"{checked + 1}-{step + 1} at once)")
+                        raise TrialFailure(NAN, f"training loss became {loss} {where}",
+                                           {**constant_metrics, **engine.metrics(), **last_eval, "train/loss": loss,
+                                            "step": step + 1, "train/nan_step": bad})
+                losses.extend(new)
+                checked = step + 1
+            if at_eval:
+                last_eval = evaluate(model, task, cfg.eval_batch_size, device, cfg.precision)
+                metrics = {**constant_metrics, **engine.metrics(), **last_eval,
+                           "train/loss": float(np.mean(losses[-cfg.log_every:])), "train/grad_norm": grad_norm,
+                           "train/lr": lr_at(step, cfg), "step": step + 1, "time/train_s": time.perf_counter() - start}
+                stop = target is not None and metrics.get(metric, -math.inf) >= target
+                metrics["trial/stopped_early"] = float(stop and not done)
+                if report is not None:
+                    report(metrics)
+                if progress is not None:
+                    progress(step + 1, metrics)
+                if stop:
+                    return metrics
+            elif progress is not None and at_log:
+                progress(step + 1, {"train/loss": float(np.mean(losses[-cfg.log_every:])), **last_eval})
+    finally:
+        batches.close()
     return metrics

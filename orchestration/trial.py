@@ -15,13 +15,15 @@ import numpy as np
 import torch
 
 from hqlt.blocks import HybridLM, estimate
+from hqlt.search_space.vocabulary import (COMPLETED, FAILED, OOM, PHASE_PROBE, PHASE_TEST, PHASE_TRAIN,
+                                          RUNNING)
 
 from . import trainer
-from .probe import probe_throughput
+from .cost import run_probe, trainer_gate
+from .selection import Checkpoints
+from .space_hooks import model_metrics
 from .tasks import make_task
 from .trial_config import TrialConfig, config_hash, plain, trial_config
-
-STATUSES = ("completed", "failed", "oom", "nan", "pruned", "infeasible")
 
 
 @dataclass
@@ -65,8 +67,17 @@ def faulty_step(cfg: TrialConfig) -> Callable:
     return faulty
 
 
+def _phase(phase: Optional[Callable[[str], None]], name: str) -> None:
+    """Tell a progress display which phase starts (the probe and the test evaluation report no steps)."""
+    if phase is not None:
+        phase(name)
+
+
 def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None]] = None,
-              progress: Optional[Callable[[int, dict], None]] = None) -> TrialResult:
+              progress: Optional[Callable[[int, dict], None]] = None, probe_dir=None,
+              phase: Optional[Callable[[str], None]] = None) -> TrialResult:
+    """`probe_dir`: the sweep folder's `probes/` (cost.py: the probe's cache and card locks); None outside a sweep.
+    `phase(name)`: called as each phase starts (vocabulary PHASE_PROBE, PHASE_TRAIN, PHASE_TEST), for a progress bar."""
     t_start = time.perf_counter()
     cfg = config if isinstance(config, TrialConfig) else trial_config(config)
     seeds = cfg.seeds()
@@ -74,40 +85,48 @@ def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = task.vocab_size
     flat_cfg = plain(cfg)
-    result = TrialResult("running", config=flat_cfg, arch=cfg.model.short_id(), config_hash=config_hash(flat_cfg))
+    result = TrialResult(RUNNING, config=flat_cfg, arch=cfg.model.short_id(), config_hash=config_hash(flat_cfg))
     device = pick_device(cfg.device)
     est = estimate(cfg.model, task.seq_len)
     # The identity keys ride along in every report, so even a trial stopped early is labelled.
-    constant = {**est.as_metrics(), "trial/arch": result.arch, "trial/config_hash": result.config_hash,
+    constant = {**model_metrics(est), "trial/arch": result.arch, "trial/config_hash": result.config_hash,
                 "trial/seeds": str(cfg.seed)}
     metrics: dict = dict(constant)
-    model = None
+    model = gate = None
     try:
         torch.manual_seed(seeds["model"])
         np.random.seed(seeds["data"])
         model = HybridLM(cfg.model).to(device)
         constant["time/setup_s"] = time.perf_counter() - t_start  # config, task, model: before any step
         if cfg.probe.enabled:
+            _phase(phase, PHASE_PROBE)
             t0 = time.perf_counter()
-            constant.update(probe_throughput(model, cfg.probe, cfg.train, vocab_size=cfg.model.vocab_size,
-                                             seq_len=task.seq_len, device=device,
-                                             flops_per_token=est.flops_per_token))
+            constant.update(run_probe(cfg, model, task.seq_len, device, probe_dir))
             constant["time/probe_s"] = time.perf_counter() - t0
+        gate = trainer_gate(cfg, device, probe_dir)
+        checkpoints = Checkpoints(model, cfg.train, task, report)
+        _phase(phase, PHASE_TRAIN)
         metrics = trainer.train(model, task, cfg.train, device=device, data_seed=seeds["data"],
-                                order_seed=seeds["order"], report=report, constant_metrics=constant,
-                                progress=progress, step_fn=faulty_step(cfg) if cfg.fault else None)
-        result.status = "completed"
+                                order_seed=seeds["order"], report=checkpoints.report, constant_metrics=constant,
+                                progress=progress, step_fn=faulty_step(cfg) if cfg.fault else None,
+                                fault=(cfg.fault, cfg.fault_step) if cfg.fault else None,
+                                boundary=gate.open().boundary if gate is not None else None)
+        _phase(phase, PHASE_TEST)
+        metrics = checkpoints.finish(metrics, device)
+        result.status = COMPLETED
     except trainer.TrialFailure as exc:
         result.status, result.reason, metrics = exc.status, exc.reason, {**constant, **exc.metrics}
     except Exception as exc:  # noqa: BLE001 — a trial's own error is recorded, not propagated
         if is_oom(exc):
-            result.status, result.reason = "oom", f"out of memory: {str(exc).splitlines()[0][:300]}"
+            result.status, result.reason = OOM, f"out of memory: {str(exc).splitlines()[0][:300]}"
         else:
-            result.status = "failed"
+            result.status = FAILED
             result.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             result.metrics["traceback"] = traceback.format_exc(limit=8)
         metrics = {**constant, **metrics}
     finally:
+        if gate is not None:
+            gate.close()
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -3,10 +3,11 @@
 The MLflow layout written by the sweep (the contract between ``hqlt.orchestration`` and ``hqlt.reports``)
 ========================================================================================================
 
-* **One experiment per sweep**; its name is the sweep name.
+* **One experiment per sweep name**; its name is the sweep name (two sweeps of one name on one server share it).
 * **One parent run** per sweep, tagged
 
   - ``hqlt.role = sweep``
+  - ``hqlt.sweep_id`` = the sweep id of its folder's sweep.json (a sweep is its id, never its name)
   - ``hqlt.objectives`` = JSON list of ``[metric_name, "max"|"min"]`` pairs,
     e.g. ``[["val/acc","max"],["perf/train_tok_s","max"]]``
   - ``hqlt.sweep_name`` = the sweep name
@@ -20,8 +21,13 @@ The MLflow layout written by the sweep (the contract between ``hqlt.orchestratio
   - ``reason`` (free text, may be empty), ``arch`` (short architecture id, e.g. ``S64-dn2-vec``, ``T``, ``dn2``),
     ``trial_id``, ``config_hash``, ``seed``
   - optional ``baseline`` in {transformer, deltanet} for the baseline arms.
+  - ``probe.size`` (``340M``, ``own``, ``d<D>-L<n>-H<h>-V<v>``) and ``probe.device`` (the card, or ``cpu``): how
+    the ``perf/*`` metrics were measured (the Pareto plot's throughput axis names them); ``checkpoint``
+    (``final`` | ``best_val``): the weights the ``test/*`` metrics scored.
 
-  Params are the flattened sampled config (``model.mixer.kv.window`` ...). Metrics include ``val/acc``,
+  Params are the flattened sampled config (``model.mixer.kv.window`` ...; a whole-arm choice as its leaves plus
+  ``<key> = arm<i>``; older sweeps: the arm's JSON text); ``task.*`` params that vary split the trials into one
+  front per task (:mod:`hqlt.reports.groups`). Metrics include ``val/acc``,
   ``val/acc_scaled``, ``perf/train_tok_s``, ``perf/peak_mem_mb``, ``model/params``, ``model/fw_state_bytes``,
   ``model/kv_cache_bytes`` and ``train/loss`` (logged per step). The report uses the *latest* value of each
   metric (what MLflow returns in ``run.data.metrics``: highest step, then latest timestamp).
@@ -34,12 +40,16 @@ What the report writes back (:func:`hqlt.reports.report.write_report`)
   all objectives, and ``"none"`` for every other trial (failed, oom, nan, pruned, infeasible, running,
   completed-but-missing-an-objective, superseded duplicates). Writing ``"none"`` rather than leaving the
   tag absent overwrites a stale rank from an earlier report (e.g. one with other objectives), and lets
-  the MLflow UI filter with ``tags.pareto_rank = '0'``. Tag ``dominated_by`` = how many ranked trials
-  dominate this one (``"none"`` if excluded). Tag ``pareto_objectives`` = the objectives the rank refers to.
+  the MLflow UI filter with ``tags.pareto_rank = '0'``. Ranks are within the trial's group (task); tag
+  ``pareto_group`` names it, metric ``pareto_rank`` repeats the rank as a number (NaN when excluded). Tag
+  ``dominated_by`` = how many ranked trials of its group dominate this one (``"none"`` if excluded). Tag
+  ``pareto_objectives`` = the objectives the rank refers to.
 * the parent run: metrics ``report/hypervolume``, ``report/front_size``, ``report/n_completed``,
   ``report/n_trials``, ``report/n_ranked`` and ``report/n_<status>`` for each status seen (step = number of
   trials, so repeated reports during a sweep draw a curve); tags ``report.objectives`` and
-  ``report.reference_point``; artifacts ``pareto.png``, ``pareto.html``, ``hypervolume.png``, ``front.md``,
+  ``report.reference_point``, ``report.group_by``, the description ``mlflow.note.content`` (front tables and
+  the Pareto image); on the experiment the runs view and the front's shared view (:mod:`hqlt.reports.browse`);
+  artifacts ``pareto.png``, ``pareto.html``, ``hypervolume.png``, ``front.md``,
   ``front.csv``, ``trials.csv`` and ``report.json`` at the artifact root.
 
 Trial status when the ``status`` tag is missing is derived from the MLflow run status
@@ -50,12 +60,15 @@ wins, then the most recently started; the others are marked ``superseded``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+
+from hqlt.search_space.vocabulary import (ARCH_TAG, BASELINE_TAG, COMPLETED, CONFIG_HASH_TAG, FAILED, PARENT_TAG,
+                                          REASON_TAG, ROLE_SWEEP, ROLE_TAG, RUNNING, SEED_TAG, STATUS_TAG,
+                                          SWEEP_ID_TAG, TRIAL_ID_TAG)
 
 __all__ = [
     "ReportError",
@@ -65,22 +78,16 @@ __all__ = [
     "find_experiment",
     "list_experiment_names",
     "load_sweep",
-    "sqlite_uri",
     "set_trial_tags",
-    "TRIAL_STATUSES",
 ]
 
 
-TRIAL_STATUSES = ("completed", "failed", "oom", "nan", "pruned", "infeasible", "running")
-ROLE_TAG = "hqlt.role"
-PARENT_TAG = "mlflow.parentRunId"
-
 _MLFLOW_STATUS_MAP = {
-    "FINISHED": "completed",
-    "FAILED": "failed",
-    "KILLED": "failed",
-    "RUNNING": "running",
-    "SCHEDULED": "running",
+    "FINISHED": COMPLETED,
+    "FAILED": FAILED,
+    "KILLED": FAILED,
+    "RUNNING": RUNNING,
+    "SCHEDULED": RUNNING,
 }
 
 # the fixed columns of the trials DataFrame (metrics/params/tags follow as "metrics.<name>", ...)
@@ -129,11 +136,6 @@ class SweepRef:
         return self.run.info.artifact_uri
 
 
-def sqlite_uri(path: str | os.PathLike[str]) -> str:
-    """``sqlite:///`` URI of a database file given by path (absolute; four slashes on POSIX)."""
-    return "sqlite:///" + Path(path).expanduser().resolve().as_posix()
-
-
 def client_for(tracking_uri: str):
     """An ``MlflowClient`` for ``tracking_uri``; refuses to create a new SQLite file by accident."""
     import mlflow
@@ -178,16 +180,21 @@ def _all_runs(client, experiment_id: str) -> list[Any]:
             return runs
 
 
-def _select_parent(runs: Iterable[Any], experiment_name: str) -> Any:
+def _select_parent(runs: Iterable[Any], experiment_name: str, sweep_id: str | None = None) -> Any:
     runs = list(runs)
-    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == ROLE_SWEEP]
+    if sweep_id:  # a sweep folder names its sweep: only that parent, never another sweep of the same name
+        parents = [r for r in parents if r.data.tags.get(SWEEP_ID_TAG) == sweep_id]
+        if not parents:
+            raise ReportError(f"experiment {experiment_name!r} has no parent run of sweep {sweep_id} "
+                              f"(tag {SWEEP_ID_TAG}); has the sweep started?")
     if not parents:
         # tolerate a parent without the role tag: a run that other runs name as their parent
         parent_ids = {r.data.tags.get(PARENT_TAG) for r in runs} - {None}
         parents = [r for r in runs if r.info.run_id in parent_ids]
     if not parents:
         raise ReportError(
-            f"experiment {experiment_name!r} has no sweep parent run (tag {ROLE_TAG}=sweep); is it an hqlt sweep?"
+            f"experiment {experiment_name!r} has no sweep parent run (tag {ROLE_TAG}={ROLE_SWEEP}); is it an hqlt sweep?"
         )
     if len(parents) == 1:
         return parents[0]
@@ -201,10 +208,10 @@ def _select_parent(runs: Iterable[Any], experiment_name: str) -> Any:
 
 
 def _trial_status(run: Any) -> str:
-    tag = (run.data.tags.get("status") or "").strip().lower()
+    tag = (run.data.tags.get(STATUS_TAG) or "").strip().lower()
     if tag:
         return tag
-    return _MLFLOW_STATUS_MAP.get(str(run.info.status).upper(), "running")
+    return _MLFLOW_STATUS_MAP.get(str(run.info.status).upper(), RUNNING)
 
 
 def _row(run: Any) -> dict[str, Any]:
@@ -212,13 +219,13 @@ def _row(run: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name or tags.get("mlflow.runName", ""),
-        "trial_id": tags.get("trial_id", "") or "",
-        "arch": tags.get("arch", "") or (run.info.run_name or ""),
+        "trial_id": tags.get(TRIAL_ID_TAG, "") or "",
+        "arch": tags.get(ARCH_TAG, "") or (run.info.run_name or ""),
         "status": _trial_status(run),
-        "reason": tags.get("reason", "") or "",
-        "baseline": (tags.get("baseline", "") or "").strip().lower(),
-        "seed": tags.get("seed", ""),
-        "config_hash": tags.get("config_hash", ""),
+        "reason": tags.get(REASON_TAG, "") or "",
+        "baseline": (tags.get(BASELINE_TAG, "") or "").strip().lower(),
+        "seed": tags.get(SEED_TAG, ""),
+        "config_hash": tags.get(CONFIG_HASH_TAG, ""),
         "start_time": pd.to_datetime(run.info.start_time, unit="ms") if run.info.start_time else pd.NaT,
         "end_time": pd.to_datetime(run.info.end_time, unit="ms") if run.info.end_time else pd.NaT,
         "mlflow_status": run.info.status,
@@ -240,18 +247,20 @@ def _coerce_param(series: pd.Series) -> pd.Series:
     return series
 
 
-def load_sweep(tracking_uri: str, experiment_name: str) -> tuple[SweepRef, pd.DataFrame]:
+def load_sweep(tracking_uri: str, experiment_name: str, sweep_id: str | None = None) -> tuple[SweepRef, pd.DataFrame]:
     """Load a sweep: ``(parent, trials)``.
 
     ``parent`` is a :class:`SweepRef` (``.run`` is the ``mlflow.entities.Run``); ``trials`` has one row per
     child run, sorted by start time, with columns ``BASE_COLUMNS`` plus ``metrics.<name>`` (latest value,
     float; NaN if never logged), ``params.<name>`` (numeric when every value parses as a number) and
     ``tags.<name>``. Raises :class:`ReportError` for an unknown experiment or a missing parent run.
+    ``sweep_id``: the parent run is that sweep's (tag ``hqlt.sweep_id``); without it, the experiment's parent
+    with the most children.
     """
     client = client_for(tracking_uri)
     exp = find_experiment(client, experiment_name)
     runs = _all_runs(client, exp.experiment_id)
-    parent = _select_parent(runs, experiment_name)
+    parent = _select_parent(runs, experiment_name, sweep_id)
     pid = parent.info.run_id
     children = [r for r in runs if r.data.tags.get(PARENT_TAG) == pid and r.info.run_id != pid]
     rows = [_row(r) for r in children]

@@ -1,6 +1,7 @@
 """Objectives: parsing ``metric:mode`` specs, orientation helpers and human-readable axis labels.
 
-An objective is a metric name (see ARCHITECTURE.md "Metric names") plus a mode, ``"max"`` or ``"min"``.
+An objective is a metric name (see docs/sweep-folder-and-mlflow.md, "Metric names") plus a mode, ``"max"`` or ``"min"``:
+:class:`hqlt.search_space.Objective`, the sweep spec's own type (re-exported here).
 Everywhere in :mod:`hqlt.reports` numbers are *oriented* before comparison: a ``min`` objective is
 negated so that "larger is better" holds for every column. :func:`orient` does that.
 """
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from hqlt.search_space import Objective
+from hqlt.search_space.vocabulary import METRIC_LABELS, OBJECTIVES_TAG
 
 __all__ = [
     "Objective",
@@ -33,30 +36,21 @@ class ObjectiveSpecError(ValueError):
     """A malformed objective specification (bad ``metric:mode`` string, unknown mode, duplicates...)."""
 
 
-@dataclass(frozen=True)
-class Objective:
-    metric: str
-    mode: str = "max"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.metric, str) or not self.metric.strip():
-            raise ObjectiveSpecError(f"objective metric name must be a non-empty string, got {self.metric!r}")
-        if self.mode not in MODES:
-            raise ObjectiveSpecError(
-                f"objective {self.metric!r}: mode must be 'max' or 'min', got {self.mode!r}"
-            )
-
-    def __str__(self) -> str:  # the same syntax parse_objectives accepts
-        return f"{self.metric}:{self.mode}"
-
-    @property
-    def sign(self) -> float:
-        return 1.0 if self.mode == "max" else -1.0
+def _checked(o: Objective) -> Objective:
+    """`o` itself if its metric is a non-empty string and its mode "max" or "min" (the spec's `Objective`
+    does not check its fields), else :class:`ObjectiveSpecError`."""
+    if not isinstance(o.metric, str) or not o.metric.strip():
+        raise ObjectiveSpecError(f"objective metric name must be a non-empty string, got {o.metric!r}")
+    if o.mode not in MODES:
+        raise ObjectiveSpecError(
+            f"objective {o.metric!r}: mode must be 'max' or 'min', got {o.mode!r}"
+        )
+    return o
 
 
 def _parse_one(item: object) -> Objective:
     if isinstance(item, Objective):
-        return item
+        return _checked(item)
     if isinstance(item, str):
         text = item.strip()
         if ":" not in text:
@@ -121,7 +115,7 @@ def objectives_from_tag(value: str | None) -> list[Objective]:
     Also accepts the ``"metric:mode,..."`` string form. Raises :class:`ObjectiveSpecError` if missing/bad.
     """
     if value is None or not str(value).strip():
-        raise ObjectiveSpecError("the sweep's parent run has no 'hqlt.objectives' tag; pass objectives explicitly")
+        raise ObjectiveSpecError(f"the sweep's parent run has no '{OBJECTIVES_TAG}' tag; pass objectives explicitly")
     try:
         decoded = json.loads(value)
     except (TypeError, ValueError):
@@ -131,7 +125,7 @@ def objectives_from_tag(value: str | None) -> list[Objective]:
     try:
         return parse_objectives(decoded)
     except ObjectiveSpecError as e:
-        raise ObjectiveSpecError(f"bad 'hqlt.objectives' tag {value!r}: {e}") from None
+        raise ObjectiveSpecError(f"bad '{OBJECTIVES_TAG}' tag {value!r}: {e}") from None
 
 
 def normalize_modes(modes: str | Sequence[str] | None, n_objectives: int) -> list[str]:
@@ -176,18 +170,6 @@ def orient(points: object, modes: str | Sequence[str] | None = None) -> np.ndarr
 
 # ----------------------------------------------------------------------------------------------- labels
 
-_KNOWN_LABELS = {
-    "val/acc": "validation accuracy",
-    "val/acc_scaled": "validation accuracy (scaled)",
-    "perf/train_tok_s": "throughput (tokens/s)",
-    "perf/peak_mem_mb": "peak memory (MB)",
-    "model/params": "parameters",
-    "model/fw_state_bytes": "FW state (bytes)",
-    "model/kv_cache_bytes": "KV cache (bytes)",
-    "train/loss": "training loss",
-    "val/loss": "validation loss",
-}
-
 _UNIT_SUFFIXES = (  # (suffix, unit) — the first match wins
     ("_tok_s", "tokens/s"),
     ("_tokens_s", "tokens/s"),
@@ -209,8 +191,8 @@ def metric_label(metric: str) -> str:
     ``model/params`` → "parameters", ``val/acc@len40-256`` → "validation accuracy @ len40-256",
     unknown names fall back to the words of the name plus a unit guessed from the suffix.
     """
-    if metric in _KNOWN_LABELS:
-        return _KNOWN_LABELS[metric]
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
     if "@" in metric:
         base, slice_ = metric.split("@", 1)
         return f"{metric_label(base)} @ {slice_}"

@@ -9,7 +9,9 @@ back to MLflow (layout and write-back contract: :mod:`hqlt.reports.mlflow_io`).
 Ranking population: trials whose status is ``completed`` and that have a finite latest value for every
 objective. Failed / oom / nan / pruned / infeasible / running trials are excluded (``pareto_rank=none``) but
 counted in the table's summary line and in the parent's ``report/n_<status>`` metrics. Baseline arms are
-ranked like any other trial (so the table shows whether a baseline is on the front).
+ranked like any other trial (so the table shows whether a baseline is on the front). Trials are ranked within
+their group (:mod:`hqlt.reports.groups`): one front per value of the searched ``task.*`` keys, so that accuracies
+of two tasks are never compared.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from hqlt.search_space.labels import format_metric, format_number, run_name
+from hqlt.search_space.vocabulary import (COMPLETED, DOMINATED_BY_TAG, NONE_TAG, NOTE_TAG, OBJECTIVES_TAG,
+                                          PARETO_GROUP_TAG, PARETO_OBJECTIVES_TAG, PARETO_RANK_METRIC,
+                                          PARETO_RANK_TAG, REFERENCE_POINT_TAG, REPORT_ARTIFACTS,
+                                          REPORT_GROUP_BY_TAG, REPORT_OBJECTIVES_TAG, REPORT_REFERENCE_POINT_TAG,
+                                          RUN_NAME_TAG, SUPERSEDED, SWEEP_NAME_TAG)
+
+from hqlt.orchestration.faults import fault_point
+
+from .browse import description, ensure_browsable
+from .groups import GROUP_COLUMN, group_keys, group_labels
 from .hypervolume import default_reference, hypervolume, hypervolume_growth
 from .mlflow_io import (
     NoCompletedTrials,
@@ -36,12 +49,11 @@ from .mlflow_io import (
 )
 from .objectives import Objective, ObjectiveSpecError, objectives_from_tag, parse_objectives
 from .pareto import domination_counts, non_dominated_sort
-from .tables import front_csv, front_markdown, front_rows, front_table, status_counts
+from .tables import front_csv, front_markdown, front_rows, front_table, status_counts, status_summary
 
 __all__ = ["ReportResult", "rank_trials", "resolve_objectives", "write_report", "ARTIFACTS"]
 
-ARTIFACTS = ("pareto.png", "pareto.html", "hypervolume.png", "front.md", "front.csv", "trials.csv", "report.json")
-NONE_TAG = "none"
+ARTIFACTS = REPORT_ARTIFACTS
 
 
 @dataclass
@@ -65,6 +77,10 @@ class ReportResult:
     artifact_uri: str  # the parent run's artifact root (where the artifacts were logged)
     artifacts: list[str] = field(default_factory=list)  # artifact names logged on the parent run
     files: dict[str, Path] = field(default_factory=dict)  # local copies (only when out_dir was given)
+    group_by: list[str] = field(default_factory=list)  # params ranked apart (task.* by default); [] = one front
+    # per group label when grouped: reference_point, hypervolume, hypervolume_growth, front_size, n_ranked
+    # (then the fields above hold the first group's hypervolume / reference point and the summed growth)
+    groups: dict[str, dict] = field(default_factory=dict)
 
     @property
     def front(self) -> pd.DataFrame:
@@ -75,7 +91,7 @@ def resolve_objectives(override: Any, parent_tags: dict[str, str]) -> list[Objec
     """``override`` (string / list of ``metric:mode`` / pairs) if given, else the parent's ``hqlt.objectives``."""
     if override is not None and not (isinstance(override, (list, tuple)) and len(override) == 0):
         return parse_objectives(override)
-    return objectives_from_tag(parent_tags.get("hqlt.objectives"))
+    return objectives_from_tag(parent_tags.get(OBJECTIVES_TAG))
 
 
 def _dedupe(trials: pd.DataFrame) -> pd.DataFrame:
@@ -90,40 +106,44 @@ def _dedupe(trials: pd.DataFrame) -> pd.DataFrame:
         return df
     for _, group in df[dup].groupby(tid[dup]):
         pref = group.assign(
-            _c=(group["status"] == "completed").astype(int),
+            _c=(group["status"] == COMPLETED).astype(int),
             _t=group["start_time"].fillna(pd.Timestamp(0)),
         ).sort_values(["_c", "_t"], ascending=False)
         losers = pref.index[1:]
         df.loc[losers, "superseded"] = True
-        df.loc[losers, "status"] = "superseded"
+        df.loc[losers, "status"] = SUPERSEDED
     return df
 
 
-def rank_trials(trials: pd.DataFrame, objectives: Sequence[Objective]) -> pd.DataFrame:
-    """Return a copy with ``pareto_rank`` and ``dominated_by`` (nullable Int64) for the ranking population.
+def rank_trials(trials: pd.DataFrame, objectives: Sequence[Objective],
+                group_by: Sequence[str] = ()) -> pd.DataFrame:
+    """Return a copy with ``pareto_rank`` and ``dominated_by`` (nullable Int64) for the ranking population,
+    ranked within each group of ``group_by`` params (:mod:`hqlt.reports.groups`; ``()``: one group).
 
-    Also adds ``superseded`` (see module :mod:`hqlt.reports.mlflow_io`). Missing metric columns count as NaN.
+    Also adds ``superseded`` (see module :mod:`hqlt.reports.mlflow_io`) and ``group`` (the group's label).
+    Missing metric columns count as NaN.
     """
     df = _dedupe(trials)
+    df[GROUP_COLUMN] = group_labels(df, list(group_by))
     cols = [f"metrics.{o.metric}" for o in objectives]
     for c in cols:
         if c not in df.columns:
             df[c] = np.nan
     modes = [o.mode for o in objectives]
     values = df[cols].to_numpy(float) if len(df) else np.zeros((0, len(cols)))
-    eligible = (df["status"] == "completed").to_numpy() & np.all(np.isfinite(values), axis=1)
-    rows = np.flatnonzero(eligible)
-    sub = values[eligible]
-
-    def full_column(found: list) -> pd.Series:
-        # built whole: masked assignment of a list into an Int64 Series breaks on pandas 3.0.x
-        col: list = [pd.NA] * len(df)
-        for i, v in zip(rows, found):
-            col[i] = pd.NA if v is None else int(v)
-        return pd.Series(col, index=df.index, dtype="Int64")
-
-    df["pareto_rank"] = full_column(non_dominated_sort(sub, modes))
-    df["dominated_by"] = full_column(domination_counts(sub, modes))
+    eligible = (df["status"] == COMPLETED).to_numpy() & np.all(np.isfinite(values), axis=1)
+    # built whole: masked assignment of a list into an Int64 Series breaks on pandas 3.0.x
+    rank: list = [pd.NA] * len(df)
+    dominated: list = [pd.NA] * len(df)
+    labels = df[GROUP_COLUMN].to_numpy()
+    for label in dict.fromkeys(labels.tolist()):
+        rows = np.flatnonzero(eligible & (labels == label))
+        sub = values[rows]
+        for i, r, d in zip(rows, non_dominated_sort(sub, modes), domination_counts(sub, modes)):
+            rank[i] = pd.NA if r is None else int(r)
+            dominated[i] = pd.NA if d is None else int(d)
+    df["pareto_rank"] = pd.Series(rank, index=df.index, dtype="Int64")
+    df["dominated_by"] = pd.Series(dominated, index=df.index, dtype="Int64")
     return df
 
 
@@ -135,11 +155,11 @@ def _reference(
     explicit: Sequence[float] | None, parent_tags: dict[str, str], points: np.ndarray, objectives: Sequence[Objective]
 ) -> list[float]:
     modes = [o.mode for o in objectives]
-    if explicit is None and parent_tags.get("hqlt.reference_point"):
+    if explicit is None and parent_tags.get(REFERENCE_POINT_TAG):
         try:
-            explicit = [float(v) for v in json.loads(parent_tags["hqlt.reference_point"])]
+            explicit = [float(v) for v in json.loads(parent_tags[REFERENCE_POINT_TAG])]
         except (TypeError, ValueError) as e:
-            raise ReportError(f"bad 'hqlt.reference_point' tag on the parent run: {e}") from None
+            raise ReportError(f"bad '{REFERENCE_POINT_TAG}' tag on the parent run: {e}") from None
     if explicit is not None:
         ref = [float(v) for v in explicit]
         if len(ref) != len(objectives):
@@ -157,26 +177,32 @@ def write_report(
     reference: Sequence[float] | None = None,
     max_rank: int = 0,
     log_to_mlflow: bool = True,
+    group_by: str | Sequence[str] | None = None,
+    sweep_id: str | None = None,
 ) -> ReportResult:
     """Rank the sweep's completed trials and write the report (see module docs).
 
     ``objectives`` overrides the sweep's (``"val/acc:max,perf/train_tok_s:max"`` or a list of such strings);
     ``out_dir`` keeps local copies of the artifacts (else a temporary folder is used and removed);
     ``reference`` fixes the hypervolume reference point (else the parent's ``hqlt.reference_point`` tag,
-    else :func:`hqlt.reports.hypervolume.default_reference`); ``max_rank`` = how many ranks the tables show
-    (0 = front only); ``log_to_mlflow=False`` computes and writes files without touching the store.
+    else :func:`hqlt.reports.hypervolume.default_reference`, per group); ``max_rank`` = how many ranks the tables
+    show (0 = front only); ``log_to_mlflow=False`` computes and writes files without touching the store;
+    ``group_by`` = the params whose values are ranked apart (:func:`hqlt.reports.groups.group_keys`: by default
+    every searched ``task.*`` key; ``"none"``: one front); ``sweep_id`` (a sweep folder's): the report is that
+    sweep's, whatever other sweep of the same name the experiment holds. A report written again on the same trials
+    adds no metric values (only what changed is logged), so a report cut off by a kill can simply run again.
 
-    Raises :class:`ReportError` (bad input: unknown experiment/metric, no parent run, bad objectives — an
+    Raises :class:`ReportError` (bad input: unknown experiment/metric/param, no parent run, bad objectives — an
     :class:`ObjectiveSpecError` is re-raised as ReportError) or :class:`NoCompletedTrials`.
     """
-    parent, trials = load_sweep(tracking_uri, experiment_name)
+    parent, trials = load_sweep(tracking_uri, experiment_name, sweep_id)
     try:
         objs = resolve_objectives(objectives, parent.tags)
     except ObjectiveSpecError as e:
         raise ReportError(str(e)) from None
 
     n_trials = len(trials)
-    if n_trials == 0 or not (trials["status"] == "completed").any():
+    if n_trials == 0 or not (trials["status"] == COMPLETED).any():
         counts = status_counts(trials) if n_trials else {}
         detail = ", ".join(f"{c} {s}" for s, c in counts.items()) or "no trial runs"
         raise NoCompletedTrials(f"sweep {experiment_name!r} has no completed trials yet ({detail})")
@@ -188,7 +214,8 @@ def write_report(
             f"metrics seen: {', '.join(known_metrics) or 'none'}"
         )
 
-    df = rank_trials(trials, objs)
+    keys = group_keys(trials, group_by)
+    df = rank_trials(trials, objs, keys)
     ranked = df["pareto_rank"].notna()
     if not ranked.any():
         raise NoCompletedTrials(
@@ -196,26 +223,42 @@ def write_report(
             f"{', '.join(o.metric for o in objs)}"
         )
     cols = [f"metrics.{o.metric}" for o in objs]
-    points = df.loc[ranked, cols].to_numpy(float)
-    ref = _reference(reference, parent.tags, points, objs)
     modes = [o.mode for o in objs]
-    hv = hypervolume(points, ref, modes)
-    # growth over *all* trials in start order; excluded trials contribute nothing
-    growth_pts = df[cols].to_numpy(float).copy()
-    growth_pts[~ranked.to_numpy()] = np.nan
-    growth = hypervolume_growth(growth_pts, modes, reference=ref)
+    groups: dict[str, dict[str, Any]] = {}
+    for label in sorted(df.loc[ranked, GROUP_COLUMN].unique().tolist()):
+        in_group = (df[GROUP_COLUMN] == label).to_numpy()
+        mask = ranked.to_numpy() & in_group
+        points = df.loc[mask, cols].to_numpy(float)
+        ref = _reference(reference, parent.tags, points, objs)
+        # growth over *all* trials in start order; excluded trials and other groups contribute nothing
+        growth_pts = df[cols].to_numpy(float).copy()
+        growth_pts[~mask] = np.nan
+        groups[label] = {
+            "reference_point": ref,
+            "hypervolume": hypervolume(points, ref, modes),
+            "hypervolume_growth": hypervolume_growth(growth_pts, modes, reference=ref),
+            "front_size": int((df.loc[in_group, "pareto_rank"] == 0).sum()),
+            "n_ranked": int(mask.sum()),
+        }
+    first = next(iter(groups.values()))
+    grouped = bool(keys)
+    hv, ref = first["hypervolume"], first["reference_point"]
+    growth = first["hypervolume_growth"] if not grouped else _summed([g["hypervolume_growth"] for g in groups.values()])
     counts = status_counts(df)
-    n_completed = counts.get("completed", 0)
+    n_completed = counts.get(COMPLETED, 0)
     front_size = int((df["pareto_rank"] == 0).sum())
-    title = parent.tags.get("hqlt.sweep_name") or experiment_name
+    title = parent.tags.get(SWEEP_NAME_TAG) or experiment_name
+    over = ", ".join(str(o) for o in objs)
     table = front_table(df, objs, max_rank=max_rank,
-                        title=f"{title}: Pareto front over " + ", ".join(str(o) for o in objs)
+                        title=f"{title}: Pareto front over {over}"
+                        + (f", one per {', '.join(keys)}" if grouped else "")
                         + ("" if max_rank == 0 else f" (ranks 0-{max_rank})"))
 
     summary = {
         "experiment": experiment_name,
         "parent_run_id": parent.run_id,
         "objectives": [[o.metric, o.mode] for o in objs],
+        "group_by": keys,
         "reference_point": ref,
         "hypervolume": hv,
         "hypervolume_growth": growth,
@@ -224,8 +267,10 @@ def write_report(
         "n_completed": n_completed,
         "n_ranked": int(ranked.sum()),
         "counts": counts,
+        "groups": groups if grouped else {},
         "front": [
             {"run_id": r["run_id"], "trial_id": r["trial_id"], "arch": r["arch"], "baseline": r["baseline"],
+             **({"group": r[GROUP_COLUMN]} if grouped else {}),
              **{o.metric: float(r[f"metrics.{o.metric}"]) for o in objs}}
             for _, r in front_rows(df, objs, 0).iterrows()
         ],
@@ -244,7 +289,8 @@ def write_report(
         files = {
             "pareto.png": plots.pareto_png(df, objs, base / "pareto.png", title=title),
             "hypervolume.png": plots.hypervolume_png(
-                growth, base / "hypervolume.png", objectives=objs, reference=ref, title=title,
+                {k: g["hypervolume_growth"] for k, g in groups.items()} if grouped else growth,
+                base / "hypervolume.png", objectives=objs, reference=None if grouped else ref, title=title,
                 improved_labels=df["arch"].fillna("").astype(str).tolist(),
             ),
         }
@@ -260,37 +306,14 @@ def write_report(
         logged: list[str] = []
         if log_to_mlflow:
             client = client_for(tracking_uri)
-            obj_text = ",".join(str(o) for o in objs)
-            tags_by_run: dict[str, dict[str, str]] = {}
-            for _, r in df.iterrows():
-                rank, dom = r["pareto_rank"], r["dominated_by"]
-                tags_by_run[r["run_id"]] = {
-                    "pareto_rank": NONE_TAG if pd.isna(rank) else str(int(rank)),
-                    "dominated_by": NONE_TAG if pd.isna(dom) else str(int(dom)),
-                    "pareto_objectives": obj_text,
-                }
-            set_trial_tags(client, tags_by_run)
-            from mlflow.entities import Metric, RunTag
-
-            now = int(time.time() * 1000)
-            metrics = {
-                "report/hypervolume": hv,
-                "report/front_size": front_size,
-                "report/n_completed": n_completed,
-                "report/n_trials": n_trials,
-                "report/n_ranked": int(ranked.sum()),
-            }
-            for status, c in counts.items():
-                metrics.setdefault(_metric_key(status), c)
-            client.log_batch(
-                parent.run_id,
-                metrics=[Metric(k, float(v), now, n_trials) for k, v in metrics.items()],
-                tags=[RunTag("report.objectives", obj_text), RunTag("report.reference_point", json.dumps(ref))],
-                synchronous=True,
-            )
+            _write_back(client, parent, df, objs, keys, groups, n_trials, counts)
+            fault_point("report")  # tests: a kill during the report
             for name in (n for n in ARTIFACTS if n in files):
                 client.log_artifact(parent.run_id, str(base / name))
                 logged.append(name)
+            note = _description(df, objs, title, groups, grouped, parent.run_id, logged)
+            client.set_tag(parent.run_id, NOTE_TAG, note, synchronous=True)
+            ensure_browsable(client, parent.experiment_id, objs, keys)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -313,4 +336,86 @@ def write_report(
         artifact_uri=parent.artifact_uri,
         artifacts=logged,
         files={} if tmp is not None else files,
+        group_by=keys,
+        groups=groups if grouped else {},
+    )
+
+
+def _summed(curves: list[list[float]]) -> list[float]:
+    return [float(sum(vals)) for vals in zip(*curves)] if curves else []
+
+
+def _metric_safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_./ -]+", "_", text).strip() or "_"
+
+
+MAX_NOTE_CHARS = 7500  # MLflow keeps tag values up to 8000 characters
+
+
+def _description(df: pd.DataFrame, objs: Sequence[Objective], title: str, groups: dict, grouped: bool,
+                 parent_run_id: str, artifacts: Sequence[str]) -> str:
+    parts = []
+    for label, g in groups.items():
+        sub = df[df[GROUP_COLUMN] == label]
+        hv_line = (f"front {g['front_size']} of {g['n_ranked']} ranked trials; hypervolume "
+                   f"{format_number(g['hypervolume'])} (reference "
+                   + ", ".join(format_metric(o.metric, r) for o, r in zip(objs, g["reference_point"])) + ")")
+        table = front_markdown(sub.drop(columns=[GROUP_COLUMN]), objs, max_rank=0, summary=False)
+        parts.append((label if grouped else "", hv_line, table))
+    text = description(title, parts, parent_run_id, artifacts, status_summary(df))
+    if len(text) > MAX_NOTE_CHARS:
+        text = text[:MAX_NOTE_CHARS].rsplit("\n", 1)[0] + "\n\n… (cut; the whole front is in front.md)"
+    return text
+
+
+def _write_back(client, parent, df: pd.DataFrame, objs: Sequence[Objective], keys: Sequence[str], groups: dict,
+                n_trials: int, counts: dict) -> None:
+    """Tags and metrics of every child run (rank as tag and metric, group, a readable name for runs still named
+    `trial-<id>`), and the report's metrics and tags on the parent run."""
+    from mlflow.entities import Metric, RunTag
+
+    obj_text = ",".join(str(o) for o in objs)
+    now = int(time.time() * 1000)
+    for _, r in df.iterrows():
+        rank, dom = r["pareto_rank"], r["dominated_by"]
+        tags = {
+            PARETO_RANK_TAG: NONE_TAG if pd.isna(rank) else str(int(rank)),
+            DOMINATED_BY_TAG: NONE_TAG if pd.isna(dom) else str(int(dom)),
+            PARETO_OBJECTIVES_TAG: obj_text,
+            PARETO_GROUP_TAG: str(r[GROUP_COLUMN]),
+        }
+        if r.get("run_name") == f"trial-{r.get('trial_id')}" and r.get("arch"):
+            params = {c[len("params."):]: v for c, v in r.items() if c.startswith("params.") and pd.notna(v)}
+            tags[RUN_NAME_TAG] = run_name(str(r["arch"]), params)
+        value = float("nan") if pd.isna(rank) else float(rank)
+        before = r.get(f"metrics.{PARETO_RANK_METRIC}")
+        unchanged = before is not None and (before == value or (pd.isna(before) and pd.isna(value)))
+        client.log_batch(r["run_id"], tags=[RunTag(k, v) for k, v in tags.items()],  # step: trials ranked over
+                         metrics=[] if unchanged else [Metric(PARETO_RANK_METRIC, value, now, n_trials)],
+                         synchronous=True)
+
+    ranked = int(df["pareto_rank"].notna().sum())
+    metrics = {
+        "report/front_size": int((df["pareto_rank"] == 0).sum()),
+        "report/n_completed": counts.get(COMPLETED, 0),
+        "report/n_trials": n_trials,
+        "report/n_ranked": ranked,
+    }
+    metrics["report/hypervolume"] = sum(g["hypervolume"] for g in groups.values())  # one group: its own
+    if keys:
+        for label, g in groups.items():
+            metrics[f"report/hypervolume/{_metric_safe(label)}"] = g["hypervolume"]
+            metrics[f"report/front_size/{_metric_safe(label)}"] = g["front_size"]
+    for status, c in counts.items():
+        metrics.setdefault(_metric_key(status), c)
+    ref = next(iter(groups.values()))["reference_point"] if not keys else {k: g["reference_point"] for k, g in groups.items()}
+    latest = dict(parent.run.data.metrics)  # a report again on the same trials (a rerun after a kill): no new values
+    metrics = {k: v for k, v in metrics.items() if not (latest.get(k) == float(v) and any(
+        m.step == n_trials and m.value == float(v) for m in client.get_metric_history(parent.run_id, k)))}
+    client.log_batch(
+        parent.run_id,
+        metrics=[Metric(k, float(v), now, n_trials) for k, v in metrics.items()],
+        tags=[RunTag(REPORT_OBJECTIVES_TAG, obj_text), RunTag(REPORT_REFERENCE_POINT_TAG, json.dumps(ref)),
+              RunTag(REPORT_GROUP_BY_TAG, json.dumps(list(keys)))],
+        synchronous=True,
     )

@@ -13,7 +13,9 @@ from typing import Sequence
 
 import pandas as pd
 
-from .mlflow_io import TRIAL_STATUSES
+from hqlt.search_space.labels import decode_arm
+from hqlt.search_space.vocabulary import ALL_GROUP, BOOKKEEPING_PREFIX, COMPLETED, TRIAL_STATUSES
+
 from .objectives import Objective, is_accuracy_like
 
 __all__ = [
@@ -52,7 +54,7 @@ def status_summary(trials: pd.DataFrame) -> str:
     front = int((ranks == 0).sum()) if n_ranked else 0
     parts = []
     for status, c in counts.items():
-        if status == "completed":
+        if status == COMPLETED:
             parts.append(f"{c} completed ({n_ranked} ranked, front {front})")
         else:
             parts.append(f"{c} {status}")
@@ -84,11 +86,11 @@ def select_key_params(trials: pd.DataFrame, max_params: int | None = 6) -> list[
     for c in trials.columns:
         if not c.startswith("params."):
             continue
-        if c.rsplit(".", 1)[-1] in _IGNORED_PARAM_LEAVES or c.startswith("params.hqlt."):
+        if c.rsplit(".", 1)[-1] in _IGNORED_PARAM_LEAVES or c.startswith("params." + BOOKKEEPING_PREFIX):
             continue  # hqlt.* params are sweep bookkeeping (Optuna trial number, infeasibility)
         values = trials[c].dropna().astype(str)
-        if values.nunique() > 1:
-            cols.append(c)
+        if values.nunique() > 1 and not any(decode_arm(v) is not None for v in values):
+            cols.append(c)  # a whole arm's JSON text (older sweeps) is left to the arch column
     cols.sort(key=lambda c: (not c.startswith("params.model."), c))
     return cols if max_params is None else cols[:max_params]
 
@@ -102,8 +104,14 @@ def front_rows(trials: pd.DataFrame, objectives: Sequence[Objective], max_rank: 
         return sel
     first = objectives[0]
     sel["_key"] = sel[f"metrics.{first.metric}"] * (-1.0 if first.mode == "max" else 1.0)
-    sel = sel.sort_values(["pareto_rank", "_key", "arch"], kind="stable").drop(columns="_key")
+    order = (["group"] if "group" in sel.columns else []) + ["pareto_rank", "_key", "arch"]
+    sel = sel.sort_values(order, kind="stable").drop(columns="_key")
     return sel
+
+
+def grouped(trials: pd.DataFrame) -> bool:
+    """True when the trials were ranked in several groups (fronts per task)."""
+    return "group" in trials.columns and bool((trials["group"].dropna() != ALL_GROUP).any())
 
 
 def format_value(value: object, metric: str | None = None) -> str:
@@ -160,12 +168,16 @@ def _table_cells(
     max_params: int | None,
 ) -> tuple[list[str], list[list[str]], list[bool]]:
     rows_df = front_rows(trials, objectives, max_rank)
-    completed = trials[trials["status"] == "completed"] if "status" in trials.columns else trials
+    completed = trials[trials["status"] == COMPLETED] if "status" in trials.columns else trials
     params = list(key_params) if key_params is not None else select_key_params(completed, max_params)
+    has_group = grouped(trials)
+    if has_group:  # the group's own keys are the task column
+        shown = {str(v) for v in rows_df["group"].dropna()}
+        params = [p for p in params if not set(rows_df[p].dropna().astype(str)) <= shown]
     short = _short_names(params)
     has_baseline = "baseline" in rows_df.columns and (rows_df["baseline"].fillna("") != "").any()
-    headers = ["rank", "arch"]
-    numeric = [True, False]
+    headers = ["rank", "arch"] + (["task"] if has_group else [])
+    numeric = [True, False] + ([False] if has_group else [])
     if has_baseline:
         headers.append("baseline")
         numeric.append(False)
@@ -182,6 +194,8 @@ def _table_cells(
     rows: list[list[str]] = []
     for _, r in rows_df.iterrows():
         cells = [str(int(r["pareto_rank"])), str(r.get("arch", "") or "-")]
+        if has_group:
+            cells.append(str(r.get("group", "") or "-"))
         if has_baseline:
             cells.append(str(r.get("baseline", "") or ""))
         cells.append(str(r.get("trial_id", "") or r.get("run_id", "")[:8]))
@@ -202,13 +216,19 @@ def front_table(
     key_params: Sequence[str] | None = None,
     max_params: int | None = 6,
     title: str | None = None,
+    width: int = 100,
 ) -> str:
     """Terminal table of the front (ranks ``0..max_rank``) followed by the status summary line.
 
-    Columns: rank, arch, [baseline], trial, one per objective (↑ max / ↓ min), the key params (params
-    that vary between completed trials, at most ``max_params``), status.
+    Columns: rank, arch, [task], [baseline], trial, one per objective (↑ max / ↓ min), the key params (params
+    that vary between completed trials, at most ``max_params``, fewer when the table would be wider than
+    ``width`` characters), status.
     """
     headers, rows, numeric = _table_cells(trials, objectives, max_rank, key_params, max_params)
+    shown = len(headers) - 2 - max(i for i, h in enumerate(headers) if h.endswith(("↑", "↓")))  # key params
+    while key_params is None and shown > 0 and _width(headers, rows) > width:
+        shown -= 1  # drop the last key param until the table fits `width`
+        headers, rows, numeric = _table_cells(trials, objectives, max_rank, key_params, shown)
     parts = []
     if title:
         parts.append(title)
@@ -220,6 +240,13 @@ def front_table(
     return "\n".join(parts)
 
 
+def _width(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> int:
+    widths = [len(h) for h in headers]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
 def front_markdown(
     trials: pd.DataFrame,
     objectives: Sequence[Objective],
@@ -227,6 +254,7 @@ def front_markdown(
     max_rank: int = 0,
     max_params: int | None = 12,
     title: str | None = None,
+    summary: bool = True,
 ) -> str:
     """The front as a Markdown table (for ``front.md``), with the status summary below it."""
     headers, rows, _ = _table_cells(trials, objectives, max_rank, None, max_params)
@@ -240,16 +268,18 @@ def front_markdown(
     lines.append("| " + " | ".join(esc(h) for h in headers) + " |")
     lines.append("|" + "|".join("---:" if i == 0 else "---" for i in range(len(headers))) + "|")
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    lines += ["", status_summary(trials), ""]
+    if summary:
+        lines += ["", status_summary(trials), ""]
     return "\n".join(lines)
 
 
 def front_csv(trials: pd.DataFrame, objectives: Sequence[Objective], *, max_rank: int = 0) -> str:
     """The front as CSV with raw (unformatted) values: ids, objectives, every varying param, tags."""
     rows_df = front_rows(trials, objectives, max_rank)
-    completed = trials[trials["status"] == "completed"] if "status" in trials.columns else trials
+    completed = trials[trials["status"] == COMPLETED] if "status" in trials.columns else trials
     params = select_key_params(completed, None)
-    cols = ["pareto_rank", "arch", "baseline", "trial_id", "run_id", "seed", "config_hash"]
+    cols = ["pareto_rank", *(["group"] if grouped(trials) else []), "arch", "baseline", "trial_id", "run_id", "seed",
+            "config_hash"]
     cols += [f"metrics.{o.metric}" for o in objectives] + params + ["status"]
     out = rows_df.reindex(columns=cols)
     out = out.rename(columns={f"metrics.{o.metric}": o.metric for o in objectives})

@@ -8,13 +8,19 @@
     sampler = make_sampler(spec.sweep, spec.params)
     cfg = materialize(spec, ray_trial_config)                   # plain, resolved trial config
 
+Modules, each depending only on those listed before it: `vocabulary` (metric names, statuses, tags, folder
+names), `errors`, `hooks`, `tree` (dotted paths, materialize), `yamlio` (the YAML + override reader, safety
+checks), `spec` (the dataclasses), `candidates` (enumeration, survey, space_size, describe), `checks`
+(`validate`: the hook-driven checks), `parse` (`load_spec`), `compile` (Optuna define-by-run, samplers).
+
 This package imports neither torch nor ray.
 """
 from .errors import SpecError
 from .hooks import Hooks
-from .spec import (AshaSettings, Budgets, Objective, Param, Resources, SweepSettings, SweepSpec, load_spec,
-                   spec_hash)
-from .validate import describe, space_size, survey, validate
+from .spec import AshaSettings, Budgets, Objective, Param, Resources, SweepSettings, SweepSpec, spec_hash
+from .parse import load_spec
+from .candidates import describe, space_size, survey
+from .checks import validate
 from .compile import (INFEASIBLE_KEY, SpaceFunction, compile_space, directions, make_sampler, materialize,
                       nsga2_population, study_name)
 

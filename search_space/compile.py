@@ -15,10 +15,11 @@ from __future__ import annotations
 import warnings
 from typing import Any, Iterable, Mapping, Optional
 
-from hqlt.blocks.configs import ConfigError
+from hqlt.blocks.validation import ConfigError
 
+from .errors import fmt_number
 from .hooks import Hooks, as_hooks
-from .spec import BUDGET_METRIC, Param, SweepSettings, SweepSpec, fmt_number, topological
+from .spec import BUDGET_METRIC, Param, SweepSettings, SweepSpec, topological
 from .tree import materialize_base
 
 INFEASIBLE_KEY = "hqlt.infeasible"  # in the define-by-run's returned dict (and so in Ray's trial config)

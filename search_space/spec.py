@@ -1,14 +1,9 @@
-"""The sweep spec: typed dataclasses and `load_spec` (YAML file + CLI `key=value` overrides).
+"""The sweep spec: typed dataclasses (what `parse.load_spec` builds from a YAML file + CLI `key=value` overrides).
 
     base:   a full trial config (what `hqlt train` reads); `${...}` interpolation allowed, resolved after sampling
     space:  dotted key path of base -> distribution  ({choice: [...]} | {int: [lo, hi], step, log} |
             {float: [lo, hi], step, log}, each with an optional `when: {other.path: [values]}`)
     sweep:  objectives, sampler, scheduler, num_samples, seeds, resources, budgets (see `SweepSettings`)
-
-`load_spec` parses and checks everything that needs no trial-config schema (structure, types, ranges,
-conditions, sweep settings) and raises a one-line `SpecError` naming file and key path. The checks that need
-the torch side (space paths exist in the trial config, registry names, budgets) are `validate.validate`, with
-injected hooks; `load_spec(..., hooks=...)` runs them too.
 
 `space` may be written flat (``model.d_model: {int: [32, 128]}``) or nested (``model: {d_model: {int: ...}}``);
 both normalise to flat dotted keys, so overrides like ``space.model.d_model.int=[32,256]`` work, and
@@ -21,16 +16,31 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional, Union
+
+from .vocabulary import FW_STATE_BYTES, KV_CACHE_BYTES, PARAMS, VAL_ACC
 
 SCALAR = (str, int, float, bool, type(None))
 
 
 # ---- sweep settings ---------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Objective:
-    metric: str = "val/acc"
+    """An objective: a metric name (`vocabulary`) and its mode, "max" or "min" (which way is better).
+
+    The one objective type of hqlt: a spec's `sweep.objectives` and `hqlt.reports` (which parses
+    ``metric:mode`` strings into it) share it. Its fields are not checked here: `load_spec` checks a spec's
+    objectives, `hqlt.reports.objectives.parse_objectives` the ones it reads."""
+
+    metric: str = VAL_ACC
     mode: Literal["max", "min"] = "max"
+
+    def __str__(self) -> str:  # the same syntax hqlt.reports.objectives.parse_objectives accepts
+        return f"{self.metric}:{self.mode}"
+
+    @property
+    def sign(self) -> float:
+        return 1.0 if self.mode == "max" else -1.0
 
 
 @dataclass
@@ -43,7 +53,7 @@ class AshaSettings:
 @dataclass
 class Resources:
     cpu: float = 1
-    gpu: float = 0
+    gpu: Union[float, Literal["auto"]] = 0  # auto: a GPU fraction per trial from its memory estimate (orchestration/startup.py)
 
 
 @dataclass
@@ -57,8 +67,7 @@ class Budgets:
         return [(k, v) for k, v in asdict(self).items() if v is not None]
 
 
-BUDGET_METRIC = {"max_params": "model/params", "max_fw_state_bytes": "model/fw_state_bytes",
-                 "max_kv_cache_bytes": "model/kv_cache_bytes"}
+BUDGET_METRIC = {"max_params": PARAMS, "max_fw_state_bytes": FW_STATE_BYTES, "max_kv_cache_bytes": KV_CACHE_BYTES}
 
 
 @dataclass
@@ -291,27 +300,5 @@ def spec_hash(spec: SweepSpec, exclude: Iterable[str] = OPERATIONAL_KEYS) -> str
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_spec(path, overrides: Iterable[str] = (), *, hooks=None) -> SweepSpec:
-    """Read a spec file, merge `key=value` overrides on top, check it; `hooks` (a `Hooks` of the torch-side
-    checks) also runs `validate.validate`. Nothing is written anywhere. Raises `SpecError`."""
-    from .validate import parse_spec, validate  # validate imports this module
-
-    spec = parse_spec(path, list(overrides))
-    if hooks is not None:
-        validate(spec, hooks)
-    return spec
-
-
-def fmt_number(x: Any) -> str:
-    """1e6-style for big numbers (messages)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return str(x)
-    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
-        return f"{x:.3g}"
-    if isinstance(x, float) and x.is_integer():
-        return str(int(x))
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
 __all__ = ["AshaSettings", "BUDGET_METRIC", "Budgets", "OPERATIONAL_KEYS", "Objective", "Param", "Resources", "SCALAR",
-           "SweepSettings", "SweepSpec", "fmt_number", "label", "load_spec", "matches", "spec_hash", "topological"]
+           "SweepSettings", "SweepSpec", "label", "matches", "spec_hash", "topological"]

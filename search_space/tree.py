@@ -12,7 +12,7 @@ import copy
 import re
 from typing import Any, Iterable, Mapping
 
-from hqlt.blocks.configs import ConfigError, join
+from hqlt.blocks.validation import ConfigError, join
 
 MISSING = "???"
 _WHOLE = re.compile(r"^\$\{([A-Za-z_][\w\-]*(?:\.[\w\-]+)*)\}$")

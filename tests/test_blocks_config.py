@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from hqlt.blocks import BLEND, FW, KV, MIX, REGISTRIES, ConfigError, Registry
-from hqlt.blocks.model_configs import MixerConfig, ModelConfig, model_config
+from hqlt.blocks.model_schema import MixerConfig, ModelConfig, model_config
 
 
 def make(**kw):
@@ -63,6 +63,15 @@ BAD = {
     "fw not a name or mapping": ({"mixer": {"fw": 3}}, "model.mixer.fw", ["got 3", "expected a fw name"]),
     "negative vocab": ({"vocab_size": -1}, "model.vocab_size", ["got -1", ">= 1"]),
     "mlp_ratio 0": ({"mlp_ratio": 0}, "model.mlp_ratio", ["got 0.0", "> 0"]),
+    "mlp gelu": ({"mlp": "gelu"}, "model.mlp", ["got 'gelu'", "allowed: 'swiglu', 'none'"]),
+    "pos_emb rope": ({"pos_emb": "rope"}, "model.pos_emb", ["got 'rope'", "allowed: 'none', 'learned'"]),
+    "learned positions without max_len": ({"pos_emb": "learned"}, "model.max_len",
+                                          ["got None", "integer >= 1", "pos_emb: learned"]),
+    "learned positions max_len 0": ({"pos_emb": "learned", "max_len": 0}, "model.max_len", ["got 0"]),
+    "delayed_chunk fw_chunk 0": ({"mixer": {"blend": {"name": "delayed_chunk", "fw_chunk": 0}}},
+                                 "model.mixer.blend.fw_chunk", ["got 0", "integer >= 1", "null"]),
+    "fw_chunk on sync": ({"mixer": {"blend": {"name": "sync", "fw_chunk": 64}}}, "model.mixer.blend.fw_chunk",
+                         ["unknown key"]),
 }
 
 
@@ -105,7 +114,7 @@ def test_defaults_and_coercions():
 
 
 def test_mlp_hidden_rule():
-    """I = 256·ceil(floor(D·ratio·2/3)/256): D=1024→2816, 2048→5632, 128→512 (hqlt-reference.md §2)."""
+    """I = 256·ceil(floor(D·ratio·2/3)/256): D=1024→2816, 2048→5632, 128→512 (docs/hqlt-math.md §2)."""
     for D, hidden in [(1024, 2816), (2048, 5632), (128, 512)]:
         assert make(d_model=D, n_heads=8).mlp_hidden == hidden
     assert make(d_model=30, n_heads=5, mlp_ratio=2.5, mlp_multiple_of=7).mlp_hidden == 56  # floor(50) → 7·8
@@ -140,6 +149,11 @@ SHORT_IDS = [
     ({"layers": "HKF", "n_layers": 3, "mixer": {"kv": {"name": "softmax", "window": 32, "pos": "none"},
                                                 "blend": "delayed_chunk", "mix": "sum"}},
      "HKF_C32-dn2-sum-np_SWA32-np_dn2"),
+    ({"mixer": {"kv": {"name": "softmax", "window": 8, "pos": "none"},
+                "blend": {"name": "delayed_chunk", "fw_chunk": 64}}}, "R64C8-dn2-vec-np"),
+    ({"layers": "K", "mlp": "none", "pos_emb": "learned", "max_len": 256,
+      "mixer": {"kv": {"name": "softmax", "window": None, "pos": "none"}}}, "T-np-nomlp-ape256"),
+    ({"layers": "HKF", "n_layers": 3, "mlp": "none"}, "HKF_S64-dn2-vec_SWA64_dn2-nomlp"),
 ]
 
 
@@ -194,16 +208,16 @@ def run_py(code):
     return out.stdout.strip()
 
 
-def test_configs_import_without_torch():
-    assert run_py("import sys; import hqlt.blocks.configs; from hqlt.blocks import ConfigError; "
+def test_validation_imports_without_torch():
+    assert run_py("import sys; import hqlt.blocks.validation; from hqlt.blocks import ConfigError; "
                   "print('torch' in sys.modules)") == "False"
 
 
 def test_model_config_export_is_the_function_whatever_the_import_order():
-    """The function `model_config` lives in `model_configs`, so no submodule of the same name can shadow it."""
+    """The function `model_config` lives in `model_schema`, so no submodule of the same name can shadow it."""
     code = ("{first}\nfrom hqlt.blocks import model_config\n"
             "print(model_config({{'vocab_size': 4, 'layers': 'F'}}).short_id())")
-    for first in ("", "import hqlt.blocks.mixer", "import hqlt.blocks.model_configs as m; m.ModelConfig"):
+    for first in ("", "import hqlt.blocks.mixer", "import hqlt.blocks.model_schema as m; m.ModelConfig"):
         assert run_py(code.format(first=first)) == "dn2"
 
 

@@ -1,5 +1,5 @@
 """Analytic estimators (hqlt.blocks.estimators) against built models, the reference configs
-(hqlt-reference.md §6.1) and the FLOP formulas of tasks-reference.md §C6-C7."""
+(docs/hqlt-math.md §6.1) and the FLOP formulas of docs/tasks.md §C6-C7."""
 import itertools
 
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 
 from hqlt.blocks import build_model, estimate, param_count
 from hqlt.blocks.estimators import fw_flops_per_token, pairs_scored
-from hqlt.blocks.model_configs import model_config
+from hqlt.blocks.model_schema import model_config
 
 
 def cfg_of(**kw):
@@ -38,6 +38,12 @@ COUNT_CASES = {
     "pattern-list-all-parts": {"n_layers": 3, "layers": ["kv", "fw", "hqlt"], "tie_embeddings": True, "mlp_ratio": 3.0,
                                "mixer": {"fw": "gated_delta", "mix": "vector", "short_conv": True, "output_gate": True}},
     "odd-widths": {"d_model": 30, "n_heads": 5, "mlp_ratio": 2.5, "mlp_multiple_of": 7, "vocab_size": 13},
+    "no-mlp": {"mlp": "none"},
+    "no-mlp-transformer-learned-positions-tied": {"layers": "K", "mlp": "none", "pos_emb": "learned", "max_len": 19,
+                                                  "tie_embeddings": True,
+                                                  "mixer": {"kv": {"name": "softmax", "window": None, "pos": "none"}}},
+    "learned-positions-pattern": {"n_layers": 3, "layers": "HKF", "pos_emb": "learned", "max_len": 7},
+    "delayed-chunk-read-interval": {"mixer": {"blend": {"name": "delayed_chunk", "fw_chunk": 64}}},
 }
 
 
@@ -84,7 +90,7 @@ HQLT = {"kv": {"name": "softmax", "window": 64}, "fw": {"name": "delta", "beta_r
     ("sync_hqlt_ch64_sum-mixing_noconv_340M", dict(mix="sum", **HQLT), 374.1),
 ])
 def test_reference_340M_param_counts(name, cfg_kw, millions):
-    """hqlt-reference.md §6.1, to the table's 0.1M precision.
+    """docs/hqlt-math.md §6.1, to the table's 0.1M precision.
 
     Known structural difference (too small to show at this precision): hqlt's KV-only (K) layer keeps
     the per-head output RMSNorm (d parameters) that every hqlt mixer applies, while the reference
@@ -178,7 +184,7 @@ def test_delayed_chunk_kv_capped_at_chunk():
 
 # ------------------------------------------------------------------------------ FLOPs
 def visible_pairs(T, W, blend="sync"):
-    """Brute force: (t, j) pairs the KV memory scores (hqlt-reference.md §4.5)."""
+    """Brute force: (t, j) pairs the KV memory scores (docs/hqlt-math.md §4.5)."""
     n = 0
     for t in range(T):
         for j in range(T):
@@ -234,7 +240,7 @@ def matmul_weights(model):
 
 @pytest.mark.parametrize("T,W", [(16, None), (100, None), (100, 8), (5, 8)])
 def test_attention_flops_formula(T, W):
-    """Pure attention: 6·N_matmul + Σ_layers 3·H·4·d·P(T, W)/T (tasks-reference.md §C7)."""
+    """Pure attention: 6·N_matmul + Σ_layers 3·H·4·d·P(T, W)/T (docs/tasks.md §C7)."""
     cfg = cfg_of(layers="K", mixer={"kv": {"name": "softmax", "window": W}, "output_gate": True})
     model = build_model(cfg)
     want = 6 * matmul_weights(model) + 2 * 3 * 3 * 4 * 8 * visible_pairs(T, W) / T
@@ -273,7 +279,7 @@ def test_hybrid_flops_formula(blend):
 
 
 def test_c6_published_flops_per_token():
-    """tasks-reference.md §C6 (T = 2048): Transformer-340M ≈ 2.35 GFLOP/token, HQLT-340M (W = C = 64, vector
+    """docs/tasks.md §C6 (T = 2048): Transformer-340M ≈ 2.35 GFLOP/token, HQLT-340M (W = C = 64, vector
     mix) ≈ 2.32, Transformer-1.3B ≈ 8.40 (hqlt: 2.348, 2.322, 8.396). hqlt's estimate has exactly the
     §C7 terms — 6·N_matmul (β projection and vector gate included, LM head included, embedding excluded),
     the window term 3·H·4·d·P(T,W)/T and the chunked-DeltaNet term at C = 64 — and, like §C7, nothing for
@@ -292,9 +298,16 @@ def test_c6_published_flops_per_token():
     assert estimate(hq, T).flops_per_token == pytest.approx(L * layer + 6 * D * V, rel=1e-12)
 
 
-def test_estimate_as_metrics_keys():
-    m = estimate(cfg_of(), 32).as_metrics()
-    assert set(m) == {"model/params", "model/fw_state_bytes", "model/kv_cache_bytes", "model/flops_per_token"}
+def test_model_metrics_names():
+    """The estimate's fields under the vocabulary's metric names (named in orchestration: blocks knows no metrics)."""
+    from hqlt.orchestration.space_hooks import model_metrics
+    from hqlt.search_space.vocabulary import MODEL_METRICS
+
+    e = estimate(cfg_of(), 32)
+    m = model_metrics(e)
+    assert set(m) == set(MODEL_METRICS) == {"model/params", "model/fw_state_bytes", "model/kv_cache_bytes",
+                                             "model/flops_per_token"}
+    assert m["model/params"] == e.params and m["model/flops_per_token"] == e.flops_per_token
 
 
 def test_estimator_covers_every_registry_combination():
@@ -308,3 +321,40 @@ def test_estimator_covers_every_registry_combination():
         assert e.flops_per_token > 0 and e.fw_state_bytes > 0 and e.kv_cache_bytes > 0
         if blend == "sync":
             assert e.params == build_model(cfg).num_params()
+
+
+# ------------------------------------------------------------------------------ recipe options (issue #18)
+def test_no_mlp_and_learned_positions_parameter_increments():
+    """`mlp: none` drops the SwiGLU (3·D·I) and its norm (D) per block; `pos_emb: learned` adds max_len·D;
+    `max_len` is ignored without learned positions."""
+    D, L = 24, 2
+    base = cfg_of()
+    I = base.mlp_hidden
+    assert param_count(base) - param_count(cfg_of(mlp="none")) == L * (3 * D * I + D)
+    assert param_count(cfg_of(pos_emb="learned", max_len=50)) - param_count(base) == 50 * D
+    assert param_count(cfg_of(max_len=50)) == param_count(base)
+
+
+def test_no_mlp_flops_drop_the_mlp_matmuls():
+    for layers in ("H", "K", "F"):
+        kv = {"name": "softmax", "window": None if layers == "K" else 8}
+        with_mlp, without = (cfg_of(layers=layers, mlp=m, mixer={"kv": kv}) for m in ("swiglu", "none"))
+        model = build_model(without)
+        assert not any("mlp" in name for name, _ in model.named_parameters())
+        drop = 2 * 6 * 3 * 24 * with_mlp.mlp_hidden
+        assert estimate(with_mlp, 40).flops_per_token - estimate(without, 40).flops_per_token == pytest.approx(drop)
+        assert estimate(cfg_of(layers=layers, pos_emb="learned", max_len=40, mixer={"kv": kv}), 40).flops_per_token \
+            == pytest.approx(estimate(with_mlp, 40).flops_per_token)  # an embedding lookup: no model FLOPs
+
+
+def test_delayed_chunk_read_interval_flops_and_sizes():
+    """Delayed-Chunk with fw_chunk R: the KV term keeps the chunk C = window, the FW term is the chunked form
+    without intra-chunk read-out at chunk R (6·R·d + 6·d² + (2/3)·R²); parameters and state sizes unchanged."""
+    W, R, T, d, H = 8, 64, 50, 8, 3
+    plain = cfg_of(mixer={"kv": {"name": "softmax", "window": W}, "blend": "delayed_chunk"})
+    read = cfg_of(mixer={"kv": {"name": "softmax", "window": W}, "blend": {"name": "delayed_chunk", "fw_chunk": R}})
+    delta = 2 * 3 * H * (fw_flops_per_token(d, R, "delta", "delayed_chunk")
+                         - fw_flops_per_token(d, W, "delta", "delayed_chunk"))
+    assert estimate(read, T).flops_per_token - estimate(plain, T).flops_per_token == pytest.approx(delta)
+    a, b = estimate(plain, T), estimate(read, T)
+    assert (a.params, a.fw_state_bytes, a.kv_cache_bytes) == (b.params, b.fw_state_bytes, b.kv_cache_bytes)

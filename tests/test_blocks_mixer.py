@@ -1,4 +1,4 @@
-"""HybridMixer against hqlt-reference.md §3: RoPE, what each branch sees, shared v, β range, the order
+"""HybridMixer against docs/hqlt-math.md §3: RoPE, what each branch sees, shared v, β range, the order
 mix → per-head RMSNorm → output gate, and a full hand re-implementation of the layer's forward from its
 weights (with the step-by-step kernel oracle, backend "recurrent") compared with the module output."""
 import math
@@ -12,7 +12,7 @@ from hqlt.blocks import MIX
 from hqlt.blocks.memories import apply_rope
 from hqlt.blocks.mixer import RMSNorm
 from hqlt.blocks.mixer import HybridMixer
-from hqlt.blocks.model_configs import model_config
+from hqlt.blocks.model_schema import model_config
 
 
 @pytest.fixture(autouse=True, scope="module")

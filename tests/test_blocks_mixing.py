@@ -1,4 +1,4 @@
-"""The four mix formulas of hqlt-reference.md §3.5 against hand computations on small tensors.
+"""The four mix formulas of docs/hqlt-math.md §3.5 against hand computations on small tensors.
 
 Each mix is built as ``Mix(d_model, n_heads, head_dim)`` and called as ``mix(x, o_kv, o_fw)`` with x the
 pre-normed layer input [B, T, D] and o_* [B, T, H, d]. The hand computations loop over heads and
@@ -137,7 +137,7 @@ def test_dynamic_gates_read_the_layer_input(name, data):
 
 
 def test_gates_near_half_at_default_init():
-    """With W ~ N(0, 0.02²) (the model's init) the gate is ≈ 0.5 everywhere (hqlt-reference.md §3.5)."""
+    """With W ~ N(0, 0.02²) (the model's init) the gate is ≈ 0.5 everywhere (docs/hqlt-math.md §3.5)."""
     mix = VectorMix(64, 4, 16)
     torch.nn.init.normal_(mix.proj.weight, 0.0, 0.02)
     x = torch.randn(2, 5, 64)

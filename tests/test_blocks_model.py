@@ -1,5 +1,5 @@
 """The model over every registry combination: forward + backward of tiny models, causality per blend,
-initialisation (hqlt-reference.md §3.7) and construction paths.
+initialisation (docs/hqlt-math.md §3.7) and construction paths.
 
 Combinations (d_model 16, 2 heads, T 12, window 3 so that T > W and several KV/FW chunks exist):
 * H layers: the full product blend × fw × mix (fw = delta β∈(0,1), delta β∈(0,2), gated_delta, linear),
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hqlt.blocks import BLEND, FW, KV, MIX, HybridLM, build_model
-from hqlt.blocks.model_configs import ModelConfig, model_config
+from hqlt.blocks.model_schema import ModelConfig, model_config
 
 V, D, HEADS, T, W = 11, 16, 2, 12, 3
 BLENDS = BLEND.names()
@@ -203,7 +203,7 @@ def test_init_decay_rate_ranges():
 
 def test_directly_constructed_config_builds():
     """HybridLM validates a directly constructed ModelConfig (its MixerConfig included) like a dict."""
-    from hqlt.blocks.model_configs import MixerConfig
+    from hqlt.blocks.model_schema import MixerConfig
     model = HybridLM(ModelConfig(vocab_size=V, d_model=D, n_heads=HEADS, layers="HK",
                                  mixer=MixerConfig(kv={"name": "softmax", "window": 4}, mix="sum")))
     assert model.cfg.pattern == "HK" and model.cfg.short_id() == "HK_S4-dn2-sum_SWA4"
@@ -232,3 +232,46 @@ def test_torch_save_whole_model_round_trip():
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
     assert loaded.cfg.short_id() == model.cfg.short_id()
+
+
+# ------------------------------------------------------------------------------ recipe options (issue #18)
+@pytest.mark.parametrize("layers", ["H", "K", "F", "HKF"])
+def test_no_mlp_and_learned_positions_forward_backward(layers):
+    n_layers = len(layers) if len(layers) > 1 else 2
+    window = None if layers == "K" else W
+    for extra in ({"mlp": "none"}, {"pos_emb": "learned", "max_len": T}, {"mlp": "none", "pos_emb": "learned",
+                                                                          "max_len": T + 5, "tie": True}):
+        model = fwd_bwd(tiny(layers, window=window, pos="none", n_layers=n_layers, **extra))
+        names = [n for n, _ in model.named_parameters()]
+        assert any(n.startswith("pos_embed") for n in names) == ("pos_emb" in extra)
+        assert any(".mlp" in n for n in names) == ("mlp" not in extra)
+
+
+def test_learned_positions_init_give_position_information_and_check_the_length():
+    torch.manual_seed(0)
+    model = build_model(tiny("K", window=None, pos="none", pos_emb="learned", max_len=T))
+    assert model.pos_embed.weight.shape == (T, D)
+    assert abs(model.pos_embed.weight.std().item() - 0.02) < 0.01          # N(0, init_std²) like every embedding
+    same = torch.full((1, T), 3)
+    with torch.no_grad():
+        logits = model(same)
+        assert (logits[0, 1] - logits[0, 2]).abs().max() > 1e-6            # NoPos attention would give equal rows
+        with pytest.raises(ValueError, match="exceeds model.max_len=12"):
+            model(torch.zeros(1, T + 1, dtype=torch.long))
+
+
+def test_delayed_chunk_read_interval_forward_backward_and_reads_less():
+    """fw_chunk = R: every parameter trains; R = the window equals the default; a larger R changes the output
+    (the FW memory is read every R tokens) and leaves the first R positions without FW content."""
+    for fw in ("delta", "gated_delta", "linear"):
+        fwd_bwd(tiny("H", blend={"name": "delayed_chunk", "fw_chunk": 8}, fw=fw))
+    tokens = torch.randint(0, V, (2, T))
+    outs = {}
+    for key, blend in (("default", "delayed_chunk"), ("R=W", {"name": "delayed_chunk", "fw_chunk": W}),
+                       ("R=8", {"name": "delayed_chunk", "fw_chunk": 8})):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outs[key] = build_model(tiny("H", blend=blend)).eval()(tokens)
+    assert torch.equal(outs["default"], outs["R=W"])
+    assert torch.allclose(outs["default"][:, :W], outs["R=8"][:, :W])     # both read the empty state there
+    assert not torch.allclose(outs["default"], outs["R=8"])

@@ -4,9 +4,9 @@ Every available GPU backend x blend x FW kind, float32 and bf16, against the ref
 in float64 on the same (rounded) inputs. Errors are relative RMS, ||x - ref|| / ||ref||, per output and
 per input gradient.
 
-Tolerances (ARCHITECTURE.md): float32 <= 1e-5, bf16 <= 1e-2. float32 inputs run exact float32
+Tolerances (docs/hqlt-math.md §5): float32 <= 1e-5, bf16 <= 1e-2. float32 inputs run exact float32
 paths: FlexAttention with IEEE float32 dots for flex's KV, the reference form for everything fla would
-do (fla's kernels are bf16/fp16-only here: see hqlt.kernels.backends._glue, "Precision").
+do (fla's kernels are bf16/fp16-only here: see hqlt.kernels.backends.blend_compose, "Precision").
 The measured errors of every case are written to $HQLT_GPU_ERRORS (JSON) when that is set.
 
 Skipped without CUDA; the CPU suite never imports triton or fla. Expect the first run on a fresh machine
@@ -89,7 +89,7 @@ def compare(backend, blend, fw, dtype, shape, tag):
 
 
 def worst_within(errs: dict, dtype) -> bool:
-    """Every output and gradient within the dtype's tolerance (ARCHITECTURE.md)."""
+    """Every output and gradient within the dtype's tolerance (docs/hqlt-math.md §5)."""
     return max(errs.values()) <= TOL[dtype]
 
 
@@ -162,7 +162,7 @@ def test_flash_attn_probe_matches_import():
 
 def test_auto_on_cuda_runs_and_says_what_it_picked(tmp_path, monkeypatch):
     from hqlt.kernels import resolve_backend
-    from hqlt.kernels.backends import auto
+    from hqlt.kernels import auto_table as auto
 
     # without a table: the priority fallback (fla where available)
     monkeypatch.setenv("HQLT_AUTO_TABLE", str(tmp_path / "none.json"))

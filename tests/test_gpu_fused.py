@@ -1,4 +1,4 @@
-"""The fused Synchronous-HQLT kernel (``hqlt.kernels.fused_triton``, backend "fused") vs the reference.
+"""The fused Synchronous-HQLT kernel (``hqlt.kernels.fused``, backend "fused") vs the reference.
 
 Three groups:
 
@@ -16,7 +16,10 @@ Three groups:
   for every input over T x W x d x B pairs, poisoned backward buffers) when ``TRITON_INTERPRET=1`` and
   triton is importable (CI has no triton: skipped). Tolerance 1e-5 (the contract's float32 bound).
   Run:  TRITON_INTERPRET=1 PYTHONPATH=/path/to/triton-site python -m pytest -q tests/test_gpu_fused.py
-* Registration (CPU, always): "fused" is registered, lazily probed, never auto-picked.
+  The custom op pair ``hqlt::fused_sync_hybrid`` (what the backend and torch.compile call): opcheck, and a
+  compiled call (fullgraph) against the reference.
+* Registration (CPU, always): "fused" is registered, lazily probed, never the priority fallback; the op's
+  fake implementation runs without triton.
 """
 from __future__ import annotations
 
@@ -78,7 +81,8 @@ def compare(B, T, H, dk, dv, W, dtype, device, *, featurize: bool, seed: int = 0
     when ``fused_bwd``/``save_states`` are given, ``FusedSyncHybrid`` directly with those switches.
     Gradients: the fused backward unless fused_bwd=False (or HQLT_FUSED_BACKWARD=0).
     """
-    from hqlt.kernels import fused_triton as FT
+    from hqlt.kernels.fused import autograd as FA
+    from hqlt.kernels.fused import launch as FL
     from hqlt.kernels.backends import fused as fused_backend
 
     low, gout = make_inputs(B, T, H, dk, dv, dtype, device, seed)
@@ -86,10 +90,11 @@ def compare(B, T, H, dk, dv, W, dtype, device, *, featurize: bool, seed: int = 0
     if featurize:
         leaves = {n: low[n].detach().requires_grad_() for n in ("q", "k", "v", "beta")}
         ref = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
-        o = FT.sync_hybrid_memory(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], window=W,
-                                  fused_backward=fused_bwd, save_states=save_states)
+        o = FA.sync_hybrid_memory(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], window=W,
+                                  fused_backward=fused_bwd, save_states=save_states,
+                                  unfused=fused_backend.unfused_hybrid_memory)
         o_ref = reference(ref["q"], ref["k"], feat64(ref["q"]), feat64(ref["k"]), ref["v"], ref["beta"], W, scale)
-        poisoned = FT.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=W, kv_scale=scale,
+        poisoned = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=W, kv_scale=scale,
                                     fw_scale=scale, poison=True)
     else:
         inputs = {"q_kv": low["q"], "k_kv": low["k"], "q_fw": feat64(low["q"]).to(dtype),
@@ -100,9 +105,10 @@ def compare(B, T, H, dk, dv, W, dtype, device, *, featurize: bool, seed: int = 0
             o = fused_backend.load().hybrid_memory(*[leaves[n] for n in NAMES], blend="sync", window=W,
                                                    fw="delta", kv_scale=scale, fw_scale=scale)
         else:
-            o = FT.FusedSyncHybrid.apply(*[leaves[n] for n in NAMES], W, scale, scale, fused_bwd, save_states)
+            o = FA.FusedSyncHybrid.apply(*[leaves[n] for n in NAMES], W, scale, scale, fused_bwd, save_states,
+                                         fused_backend.unfused_hybrid_memory)
         o_ref = reference(*[ref[n] for n in NAMES], W, scale)
-        poisoned = FT.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=W, kv_scale=scale,
+        poisoned = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=W, kv_scale=scale,
                                     fw_scale=scale, q_fw=inputs["q_fw"], k_fw=inputs["k_fw"], poison=True)
     assert o[0].dtype == dtype and o[1].dtype == dtype and o[0].shape == (B, T, H, dv)
     for p, x in zip(poisoned, o):
@@ -183,9 +189,9 @@ class TestGPUExtra:
     def test_large_values_no_overflow(self):
         # large raw q/k: the softmax must stay finite (online max) and the features normalised
         low, _ = make_inputs(1, 300, 2, 128, 128, torch.bfloat16, "cuda", 11)
-        from hqlt.kernels import fused_triton as FT
+        from hqlt.kernels.fused import launch as FL
         q, k = low["q"] * 30, low["k"] * 30
-        o = FT.fused_forward(q, k, low["v"], low["beta"], window=256, kv_scale=128 ** -0.5,
+        o = FL.fused_forward(q, k, low["v"], low["beta"], window=256, kv_scale=128 ** -0.5,
                              fw_scale=128 ** -0.5, poison=True)
         qd, kd = q.double(), k.double()
         o_ref = reference(qd, kd, feat64(qd), feat64(kd), low["v"].double(), low["beta"].double(), 256,
@@ -229,10 +235,10 @@ def test_interpreter_float16(featurize):
 @interp
 def test_interpreter_large_beta_and_values():
     # beta scaled to (0, 4) and large raw inputs: the triangular solve and the online softmax hold up
-    from hqlt.kernels import fused_triton as FT
+    from hqlt.kernels.fused import launch as FL
     low, _ = make_inputs(1, 140, 1, 32, 32, torch.float32, "cpu", 3)
     q, k, beta = low["q"] * 20, low["k"] * 20, low["beta"] * 2
-    o = FT.fused_forward(q, k, low["v"], beta, window=70, kv_scale=0.5, fw_scale=0.25, poison=True)
+    o = FL.fused_forward(q, k, low["v"], beta, window=70, kv_scale=0.5, fw_scale=0.25, poison=True)
     qd, kd = q.double(), k.double()
     o_ref = chunked_hybrid_memory(qd, kd, feat64(qd), feat64(kd), low["v"].double(), beta.double(),
                                   blend="sync", window=70, fw="delta", kv_scale=0.5, fw_scale=0.25)
@@ -256,7 +262,7 @@ def test_interpreter_backend_falls_back(blend):
 
 
 # ======================================================================= fused backward (step 3)
-# Gradient checks of the fused backward kernels (``fused_triton.fused_backward``) against the float64
+# Gradient checks of the fused backward kernels (``fused.launch.fused_backward``) against the float64
 # reference, for every input (q, k, v, beta; q_kv, k_kv, q_fw, k_fw, v, beta separately). The brief's
 # grid T x W x d x B is covered pairwise: every (T, W) pair once per entry point, d and B cycling.
 BWD_T = (1, 63, 64, 65, 130, 200)
@@ -269,18 +275,18 @@ BWD_CASES = [(1 + (i + j) % 2, T, BWD_D[(i + 2 * j) % 4], W)
 def poisoned_backward_check(B, T, H, dk, dv, W, dtype, device, *, featurize: bool, seed: int = 0):
     """fused_backward with NaN-filled buffers (also the recomputed-states path) must leave no NaN and
     equal the unpoisoned result bit for bit; returns the gradients."""
-    from hqlt.kernels import fused_triton as FT
+    from hqlt.kernels.fused import launch as FL
     low, gout = make_inputs(B, T, H, dk, dv, dtype, device, seed)
     scale = dk ** -0.5
     kw = dict(window=W, kv_scale=scale, fw_scale=scale)
     if not featurize:
         kw.update(q_fw=feat64(low["q"]).to(dtype), k_fw=feat64(low["k"]).to(dtype))
-    o_kv, o_fw, aux = FT.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
+    o_kv, o_fw, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
     args = (low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout)
     kept = dict(w=aux["w"], v_new=aux["v_new"], states=aux["states"])
-    clean = FT.fused_backward(*args, **kept, **kw)
+    clean = FL.fused_backward(*args, **kept, **kw)
     for poison, states in ((True, kept), (False, {}), (True, {})):
-        got = FT.fused_backward(*args, **states, poison=poison, **kw)
+        got = FL.fused_backward(*args, **states, poison=poison, **kw)
         assert len(got) == len(clean)
         for a, b in zip(got, clean):
             assert not a.isnan().any(), "the backward left unwritten (NaN-poisoned) elements"
@@ -330,12 +336,12 @@ def test_interpreter_fused_backward_float16(featurize):
 @interp
 def test_interpreter_fused_backward_large_values_and_partial_outputs():
     # large raw q/k (sharp softmax, saturated silu) and beta in (0, 4); gradient of one output only
-    from hqlt.kernels import fused_triton as FT
+    from hqlt.kernels.fused import autograd as FA
     low, gout = make_inputs(1, 140, 1, 32, 32, torch.float32, "cpu", 3)
     leaves = [low["q"] * 20, low["k"] * 20, low["v"], low["beta"] * 2]
     leaves = [x.detach().requires_grad_() for x in leaves]
     ref = [x.detach().double().requires_grad_() for x in leaves]
-    o = FT.sync_hybrid_memory(*leaves, window=70, kv_scale=0.5, fw_scale=0.25, fused_backward=True)
+    o = FA.sync_hybrid_memory(*leaves, window=70, kv_scale=0.5, fw_scale=0.25, fused_backward=True)
     o_ref = chunked_hybrid_memory(ref[0], ref[1], feat64(ref[0]), feat64(ref[1]), ref[2], ref[3], blend="sync",
                                   window=70, fw="delta", kv_scale=0.5, fw_scale=0.25)
     for i in (0, 1):
@@ -398,8 +404,74 @@ def test_import_does_not_pull_in_triton():
     import sys
     # (if torch itself imported triton the check says nothing, and passes)
     code = ("import sys, torch; before = 'triton' in sys.modules; "
-            "import hqlt.kernels, hqlt.kernels.backends.fused as f; f.is_available(); "
+            "import hqlt.kernels, hqlt.kernels.fused, hqlt.kernels.backends.fused as f; f.is_available(); "
             "print(not before and 'triton' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_fused_op_fake_implementation_needs_no_triton():
+    """``hqlt::fused_sync_hybrid`` (and its backward) on fake tensors: shapes and dtypes of every output
+    without running (or importing) a kernel — what torch.compile traces."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from hqlt.kernels.fused import ops as fused_ops
+    B, T, H, dk, dv = 2, 130, 3, 32, 48
+    with FakeTensorMode():
+        q, k = torch.empty(B, T, H, dk, dtype=torch.bfloat16), torch.empty(B, T, H, dk, dtype=torch.bfloat16)
+        v, beta = torch.empty(B, T, H, dv, dtype=torch.bfloat16), torch.empty(B, T, H)
+        o_kv, o_fw, lse, w, v_new, states = fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, True)
+        assert o_kv.shape == o_fw.shape == v.shape and o_kv.dtype == torch.bfloat16
+        assert lse.shape == (B * H, T) and lse.dtype == torch.float32
+        assert w.shape == q.shape and v_new.shape == v.shape and states.shape == (B * H, 3, dk, dv)
+        assert fused_ops.fused_sync_hybrid(q, k, None, None, v, beta, 16, 0.2, 0.2, False)[3].numel() == 0
+        grads = fused_ops.fused_sync_hybrid_backward(o_kv, o_fw, q, k, None, None, v, beta, o_kv, lse, w, v_new,
+                                                     states, 16, 0.2, 0.2, True)
+        assert [tuple(g.shape) for g in grads] == [q.shape, k.shape, (0,), (0,), v.shape, beta.shape]
+
+
+@interp
+@pytest.mark.parametrize("featurize,save", [(False, True), (True, False)], ids=["given-kept", "raw-recomputed"])
+def test_interpreter_fused_op_opcheck(featurize, save):
+    """torch.library.opcheck of the fused op pair: schema, fake vs real outputs, autograd registration, and
+    AOT dispatch with dynamic shapes (forward and backward through the backward op)."""
+    from hqlt.kernels.fused import ops as fused_ops
+    low, _ = make_inputs(1, 70, 2, 16, 32, torch.float32, "cpu", 5)
+    q, k, v, beta = (low[n].detach().requires_grad_() for n in ("q", "k", "v", "beta"))
+    qf, kf = (None, None) if featurize else (feat64(q).float().detach().requires_grad_(),
+                                             feat64(k).float().detach().requires_grad_())
+    torch.library.opcheck(fused_ops.fused_sync_hybrid, (q, k, qf, kf, v, beta, 20, 0.3, 0.25, save))
+
+
+@interp
+def test_interpreter_compiled_fused_call_is_fullgraph_and_matches_reference():
+    """The fused route of a compiled graph (what ``hqlt.kernels.ops`` emits for the backend "fused"): one
+    forward and one backward op node, values and gradients of the float64 reference."""
+    from hqlt.kernels.fused import ops as fused_ops
+    low, gout = make_inputs(2, 90, 2, 32, 32, torch.float32, "cpu", 6)
+    inputs = {"q_kv": low["q"], "k_kv": low["k"], "q_fw": feat64(low["q"]).float(), "k_fw": feat64(low["k"]).float(),
+              "v": low["v"], "beta": low["beta"]}
+    leaves = [inputs[n].detach().requires_grad_() for n in NAMES]
+
+    def f(q_kv, k_kv, q_fw, k_fw, v, beta):
+        return fused_ops.hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, dtype=torch.float32, window=24,
+                                       kv_scale=0.2, fw_scale=0.2, save_states=True)
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+    torch._dynamo.reset()
+    o = torch.compile(f, fullgraph=True, backend=backend)(*leaves)
+    assert len(graphs) == 1
+    assert {str(n.target) for n in graphs[0].graph.nodes if "hqlt" in str(n.target)} == \
+        {"hqlt.fused_sync_hybrid.default"}
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    o_ref = chunked_hybrid_memory(*ref, blend="sync", window=24, fw="delta", kv_scale=0.2, fw_scale=0.2)
+    assert all(rel_rms(a, b) <= 1e-5 for a, b in zip(o, o_ref))
+    g = torch.autograd.grad(o, leaves, gout)
+    g_ref = torch.autograd.grad(o_ref, ref, [x.double() for x in gout])
+    assert all(rel_rms(a, b) <= 1e-5 for a, b in zip(g, g_ref))
+    torch._dynamo.reset()

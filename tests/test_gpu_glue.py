@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hqlt.kernels import reference as R
-from hqlt.kernels.backends import _glue
+from hqlt.kernels.backends import blend_compose as compose
 from hqlt.kernels.testing import max_relative_error, random_inputs
 
 
@@ -41,14 +41,14 @@ def _causal(q, k, v, scale):
 
 @pytest.fixture
 def glue_ops(monkeypatch):
-    monkeypatch.setattr(_glue, "fla_available", lambda: True)
-    monkeypatch.setattr(_glue, "fla_fw_ok", lambda fw, dtype: True)
-    monkeypatch.setattr(_glue, "fla_fw", _exact_fla_fw)
+    monkeypatch.setattr(compose, "fla_available", lambda: True)
+    monkeypatch.setattr(compose, "fla_fw_ok", lambda fw, dtype: True)
+    monkeypatch.setattr(compose, "fla_fw", _exact_fla_fw)
 
     def kv(q, k, v, *, scale, window, chunk_local):
-        return _glue.kv_attention(q, k, v, scale=scale, window=window, chunk_local=chunk_local,
+        return compose.kv_attention(q, k, v, scale=scale, window=window, chunk_local=chunk_local,
                                   sliding=_sliding, causal=_causal)
-    return _glue.make_ops(kv)
+    return compose.make_ops(kv)
 
 
 @pytest.mark.parametrize("fw", ["delta", "gated_delta", "linear"])
@@ -77,10 +77,10 @@ def test_blend_glue_matches_oracle(glue_ops, blend, fw, T, W):
 def test_interleaved_stream_layout():
     q = torch.arange(5.0).view(1, 5, 1, 1)
     k = 10 + q
-    qs, ks, *_ = _glue.interleave_reads(q, k, k, None, None, 2)
+    qs, ks, *_ = compose.interleave_reads(q, k, k, None, None, 2)
     assert qs.flatten().tolist() == [0, 1, 0, 0, 2, 3, 0, 0, 4, 0, 0, 0]
     assert ks.flatten().tolist() == [0, 0, 10, 11, 0, 0, 12, 13, 0, 0, 14, 0]
-    assert _glue.take_reads(qs, 2, 5).flatten().tolist() == [0, 1, 2, 3, 4]
+    assert compose.take_reads(qs, 2, 5).flatten().tolist() == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("T,W", [(300, 100), (1000, 64), (129, 1), (700, 2000), (385, 257)])
@@ -115,18 +115,18 @@ def test_flex_window_mask_attention_on_cpu():
     mask = flex.window_block_mask(300, 100, "cpu")
     o = fa.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
                           scale=0.25).transpose(1, 2)
-    assert max_relative_error(o, _glue.reference_kv(q, k, v, scale=0.25, window=100)) <= 1e-5
+    assert max_relative_error(o, compose.reference_kv(q, k, v, scale=0.25, window=100)) <= 1e-5
 
 
 def test_kernel_dtype_rules():
     x = torch.zeros(1)
-    assert _glue.kernel_dtype(x, x.bfloat16()) == torch.bfloat16
-    assert _glue.kernel_dtype(x, x) == torch.float32
-    assert _glue.kernel_dtype(x.double()) == torch.float64
+    assert compose.kernel_dtype(x, x.bfloat16()) == torch.bfloat16
+    assert compose.kernel_dtype(x, x) == torch.float32
+    assert compose.kernel_dtype(x.double()) == torch.float64
 
 
 def test_auto_table_lookup(tmp_path, monkeypatch):
-    from hqlt.kernels.backends import auto
+    from hqlt.kernels import auto_table as auto
 
     entries = [{"blend": "sync", "window": 64, "seq_len": 2048, "head_dim": 128, "ms": {"fla": 2.0, "flex": 1.5}},
                {"blend": "sync", "window": 1024, "seq_len": 32768, "head_dim": 128, "ms": {"fla": 2.0, "flex": None}}]
@@ -148,14 +148,14 @@ def test_auto_table_lookup(tmp_path, monkeypatch):
 
 
 def test_shipped_auto_table_is_valid():
-    from hqlt.kernels.backends import auto
+    from hqlt.kernels import auto_table as auto
 
     table = json.loads(auto.TABLE_PATH.read_text())
     assert table["entries"] and all({"blend", "window", "seq_len", "head_dim", "ms"} <= set(e) for e in table["entries"])
 
 
 def test_bench_flop_formulas():
-    from hqlt.kernels import bench_kernels as bk
+    from hqlt.benchmarks import kernels as bk
 
     assert bk.pairs(2048, 64) == 64 * 2048 - 64 * 63 // 2
     assert bk.pairs(100, 200) == bk.pairs(100, None) == 100 * 101 // 2
@@ -169,7 +169,7 @@ def test_attention_runs_in_batch_slices_that_fit_a_cuda_grid_axis(monkeypatch, c
     """batch x heads above CUDA's 65535 grid rows (Delayed-Chunk's batch of chunks) is split, same values."""
     B, T, H, d, W = 5, 24, 2, 8, 4
     q, k, v = (torch.randn(B, T, H, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    full = _glue.kv_attention(q, k, v, scale=0.3, window=W, chunk_local=chunk_local, sliding=_sliding,
+    full = compose.kv_attention(q, k, v, scale=0.3, window=W, chunk_local=chunk_local, sliding=_sliding,
                               causal=_causal)
     seen = []
 
@@ -178,11 +178,54 @@ def test_attention_runs_in_batch_slices_that_fit_a_cuda_grid_axis(monkeypatch, c
             seen.append(q.shape[0] * q.shape[2])
             return fn(q, k, v, *args)
         return run
-    monkeypatch.setattr(_glue, "MAX_GRID_ROWS", 6)  # 3 sequences of 2 heads per call
-    sliced = _glue.kv_attention(q, k, v, scale=0.3, window=W, chunk_local=chunk_local, sliding=tracked(_sliding),
+    monkeypatch.setattr(compose, "MAX_GRID_ROWS", 6)  # 3 sequences of 2 heads per call
+    sliced = compose.kv_attention(q, k, v, scale=0.3, window=W, chunk_local=chunk_local, sliding=tracked(_sliding),
                                 causal=tracked(_causal))
     assert max(seen) <= 6 and len(seen) == math.ceil((B * (T // W if chunk_local else 1)) / 3)
     torch.testing.assert_close(sliced, full)
     gq, = torch.autograd.grad(sliced.square().sum(), q)
     gq_full, = torch.autograd.grad(full.square().sum(), q)
     torch.testing.assert_close(gq, gq_full)
+
+
+def test_auto_pick_asks_once_per_shape_and_falls_back(tmp_path, monkeypatch):
+    from hqlt.kernels import auto_table as auto
+
+    entries = [{"blend": "sync", "window": 64, "seq_len": 2048, "head_dim": 64, "ms": {"fla": 2.0, "flex": 1.5}}]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"device": "test", "entries": entries}))
+    monkeypatch.setenv("HQLT_AUTO_TABLE", str(path))
+    monkeypatch.setattr(auto, "_CHOICES", {})
+    auto.load_table.cache_clear()
+    asked = []
+
+    def available():
+        asked.append(1)
+        return {"fla", "flex"}
+    try:
+        kw = dict(available=available, fallback=lambda: "reference")
+        assert auto.pick("hybrid_memory", "sync", 64, 2048, 64, **kw) == "flex"
+        assert auto.pick("hybrid_memory", "sync", 64, 2048, 64, **kw) == "flex" and len(asked) == 1
+        assert auto.pick("hybrid_memory", "delayed_chunk", 64, 2048, 64, **kw) == "reference"   # not measured
+        auto.note_choice(("fw_memory", "sync", 0, 2048, 64, "delta", "bfloat16"), "fla")
+        # keys: (op, blend, W, T, d, fw, kernel dtype)
+        assert auto.choices() == {("hybrid_memory", "sync", 64, 2048, 64, "delta", "bfloat16"): "flex",
+                                  ("hybrid_memory", "delayed_chunk", 64, 2048, 64, "delta", "bfloat16"): "reference",
+                                  ("fw_memory", "sync", 0, 2048, 64, "delta", "bfloat16"): "fla"}
+    finally:
+        auto.load_table.cache_clear()
+
+
+def test_auto_ops_run_the_picked_backend(monkeypatch):
+    """The per-call "auto" ops of dispatch (CUDA only in use) on CPU tensors: no CPU backend is in the
+    table, so every call falls back to the reference and says so."""
+    from hqlt.kernels import auto_table, dispatch
+
+    monkeypatch.setattr(auto_table, "_CHOICES", {})
+    x = random_inputs(1, 20, 2, 8, seed=1)
+    args = [x[n] for n in ("q_kv", "k_kv", "q_fw", "k_fw", "v", "beta")]
+    kw = dict(blend="sync", window=4, fw="delta", kv_scale=0.3, fw_scale=0.3)
+    got = dispatch._auto_ops().hybrid_memory(*args, **kw)
+    want = R.chunked_hybrid_memory(*args, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert set(auto_table.choices().values()) == {"reference"}

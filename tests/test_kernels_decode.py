@@ -98,3 +98,18 @@ def test_step_argument_errors():
         hybrid_memory_step(x["q_kv"], *step[1:], blend="sync", window=2)
     with pytest.raises(ValueError, match="beta_t"):
         fw_memory_step(step[2], step[3], step[4], None)
+
+
+@pytest.mark.parametrize("window,fw_chunk", [(2, 4), (3, 5), (4, 2)])
+@pytest.mark.parametrize("fw", FW_KINDS)
+def test_delayed_chunk_read_interval_step_equals_parallel(fw, window, fw_chunk):
+    x = random_inputs(2, 11, 2, 4, 3, fw=fw, seed=window)
+    kw = dict(blend="delayed_chunk", window=window, fw=fw, fw_chunk=fw_chunk)
+    o_kv, o_fw, state = decode_all(x, **kw)
+    p_kv, p_fw = hybrid_memory(*(x[n] for n in NAMES), g=x["g"], chunk_size=4, **kw)
+    assert max_relative_error(o_kv, p_kv) <= 1e-9
+    assert max_relative_error(o_fw, p_fw) <= 1e-9
+    assert state.fw_chunk == fw_chunk
+    with pytest.raises(ValueError, match="fw_chunk"):
+        hybrid_memory_step(*(x[n][:, 0] for n in NAMES), state, g_t=None if x["g"] is None else x["g"][:, 0],
+                           blend="delayed_chunk", window=window, fw=fw)

@@ -1,4 +1,4 @@
-"""The visibility table of hqlt-reference.md §4.5, checked by perturbation on both pure-torch backends.
+"""The visibility table of docs/hqlt-math.md §4.5, checked by perturbation on both pure-torch backends.
 
 Changing token j's inputs must change o_kv[t] / o_fw[t] exactly when j is visible to query t, and
 leave it untouched (< 1e-12) otherwise. The expected sets below are written from the table, not from
@@ -130,3 +130,71 @@ def test_delayed_stream_memories_partition_the_past():
             kv = {j for j in range(T) if kv_visible("delayed_stream", W, t, j)}
             fw = {j for j in range(T) if fw_visible("delayed_stream", W, t, j)}
             assert kv | fw == set(range(t + 1)) and not kv & fw
+
+
+# Delayed-Chunk with an FW read interval R other than the KV chunk C (`fw_chunk`, §4.3: the reference
+# kernel reads its FW state every 64 tokens whatever C is). Written from the definition: KV sees the
+# current C-chunk, FW holds every j < R*floor(t/R); with R > C some positions are visible to neither.
+CHUNK_PAIRS = ((2, 4), (3, 5), (4, 2), (1, 10), (3, 13))   # (C, R): R a multiple of C, neither, R < C, R >= T
+
+
+def fw_visible_every(R, t, j):
+    return j <= (t // R) * R - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fw", FW_KINDS)
+@pytest.mark.parametrize("C,R", CHUNK_PAIRS)
+def test_delayed_chunk_read_interval(C, R, fw, backend):
+    for field, names in FIELDS.items():
+        batch = perturbed_batch(fw, names)
+        args = [batch[n] for n in ("q_kv", "k_kv", "q_fw", "k_fw", "v", "beta")]
+        o_kv, o_fw = hybrid_memory(*args, g=batch["g"], blend="delayed_chunk", window=C, fw=fw, backend=backend,
+                                   chunk_size=4, fw_chunk=R)
+        o_kv, o_fw = o_kv[:, :, 0], o_fw[:, :, 0]
+
+        def expect_kv(t, j):
+            if not kv_visible("delayed_chunk", C, t, j) or field == "k_fw":
+                return False
+            n_keys = sum(kv_visible("delayed_chunk", C, t, i) for i in range(T))
+            return None if field == "k_kv" and n_keys == 1 else True
+
+        def expect_fw(t, j):
+            if not fw_visible_every(R, t, j) or field == "k_kv":
+                return False
+            n_keys = sum(fw_visible_every(R, t, i) for i in range(T))
+            return None if field == "k_fw" and fw == "linear" and n_keys == 1 else True
+
+        assert_sensitivity(o_kv, expect_kv)
+        assert_sensitivity(o_fw, expect_fw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("C,R", CHUNK_PAIRS)
+def test_delayed_chunk_read_interval_gates(C, R, backend):
+    """beta_j and g_j matter iff query t reads the state after step j, i.e. j < R*floor(t/R)."""
+    for field in ("beta", "g"):
+        batch = perturbed_batch("gated_delta", (field,))
+        args = [batch[n] for n in ("q_kv", "k_kv", "q_fw", "k_fw", "v", "beta")]
+        o_kv, o_fw = hybrid_memory(*args, g=batch["g"], blend="delayed_chunk", window=C, fw="gated_delta",
+                                   backend=backend, chunk_size=4, fw_chunk=R)
+        assert_sensitivity(o_kv[:, :, 0], lambda t, j: False)
+        # g_0 decays the empty state: no effect; beta_0 writes token 0
+        assert_sensitivity(o_fw[:, :, 0], lambda t, j: fw_visible_every(R, t, j) and (field == "beta" or j > 0))
+
+
+def test_fw_chunk_equal_to_the_window_is_the_default_and_other_blends_refuse_it():
+    x = random_inputs(2, T, 2, 4, 3, seed=3)
+    args = [x[n] for n in ("q_kv", "k_kv", "q_fw", "k_fw", "v", "beta")]
+    a = hybrid_memory(*args, blend="delayed_chunk", window=3)
+    b = hybrid_memory(*args, blend="delayed_chunk", window=3, fw_chunk=3)
+    assert all(torch.equal(u, w) for u, w in zip(a, b))
+    c = hybrid_memory(*args, blend="delayed_chunk", window=3, fw_chunk=6)
+    assert torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])   # KV unchanged, FW reads less often
+    for blend in ("sync", "delayed_stream"):
+        with pytest.raises(ValueError, match="fw_chunk is only for blend='delayed_chunk'"):
+            hybrid_memory(*args, blend=blend, window=3, fw_chunk=6)
+    with pytest.raises(ValueError, match="fw_chunk must be an integer >= 1"):
+        hybrid_memory(*args, blend="delayed_chunk", window=3, fw_chunk=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        hybrid_memory(*args, blend="delayed_chunk", window=3, fw_chunk=6, backend="nope")

@@ -18,8 +18,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 mlflow = pytest.importorskip("mlflow")
 
-from hqlt.reports import cli, load_sweep, write_report  # noqa: E402
-from hqlt.reports.mlflow_io import sqlite_uri  # noqa: E402
+from hqlt.cli import report as cli  # noqa: E402
+from hqlt.reports import load_sweep, write_report  # noqa: E402
+from hqlt.search_space.vocabulary import sqlite_uri  # noqa: E402
 
 SWEEP = "toy-sweep"
 OBJECTIVES = [["val/acc", "max"], ["perf/train_tok_s", "max"]]
@@ -57,7 +58,7 @@ def build_store(folder: Path, trials=TRIALS, name: str = SWEEP, write_spec: bool
     folder.mkdir(parents=True, exist_ok=True)
     if template is not None:
         shutil.copyfile(template, folder / "mlflow.db")
-    uri = sqlite_uri(folder / "mlflow.db")
+    uri = sqlite_uri(folder)
     client = mlflow.MlflowClient(uri)
     exp_id = client.create_experiment(name, artifact_location=(folder / "artifacts").resolve().as_uri())
     parent = client.create_run(exp_id, run_name=name, tags={
@@ -97,7 +98,7 @@ def _run_cli(argv):
 def template_db(tmp_path_factory):
     """An empty, initialised MLflow SQLite DB; copying it is much faster than re-running the migrations."""
     db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    mlflow.MlflowClient(sqlite_uri(db)).search_experiments()
+    mlflow.MlflowClient(sqlite_uri(db.parent)).search_experiments()
     return db
 
 
@@ -239,7 +240,7 @@ def test_cli_no_completed_trials_and_experiment_fallback(tmp_path, capsys, templ
 
 def test_reports_do_not_import_torch_or_ray():
     code = (
-        "import sys, hqlt.reports, hqlt.reports.cli, hqlt.reports.plots, hqlt.reports.report, hqlt.reports.tables;"
+        "import sys, hqlt.reports, hqlt.cli.report, hqlt.reports.plots, hqlt.reports.report, hqlt.reports.tables;"
         "bad = [m for m in ('torch', 'ray') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

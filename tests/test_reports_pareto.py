@@ -220,6 +220,14 @@ def test_parse_objectives_forms_and_errors():
         objectives_from_tag(None)
     with pytest.raises(ObjectiveSpecError):
         objectives_from_tag('[["val/acc","up"]]')
+    with pytest.raises(ObjectiveSpecError, match="mode must be"):
+        parse_objectives([Objective("val/acc", "up")])  # the spec's Objective does not check its fields
+
+
+def test_reports_objective_is_the_specs():
+    from hqlt.search_space import Objective as SpecObjective
+
+    assert Objective is SpecObjective and str(Objective("val/acc", "min")) == "val/acc:min"
 
 
 def test_metric_labels():

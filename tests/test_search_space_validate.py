@@ -7,9 +7,8 @@ import os
 import pytest
 import yaml
 
-from hqlt.blocks.configs import ConfigError
-from hqlt.search_space import SpecError, describe, load_spec, space_size, validate
-from hqlt.search_space.validate import survey
+from hqlt.blocks.validation import ConfigError
+from hqlt.search_space import SpecError, describe, load_spec, space_size, survey, validate
 
 from hqlt.orchestration.space_hooks import HOOKS, estimate_trial
 

@@ -38,7 +38,7 @@ def write_spec(tmp_path: Path, body: str, steps: int = 20, eval_every: int = 10)
 
 def hqlt(*args, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "hqlt.orchestration.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "hqlt.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -118,6 +118,10 @@ def test_sweep_survives_failing_trials(tmp_path):
     assert "nan" in by_status["nan"].data.tags["reason"]
     assert "out of memory" in by_status["oom"].data.tags["reason"]
     assert by_status["completed"].data.tags["reason"] == ""
+    done = by_status["completed"].data  # how the cost axis was measured, and the test-set score
+    assert done.tags["probe.device"] == "cpu" and done.tags["probe.size"] == "own" and done.tags["checkpoint"] == "final"
+    assert done.metrics["probe/contended"] == 1.0 and "test/acc" in done.metrics
+    assert len(list((tmp_path / "sw" / "probes").glob("*.json"))) == 1  # one architecture, measured once
     states = sorted(t.state.name for t in study_trials(tmp_path / "sw"))
     assert states == ["COMPLETE", "FAIL", "FAIL", "FAIL"]
 
@@ -145,7 +149,7 @@ def test_sigkill_then_rerun_resumes_without_loss_or_duplicates(tmp_path):
           max_concurrent: 1
         """, steps=150, eval_every=50)
     sw = tmp_path / "sw"
-    cmd = [sys.executable, "-m", "hqlt.orchestration.cli", "sweep", str(spec), "--dir", str(sw), "--verbose", "0"]
+    cmd = [sys.executable, "-m", "hqlt.cli", "sweep", str(spec), "--dir", str(sw), "--verbose", "0"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     deadline = time.time() + 180

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hqlt.blocks.configs import ConfigError
+from hqlt.blocks.validation import ConfigError
 from hqlt.orchestration.tasks import (TASKS, Batch, make_task, per_example_accuracy, slice_metrics, task_from_dict,
                                       task_names)
 from hqlt.orchestration.tasks.formal import ParityConfig

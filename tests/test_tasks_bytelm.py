@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hqlt.blocks.configs import ConfigError
+from hqlt.blocks.validation import ConfigError
 from hqlt.orchestration.tasks import lm_metrics, make_task, per_example_accuracy, slice_metrics
 
 
@@ -24,7 +24,7 @@ def test_split_and_windows(text_file):
     path, data = text_file
     task = make_task("byte_lm", {"path": str(path), "seq_len": 64, "val_fraction": 0.1})
     assert task.kind == "lm" and task.vocab_size == 256 and task.chance is None
-    assert (task.n_train, task.n_val) == (9000, 1000)
+    assert (task.n_train, task.n_test, task.n_val) == (8500, 500, 1000)  # train | test (test_fraction 0.05) | val
     assert task.seq_len == task.train_seq_len == 64
     b = task.train_batch(200, np.random.default_rng(0))
     assert b.inputs.shape == b.targets.shape == (200, 64)

@@ -105,7 +105,60 @@ def test_tight_fit_4kv_equals_L():
     ({"train": [{"seq_len": 64, "num_kv_pairs": 4}, {"seq_len": 66, "num_kv_pairs": 17}]}, "task.train[1].num_kv_pairs"),
 ])
 def test_config_messages(cfg, needle):
-    from hqlt.blocks.configs import ConfigError
+    from hqlt.blocks.validation import ConfigError
     with pytest.raises(ConfigError) as e:
         make_task("mqar", cfg)
     assert needle in str(e.value)
+
+
+# ---------------------------------------------------------------- a fixed training set in epochs (issue #18)
+def rows(batch):
+    return [tuple(r) for r in batch.inputs.tolist()]
+
+
+def test_fixed_training_set_walks_through_epochs():
+    """num_train_examples = N: one fixed set; each run of N consecutive training examples (epochs, batches across
+    the epoch boundary included) is a permutation of it; the epoch order comes from the trainer's Generator."""
+    cfg = {"vocab_size": 256, "seq_len": 32, "num_kv_pairs": 4, "random_non_queries": False, "eval_size": 20,
+           "num_train_examples": 50}
+    task = make_task("mqar", cfg)
+    x, y, slices = task.train_set_arrays()
+    assert x.shape == (50, 32) and x.dtype == np.int16 and set(slices) == {"kv"}
+    fixed = sorted(tuple(r) for r in x.tolist())
+    rng = np.random.default_rng(3)
+    seen = []
+    for _ in range(10):                                           # 160 examples: 3 full epochs and a part
+        b = task.train_batch(16, rng)
+        assert b.inputs.shape == (16, 32) and b.inputs.dtype == torch.int64
+        check_examples(b, 256, expect_zero_filler=True)
+        seen += rows(b)
+    for e in range(3):
+        assert sorted(seen[50 * e:50 * (e + 1)]) == fixed
+    assert seen[:50] != seen[50:100]                              # a new order every epoch
+    # the same Generator seed gives the same stream; the set itself does not depend on it
+    other = make_task("mqar", cfg)
+    again = [r for _ in range(10) for r in rows(other.train_batch(16, np.random.default_rng(3)))]
+    assert again[:16] == seen[:16]
+    assert sorted(tuple(r) for r in other.train_set_arrays()[0].tolist()) == fixed
+    assert rows(task.train_batch(16, np.random.default_rng(4))) != seen[:16]
+    # the validation and test sets are other examples
+    for group in (task.eval_sets(), task.test_sets()):
+        assert not set(rows(group[0])) & set(fixed)
+
+
+def test_fixed_training_set_shares_settings_by_weight():
+    task = make_task("mqar", {"vocab_size": 512, "train": [{"seq_len": 64, "num_kv_pairs": 4, "weight": 3.0},
+                                                           {"seq_len": 128, "num_kv_pairs": 8}],
+                              "eval_size": 4, "num_train_examples": 10, "random_non_queries": False})
+    x, _, slices = task.train_set_arrays()
+    assert x.shape == (10, 128) and sorted(slices["kv"].tolist()) == [4] * 8 + [8] * 2  # 7.5 / 2.5 -> 8 / 2
+    check_examples(task.train_batch(10, np.random.default_rng(0)), 512, expect_zero_filler=True)
+
+
+@pytest.mark.parametrize("cfg, path", [({"num_train_examples": 0}, "task.num_train_examples"),
+                                       ({"num_train_examples": 10, "train_seed": 1234}, "task.train_seed")])
+def test_fixed_training_set_config_messages(cfg, path):
+    from hqlt.blocks.validation import ConfigError
+    with pytest.raises(ConfigError) as e:
+        make_task("mqar", cfg)
+    assert e.value.path == path

@@ -136,7 +136,7 @@ def test_early_stop_at_target():
 
 
 def hqlt(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "hqlt.orchestration.cli", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "hqlt.cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -194,3 +194,59 @@ def test_bf16_autocast_trains_on_cpu():
     result = run_trial(merged(train__precision="bf16", train__steps=10))
     assert result.status == "completed", result.reason
     assert math.isfinite(result.metrics["train/loss"])
+
+
+# ----------------------------------------------------------------------------- recipe train options (issue #18)
+def test_cosine_horizon_beyond_the_run():
+    """`cosine_steps`: the cosine reaches its floor at that step (warm-up included), so a 100k horizon stops a 20k
+    run part-way down (the HQLT modular-arithmetic recipe); null is the run's own length."""
+    lr, floor = 5e-3, 5e-6
+    cfg = TrainConfig(steps=20000, lr=lr, warmup_steps=10000, min_lr_ratio=1e-3, cosine_steps=100000)
+    assert trainer.lr_at(9999, cfg) == pytest.approx(lr)
+    want = floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * 9999 / 90000))
+    assert trainer.lr_at(19999, cfg) == pytest.approx(want, rel=1e-12)
+    assert trainer.lr_at(19999, cfg) > 0.96 * lr                       # still near the peak at the end of the run
+    assert trainer.lr_at(100000, cfg) == trainer.lr_at(150000, cfg) == pytest.approx(floor)
+    same = TrainConfig(steps=300, lr=lr, warmup_steps=30, cosine_steps=300)
+    default = TrainConfig(steps=300, lr=lr, warmup_steps=30)
+    assert [trainer.lr_at(s, same) for s in range(300)] == [trainer.lr_at(s, default) for s in range(300)]
+    with pytest.raises(Exception, match="train.cosine_steps.*> warmup_steps"):
+        trial_config({"train": {"warmup_steps": 100, "cosine_steps": 100}})
+
+
+def test_weight_decay_on_all_parameters():
+    cfg = trial_config(TINY)
+    cfg.model.vocab_size = 8
+    model = HybridLM(cfg.model)
+    (group,) = trainer.param_groups(model, 0.1, "all")
+    assert group["weight_decay"] == 0.1 and len(group["params"]) == len(list(model.parameters()))
+    tcfg = trial_config({**TINY, "train": {**TINY["train"], "weight_decay_groups": "all"}}).train
+    opt = trainer.make_optimizer(model, tcfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1]
+    assert trial_config(TINY).train.weight_decay_groups == "matrices"
+    with pytest.raises(Exception, match="train.weight_decay_groups"):
+        trial_config({"train": {"weight_decay_groups": "vectors"}})
+
+
+@pytest.mark.parametrize("off", [0, None])
+def test_no_gradient_clipping(off):
+    """grad_clip 0 or null: the step uses the raw gradient (null is stored as 0)."""
+    cfg = trial_config({**TINY, "train": {**TINY["train"], "grad_clip": off}})
+    assert cfg.train.grad_clip == 0.0
+    task = make_task("even_pairs", cfg.task_config)
+    cfg.model.vocab_size = task.vocab_size
+    torch.manual_seed(0)
+    model = HybridLM(cfg.model)
+    opt = trainer.make_optimizer(model, cfg.train)
+    batch = task.train_batch(16, np.random.default_rng(0))
+    _, norm = trainer.train_step(model, opt, batch, cfg.train, 0, torch.device("cpu"))
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert float(after) == pytest.approx(norm, rel=1e-6) and norm > 0
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_recipe_train_options_run_in_every_cpu_engine(engine):
+    result = run_trial(merged(train__engine=engine, train__weight_decay_groups="all", train__grad_clip=None,
+                              train__cosine_steps=200, train__betas=[0.9, 0.999], probe__enabled=False))
+    assert result.status == "completed", result.reason
+    assert result.config["train"]["cosine_steps"] == 200 and result.config["train"]["grad_clip"] == 0.0

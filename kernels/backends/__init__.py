@@ -9,7 +9,7 @@ Each module here imports its GPU packages (fla, triton, flash_attn, FlexAttentio
                 (reference form if fla is missing)
     flash_attn  KV: ``flash_attn_func(window_size=(W-1, 0))``; FW as fla
 
-How each blend maps onto these ops (hqlt-reference.md §4) lives once, in ``_glue``.
+How each blend maps onto these ops (docs/hqlt-math.md §4) lives once, in ``blend_compose``.
 """
 from __future__ import annotations
 

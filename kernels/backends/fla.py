@@ -5,9 +5,9 @@ attends to keys ``[i - W + 1, i]`` (the kernel masks ``i - j < W`` on top of cau
 the reference's W keys including the current one. Full causal attention (``kv_memory(window=None)``,
 or W >= T) goes to torch SDPA (FlashAttention), which is faster than fla's parallel kernel there.
 Delayed-Chunk's chunk-local KV is ``parallel_attn`` over the batch of chunks.
-bf16/fp16 only: float32/float64 inputs run the reference form on the GPU (``_glue``, "Precision").
+bf16/fp16 only: float32/float64 inputs run the reference form on the GPU (``blend_compose``, "Precision").
 FW: ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` / ``chunk_linear_attn(normalize=True)`` with the
-blend glue of ``_glue`` (delayed stream, chunk-start reads). Inputs q_fw, k_fw arrive featurised, so
+blend glue of ``blend_compose`` (delayed stream, chunk-start reads). Inputs q_fw, k_fw arrive featurised, so
 ``use_qk_l2norm_in_kernel=False``.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 
 from . import cuda_available
-from ._glue import fla_available, low_precision_kv_attention, make_ops, sdpa_causal
+from .blend_compose import fla_available, low_precision_kv_attention, make_ops, sdpa_causal
 
 
 def is_available() -> bool:
@@ -39,7 +39,7 @@ def _chunk_causal(q, k, v, scale):
 
 
 def kv_attn(q, k, v, *, scale, window, chunk_local):
-    # float32/64 take the reference form (fla's float32 paths: see _glue, "Precision")
+    # float32/64 take the reference form (fla's float32 paths: see blend_compose, "Precision")
     return low_precision_kv_attention(q, k, v, scale=scale, window=window, chunk_local=chunk_local,
                                       sliding=_sliding, causal=_chunk_causal if chunk_local else _causal)
 

@@ -1,5 +1,5 @@
 """Backend "flash_attn": KV through ``flash_attn.flash_attn_func(causal=True, window_size=(W-1, 0))``
-(FlashAttention-2, W keys incl. the current one, as the HQLT reference code); FW as fla (``_glue``).
+(FlashAttention-2, W keys incl. the current one, as the HQLT reference code); FW as fla (``blend_compose``).
 
 Used only when ``flash_attn`` is importable (it is not on the project's GPU image). FlashAttention takes
 fp16/bf16 only: float32/float64 KV goes to the reference form.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from . import cuda_available, has_module
-from ._glue import low_precision_kv_attention, make_ops
+from .blend_compose import low_precision_kv_attention, make_ops
 
 
 def is_available() -> bool:

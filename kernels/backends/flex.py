@@ -4,7 +4,7 @@ The BlockMask of a window is built analytically (which 128x128 tiles are fully v
 instead of by ``create_block_mask``, which evaluates the mask over all T x T pairs (gigabytes at T = 32K),
 and cached per (T, W, device). The mask function reads W from a captured 0-d tensor, so one compiled
 kernel serves every window (dynamo guards on the function's code and on the tensor's metadata, not on its
-value). Delayed-Chunk's chunk-local KV is causal attention over the batch of chunks (``_glue``).
+value). Delayed-Chunk's chunk-local KV is causal attention over the batch of chunks (``blend_compose``).
 
 FlexAttention is compiled once per process (``torch.compile(flex_attention)``, shapes become dynamic
 after the first recompile); the first call of each new shape/dtype pays a compile of seconds. float32
@@ -18,7 +18,7 @@ import math
 import torch
 
 from . import cuda_available, has_module
-from ._glue import fla_available, kernel_dtype, kv_attention, make_ops, reference_kv, same_dtype
+from .blend_compose import fla_available, kernel_dtype, kv_attention, make_ops, reference_kv, same_dtype
 
 BLOCK = 128
 _MASKS: dict = {}
@@ -102,7 +102,7 @@ def kv_attn(q, k, v, *, scale, window, chunk_local):
         return reference_kv(q, k, v, scale=scale, window=window, chunk_local=chunk_local)
     q, k, v = same_dtype(dtype, q, k, v)
     if window is None:   # full causal: SDPA (FlashAttention) is the faster kernel for it
-        from ._glue import sdpa_causal
+        from .blend_compose import sdpa_causal
         return sdpa_causal(q, k, v, scale=scale)
     return kv_attention(q, k, v, scale=scale, window=window, chunk_local=chunk_local, sliding=_flex,
                         causal=_causal)

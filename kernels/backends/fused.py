@@ -1,59 +1,117 @@
-"""Backend "fused": the fused Synchronous-HQLT Triton forward (``hqlt.kernels.fused_triton``) where it
-applies, the fla glue everywhere else.
+"""Backend "fused": the fused Synchronous-HQLT Triton kernels (``hqlt.kernels.fused``) where they apply, the
+fla glue everywhere else.
 
-The fused kernel serves ``hybrid_memory`` for blend="sync", fw="delta", bf16/fp16 (the kernel dtype of
-``_glue.kernel_dtype``, so bf16 autocast counts), 1 <= window <= 256, head dims <= 128, B*H <= 65535,
-CUDA tensors.
-Every other call — other blends or FW kinds, float32/float64, W > 256, larger heads — and the
+The fused kernels serve ``hybrid_memory`` for blend="sync", fw="delta", bf16/fp16 (the kernel dtype of
+``blend_compose.kernel_dtype``, so bf16 autocast counts), 1 <= window <= 256, head dims <= 128 (Dk of the KV
+and FW copies equal), B*H <= 65535, CUDA tensors, and only where the device's shared memory per block holds
+every kernel's tiles (``hqlt.kernels.fused.settings.fits_shared_memory``: an estimate from the tile sizes
+against ``shared_memory_per_block_optin``). ``fused_covers`` is that decision on plain values (the compile
+path decides at trace time with it; CPU tests call it with a given limit).
+Every other call — other blends or FW kinds, float32/float64 (the kernels' float32 products are TF32 on
+a GPU, short of the contract's float32 accuracy), W > 256, larger heads, too little shared memory — and the
 ``kv_memory`` / ``fw_memory`` ops go to the fla backend's ops (``make_ops`` over fla's sliding-window
 attention and FW kernels), or, without fla, to the same glue over the reference forms.
 
-Training: forward and backward are fused (``fused_triton.FusedSyncHybrid``, FUSED_NOTES.md step 3;
-gradients for q_kv, k_kv, q_fw, k_fw, v, beta separately). ``HQLT_FUSED_BACKWARD=0`` switches back to
-the old backward, which recomputes the outputs with the fla composition (or the reference) under
-autograd; ``HQLT_FUSED_SAVE_STATES=0`` recomputes the chunk states in the backward instead of keeping
-them from the forward.
+Training: forward and backward are fused, through the custom op pair ``hqlt::fused_sync_hybrid``
+(``hqlt.kernels.fused.ops``: the forward keeps the LSE and, by default, the chunk states for the backward
+kernels), in eager mode and under torch.compile alike. ``HQLT_FUSED_BACKWARD=0`` switches back to the old
+backward, which recomputes the outputs with the fla composition (or the reference) under autograd
+(``FusedSyncHybrid`` with ``unfused_hybrid_memory``, composed here and handed to the kernel package);
+``HQLT_FUSED_SAVE_STATES=0`` recomputes the chunk states in the backward instead of keeping them.
 
-Never picked by "auto" (no ``auto_priority``) until a measured auto table lists it. The probe only looks
-for the triton package and a CUDA device; triton is imported when the fused kernel first runs.
+No ``auto_priority``: "auto" picks it only where the measured auto table says it is fastest for the call's
+shape class (``hqlt.kernels.auto_table``). The probe only looks for the triton package and a CUDA device;
+triton is imported when the fused kernel first runs.
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from ..contract import MAX_GRID_ROWS, KernelOps
+from ..fused import ops as fused_ops
+from ..fused.settings import (DTYPE_BYTES, MAX_HEAD_DIM, fits_shared_memory, fused_backward_default, interpreting,
+                              save_states_default)
+from ..reference import chunked_hybrid_memory
 from . import cuda_available, has_module
-from ._glue import LOW_PRECISION, fla_available, kernel_dtype, make_ops, reference_kv, same_dtype
+from .blend_compose import dtype_name, fla_available, kernel_dtype, make_ops, reference_kv, same_dtype
 
 MAX_WINDOW = 256
-MAX_HEAD_DIM = 128   # = fused_triton.MAX_HEAD_DIM (not imported here: that module imports triton)
-MAX_GRID_ROWS = 65535  # = fused_triton.MAX_GRID_ROWS
+LOW_PRECISION_NAMES = ("bfloat16", "float16")
+NO_LIMIT = 1 << 62   # smem_limit of a shape known to run (a measured auto-table row)
 
 
 def is_available() -> bool:
     return has_module("triton") and cuda_available()
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def fused_covers(*, blend: str, fw: str, window: int, batch: int, heads: int, dk: int, dv: int, kernel_dtype: str,
+                 has_beta: bool = True, has_g: bool = False, device_type: str = "cuda", same_qk: bool = True,
+                 smem_limit: int | None = None) -> bool:
+    """Whether the fused kernels run this ``hybrid_memory`` call (module docstring), from plain values.
+
+    ``kernel_dtype``: the name of the dtype the kernels would run in (``blend_compose.kernel_dtype_name``).
+    ``smem_limit``: bytes of shared memory per block; None: the current CUDA device's
+    (``shared_memory_per_block_optin``), or no limit on CPU (the interpreter, which also takes float32).
+    """
+    if blend != "sync" or fw != "delta" or has_g or not has_beta or not same_qk:
+        return False
+    if not 1 <= int(window) <= MAX_WINDOW or max(dk, dv) > MAX_HEAD_DIM:
+        return False
+    if batch * heads > MAX_GRID_ROWS:      # (batch, head) pairs on one CUDA grid axis
+        return False
+    if device_type == "cuda":
+        if kernel_dtype not in LOW_PRECISION_NAMES:
+            return False
+        sms = None
+        if smem_limit is None:
+            smem_limit, sms = cuda_smem_limit(), cuda_sm_count()
+    elif device_type == "cpu" and interpreting():
+        # CPU: only under the triton interpreter (tests), which also takes float32 (and has no limit)
+        if kernel_dtype not in LOW_PRECISION_NAMES + ("float32",):
+            return False
+        sms = None
+    else:
+        return False
+    return smem_limit is None or smem_limit >= NO_LIMIT or fits_shared_memory(
+        DTYPE_BYTES[kernel_dtype], dk, dv, smem_limit, featurize=False, batch=batch, heads=heads, sms=sms)
+
+
+def covers_shape(shape: dict) -> bool:
+    """The shape class of "fused" for ``backend="auto"`` (``dispatch.Backend.covers``; keys of
+    ``hqlt.kernels.auto_table.entry_shape``): ``fused_covers`` of a call, or of a measured table row (which
+    ran on its card, so its shared memory is not checked again here)."""
+    if shape.get("op", "hybrid_memory") != "hybrid_memory":
+        return False
+    d = int(shape.get("head_dim") or 0)
+    return fused_covers(blend=shape.get("blend"), fw=shape.get("fw", "delta"), window=int(shape.get("window") or 0),
+                        batch=int(shape.get("batch") or 1), heads=int(shape.get("heads") or 1), dk=d,
+                        dv=int(shape.get("dv") or d), kernel_dtype=shape.get("dtype", "bfloat16"),
+                        smem_limit=NO_LIMIT if shape.get("measured") else None)
 
 
 def fused_applies(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, fw, g, dtype) -> bool:
-    """Whether a ``hybrid_memory`` call runs the fused kernel (module docstring)."""
-    if blend != "sync" or fw != "delta" or g is not None or beta is None:
-        return False
-    if not 1 <= int(window) <= MAX_WINDOW:
-        return False
-    if q_kv.shape != q_fw.shape or max(q_kv.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        return False
-    if v.shape[0] * v.shape[2] > MAX_GRID_ROWS:      # (batch, head) pairs on one CUDA grid axis
-        return False
-    if v.is_cuda:
-        return dtype in LOW_PRECISION
-    # CPU: only under the triton interpreter (tests), which also takes float32
-    return _interpreting() and dtype in LOW_PRECISION + (torch.float32,)
+    """``fused_covers`` for a call's tensors (``dtype``: the kernel dtype, ``blend_compose.kernel_dtype``)."""
+    B, _, H, dk = q_kv.shape
+    return fused_covers(blend=blend, fw=fw, window=window, batch=B, heads=H, dk=dk, dv=v.shape[-1],
+                        kernel_dtype=dtype_name(dtype), has_beta=beta is not None, has_g=g is not None,
+                        device_type=v.device.type, same_qk=q_kv.shape == q_fw.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return int(props.shared_memory_per_block_optin), int(props.multi_processor_count)
+
+
+def cuda_smem_limit() -> int:
+    """Shared memory per block (opt-in maximum, bytes) of the current CUDA device."""
+    return _device_limits(torch.cuda.current_device())[0]
+
+
+def cuda_sm_count() -> int:
+    return _device_limits(torch.cuda.current_device())[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,16 +126,29 @@ def fallback_ops():
     return make_ops(kv_attn, use_fla=False)
 
 
+def unfused_hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, **kw):
+    """What the fused kernel's recompute backward (``HQLT_FUSED_BACKWARD=0``) differentiates: the fla
+    composition when fla is importable on CUDA tensors, else the pure-torch chunked reference."""
+    if v.is_cuda and fla_available() and cuda_available():
+        return fallback_ops().hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, **kw)   # the fla backend's
+    return chunked_hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, **kw)
+
+
 def hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, fw, kv_scale, fw_scale, g=None,
                   chunk_size=64):
     dtype = kernel_dtype(q_kv, k_kv, q_fw, k_fw, v)
     if not fused_applies(q_kv, k_kv, q_fw, k_fw, v, beta, blend=blend, window=window, fw=fw, g=g, dtype=dtype):
         return fallback_ops().hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, blend=blend, window=window, fw=fw,
                                             kv_scale=kv_scale, fw_scale=fw_scale, g=g, chunk_size=chunk_size)
-    from ..fused_triton import FusedSyncHybrid
+    if fused_backward_default():
+        return fused_ops.hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, dtype=dtype, window=int(window),
+                                       kv_scale=float(kv_scale), fw_scale=float(fw_scale),
+                                       save_states=save_states_default())
+    from ..fused import sync_hybrid_memory
     qk, kk, qf, kf, vv = same_dtype(dtype, q_kv, k_kv, q_fw, k_fw, v)
-    o_kv, o_fw = FusedSyncHybrid.apply(qk, kk, qf, kf, vv, beta.float(), int(window), float(kv_scale),
-                                       float(fw_scale))
+    o_kv, o_fw = sync_hybrid_memory(qk, kk, vv, beta.float(), window=int(window), kv_scale=float(kv_scale),
+                                    fw_scale=float(fw_scale), q_fw=qf, k_fw=kf, fused_backward=False,
+                                    unfused=unfused_hybrid_memory)
     return o_kv.to(v.dtype), o_fw.to(v.dtype)
 
 
@@ -91,10 +162,10 @@ def fw_memory(q, k, v, beta, *, fw, scale, g=None, chunk_size=64):
 
 @functools.lru_cache(maxsize=None)
 def load():
-    from ..dispatch import KernelOps
-    # opaque Triton launches with their own autograd: keep them out of compiled graphs (as make_ops does)
-    disable = torch.compiler.disable
-    return KernelOps(disable(hybrid_memory), disable(kv_memory), disable(fw_memory))
+    # no torch.compiler.disable: under torch.compile the api reaches the kernels through custom ops
+    # (``hqlt.kernels.ops``, ``hqlt.kernels.fused.ops``), never through these functions
+    return KernelOps(hybrid_memory, kv_memory, fw_memory)
 
 
-__all__ = ["is_available", "load", "fused_applies", "fallback_ops", "MAX_WINDOW"]
+__all__ = ["is_available", "load", "fused_covers", "covers_shape", "fused_applies", "fallback_ops", "unfused_hybrid_memory",
+           "cuda_smem_limit", "MAX_WINDOW"]

@@ -6,7 +6,7 @@
     evals = task.eval_batches(256)                                  # deterministic, cached
 
 TASKS maps a name to TaskEntry(config, cls, short) (a NamedTuple, so also `config_cls, task_cls, short = TASKS[n]`).
-The contract (Batch, Task, metric helpers) is in `base`; definitions in docs tasks-reference.md Part A / B.
+The contract (Batch, Task, metric helpers) is in `base`; definitions in docs/tasks.md §A / §B.
 """
 from .base import Batch, IntStream, Task, concat_batches, make_batch, per_example_accuracy, scaled_accuracy, slice_metrics
 from .registry import TASKS, TaskEntry, get_entry, make_task, register_task, task_config, task_from_dict, task_names

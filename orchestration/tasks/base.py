@@ -5,7 +5,11 @@ A task turns a validated config dataclass into batches:
 - ``train_batch(batch_size, rng)`` draws a fresh training batch from the caller's numpy Generator
   (the trainer owns the seed; the same Generator state gives the same batch);
 - ``eval_batches(batch_size)`` returns the validation set, deterministic from ``config.eval_seed`` (or the
-  task's documented seeds), generated once per task instance and cached;
+  task's documented seeds), generated once per task instance and cached; it alone drives early stopping and
+  checkpoint selection;
+- ``test_batches(batch_size)`` returns the test set: the validation set's distribution and size drawn from another
+  seed (``config.test_seed``; byte LM: the file's last part), deterministic and cached; scored once, after
+  training, on the selected weights (metrics named ``test/...``);
 - ``slice_label(key, value)`` names the slice an example falls into (``("len", 57) -> "len_41-64"``).
 
 Shapes: ``inputs`` and ``targets`` are int64 ``[B, T]``; ``targets == -100`` is not supervised. Every batch has
@@ -106,6 +110,8 @@ class Task(ABC):
         self.path = path
         self._eval_sets: Optional[list[Batch]] = None
         self._eval_cache: dict[int, list[Batch]] = {}
+        self._test_sets: Optional[list[Batch]] = None
+        self._test_cache: dict[int, list[Batch]] = {}
 
     # ---- to implement -------------------------------------------------------------------------------
     @abstractmethod
@@ -116,6 +122,10 @@ class Task(ABC):
     def _build_eval_sets(self) -> list[Batch]:
         """The whole validation set as one or more groups (batches never mix groups). Deterministic."""
 
+    @abstractmethod
+    def _build_test_sets(self) -> list[Batch]:
+        """The whole test set, grouped like the validation set, from the test seed (never the validation one)."""
+
     # ---- shared ---------------------------------------------------------------------------------------
     def eval_sets(self) -> list[Batch]:
         if self._eval_sets is None:
@@ -124,14 +134,16 @@ class Task(ABC):
 
     def eval_batches(self, batch_size: int) -> list[Batch]:
         """The validation set cut into batches of at most `batch_size` (cached; do not modify in place)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if batch_size not in self._eval_cache:
-            out = []
-            for group in self.eval_sets():
-                out.extend(group.narrow(i, min(i + batch_size, group.size)) for i in range(0, group.size, batch_size))
-            self._eval_cache[batch_size] = out
-        return self._eval_cache[batch_size]
+        return _cut(self.eval_sets(), batch_size, self._eval_cache)
+
+    def test_sets(self) -> list[Batch]:
+        if self._test_sets is None:
+            self._test_sets = self._build_test_sets()
+        return self._test_sets
+
+    def test_batches(self, batch_size: int) -> list[Batch]:
+        """The test set cut into batches of at most `batch_size` (cached; do not modify in place)."""
+        return _cut(self.test_sets(), batch_size, self._test_cache)
 
     def eval_size(self) -> int:
         return sum(g.size for g in self.eval_sets())
@@ -141,6 +153,17 @@ class Task(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, seq_len={self.seq_len}, config={self.config})"
+
+
+def _cut(groups: list[Batch], batch_size: int, cache: dict[int, list[Batch]]) -> list[Batch]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size not in cache:
+        out = []
+        for group in groups:
+            out.extend(group.narrow(i, min(i + batch_size, group.size)) for i in range(0, group.size, batch_size))
+        cache[batch_size] = out
+    return cache[batch_size]
 
 
 # ---- metrics -----------------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
-"""Byte-level language modelling on a local text file (tasks-reference.md B). Nothing is downloaded.
+"""Byte-level language modelling on a local text file (docs/tasks.md §B). Nothing is downloaded.
 
-The file (config ``path``, required) is read as raw bytes (vocab 256; memory-mapped, so large files are fine).
-The last ``val_fraction`` of it is the validation part, the rest the training part:
+The file (config ``path``, required; ``hqlt:tiny_corpus.txt`` is a 26 KB sample shipped with hqlt) is read as
+raw bytes (vocab 256; memory-mapped, so large files are fine).
+The last ``val_fraction`` of it is the validation part, the ``test_fraction`` before it the test part, the rest
+the training part (the validation part is where it was before there was a test part):
 
-    n_val = floor(n * val_fraction), n_train = n - n_val   (validation = bytes [n_train, n))
+    n_val = floor(n * val_fraction), n_test = floor(n * test_fraction), n_train = n - n_test - n_val
+    (training = bytes [0, n_train), test = [n_train, n_train + n_test), validation = [n - n_val, n))
 
 - training: windows of ``seq_len + 1`` bytes at uniformly random offsets of the training part;
   inputs = window[:-1], targets = window[1:] (T = seq_len, every position supervised);
 - evaluation: consecutive non-overlapping windows of the validation part (window k has inputs
-  val[k*T : (k+1)*T] and targets shifted by one), at most ``eval_batches_max`` batches; T = seq_len.
+  val[k*T : (k+1)*T] and targets shifted by one), at most ``eval_batches_max`` batches; T = seq_len. The test set:
+  the same windows of the test part.
 
 kind = "lm": the trainer reports ``val/loss`` (mean nats per byte) and ``val/bpb`` = val/loss / ln 2
 (bits per byte), see `lm_metrics`.
@@ -23,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hqlt.blocks.configs import ConfigError, join, require
+from hqlt.blocks.validation import ConfigError, join, require
 
 from .base import Batch, Task
 from .registry import register_task
@@ -34,6 +38,7 @@ class ByteLMConfig:
     path: Optional[str] = None  # required: a local text file
     seq_len: int = 256
     val_fraction: float = 0.05
+    test_fraction: float = 0.05
     eval_batches_max: int = 64
 
     def check(self, path: str) -> None:
@@ -41,7 +46,20 @@ class ByteLMConfig:
                 "required: the path of a local text file (read byte-level)")
         require(self.seq_len >= 1, join(path, "seq_len"), f"got {self.seq_len}; must be >= 1")
         require(0.0 < self.val_fraction < 1.0, join(path, "val_fraction"), f"got {self.val_fraction}; must be in (0, 1)")
+        require(0.0 < self.test_fraction < 1.0 - self.val_fraction, join(path, "test_fraction"),
+                f"got {self.test_fraction}; must be in (0, 1 - val_fraction)")
         require(self.eval_batches_max >= 1, join(path, "eval_batches_max"), f"got {self.eval_batches_max}; must be >= 1")
+
+
+SHIPPED_PREFIX = "hqlt:"  # `path: hqlt:tiny_corpus.txt` = a corpus shipped with hqlt (orchestration/tasks/data/)
+
+
+def corpus_path(path: str) -> str:
+    """The file of a `path`: `hqlt:<name>` names a corpus shipped in the package (a few KB of public-domain text
+    for smoke tests: `hqlt:tiny_corpus.txt`), anything else a local file (`~` expanded)."""
+    if path.startswith(SHIPPED_PREFIX):
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", path[len(SHIPPED_PREFIX):])
+    return os.path.expanduser(path)
 
 
 def lm_metrics(mean_loss_nats: float, n_tokens: int) -> dict[str, float]:
@@ -68,7 +86,7 @@ class ByteLM(Task):
     def __init__(self, config: ByteLMConfig, path: str = "task"):
         super().__init__(config, path)
         p = join(path, "path")
-        file = os.path.expanduser(config.path)
+        file = corpus_path(config.path)
         if not os.path.isfile(file):
             raise ConfigError(p, f"{config.path!r} is not a readable file (no such file)")
         try:
@@ -78,14 +96,18 @@ class ByteLM(Task):
         except OSError as exc:
             raise ConfigError(p, f"{config.path!r} is not readable: {exc}") from None
         T = config.seq_len
-        n_train, n_val = split_sizes(size, config.val_fraction)
-        if n_train < T + 1 or n_val < T + 1:
+        n_rest, n_val = split_sizes(size, config.val_fraction)
+        n_test = int(math.floor(size * config.test_fraction))
+        n_train = n_rest - n_test
+        if min(n_train, n_test, n_val) < T + 1:
             raise ConfigError(join(path, "seq_len"),
-                              f"got {T}; {config.path!r} has {size} bytes -> train {n_train} / validation {n_val} bytes, "
-                              f"each needs >= seq_len+1 = {T + 1} (lower seq_len or adjust val_fraction)")
+                              f"got {T}; {config.path!r} has {size} bytes -> train {n_train} / test {n_test} / validation "
+                              f"{n_val} bytes, each needs >= seq_len+1 = {T + 1} (lower seq_len or adjust "
+                              f"val_fraction / test_fraction)")
         self.file = file
         self.data = np.memmap(file, dtype=np.uint8, mode="r")
-        self.n_train, self.n_val = n_train, n_val
+        self.n_train, self.n_test, self.n_val = n_train, n_test, n_val
+        self.val_start = n_rest
         self.seq_len = self.train_seq_len = T
 
     def _windows(self, starts: np.ndarray) -> Batch:
@@ -101,18 +123,31 @@ class ByteLM(Task):
     def num_eval_windows(self) -> int:
         return (self.n_val - 1) // self.seq_len
 
+    def num_test_windows(self) -> int:
+        return (self.n_test - 1) // self.seq_len
+
     def _build_eval_sets(self) -> list[Batch]:  # uncapped (eval_batches applies the cap per batch size)
-        return [self._windows(self.n_train + self.seq_len * np.arange(self.num_eval_windows()))]
+        return [self._windows(self.val_start + self.seq_len * np.arange(self.num_eval_windows()))]
+
+    def _build_test_sets(self) -> list[Batch]:  # uncapped (test_batches applies the cap per batch size)
+        return [self._windows(self.n_train + self.seq_len * np.arange(self.num_test_windows()))]
+
+    def _capped(self, start: int, windows: int, batch_size: int, cache: dict) -> list[Batch]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size not in cache:
+            n = min(windows, batch_size * self.config.eval_batches_max)
+            starts = start + self.seq_len * np.arange(n)
+            cache[batch_size] = [self._windows(starts[i:i + batch_size]) for i in range(0, n, batch_size)]
+        return cache[batch_size]
 
     def eval_batches(self, batch_size: int) -> list[Batch]:
         """Consecutive non-overlapping validation windows, at most ``eval_batches_max`` batches (cached)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if batch_size not in self._eval_cache:
-            n = min(self.num_eval_windows(), batch_size * self.config.eval_batches_max)
-            starts = self.n_train + self.seq_len * np.arange(n)
-            self._eval_cache[batch_size] = [self._windows(starts[i:i + batch_size]) for i in range(0, n, batch_size)]
-        return self._eval_cache[batch_size]
+        return self._capped(self.val_start, self.num_eval_windows(), batch_size, self._eval_cache)
+
+    def test_batches(self, batch_size: int) -> list[Batch]:
+        """Consecutive non-overlapping windows of the test part, at most ``eval_batches_max`` batches (cached)."""
+        return self._capped(self.n_train, self.num_test_windows(), batch_size, self._test_cache)
 
 
 __all__ = ["ByteLM", "ByteLMConfig", "lm_metrics", "split_sizes"]

@@ -1,6 +1,6 @@
 """Formal-language / state-tracking tasks (Deletang et al. 2023, token version of xLSTM / Grazzi et al. / HQLT).
 
-Definitions: tasks-reference.md A1.1-A1.2 (restated there in words; this is an independent implementation).
+Definitions: docs/tasks.md §A1.1-A1.2 (restated there in words; this is an independent implementation).
 
 Sequence format. An example is a token string s of "reference length" L whose answer token sits at index a
 (a = L-1, except the bracket task whose reference layout is ``expr '=' answer PAD`` so a = L-2). The model
@@ -14,7 +14,7 @@ Pad id is 0 (the reference's pad) for every task except ``mod_arith_brackets``, 
 there the task's own PAD id (V-1) is used. Padding is never read by a causal model at the supervised position.
 
 Lengths. Training L ~ Uniform{train_min_len..train_max_len}, evaluation L ~ Uniform{eval_min_len..eval_max_len}
-(``eval_size`` examples from ``eval_seed``), except: ``mod_arith`` uses odd L only (L = 2k-1, uniform over the odd
+(``eval_size`` examples from ``eval_seed``; the test set: as many from ``test_seed``), except: ``mod_arith`` uses odd L only (L = 2k-1, uniform over the odd
 lengths in the range; the reference's test range 40..256 thus gives 41..255, the reference also includes 39);
 ``mod_arith_brackets`` forces L >= 5 (as the reference does).
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hqlt.blocks.configs import join, require
+from hqlt.blocks.validation import join, require
 
 from .base import IGNORE, Batch, IntStream, Task, make_batch
 from .registry import register_task
@@ -50,8 +50,11 @@ class FormalConfig:
     eval_max_len: int = 256
     eval_size: int = 8192
     eval_seed: int = 1234
+    test_seed: int = 4321  # the test set: eval_size examples of the evaluation lengths from this seed
 
     def check(self, path: str) -> None:
+        require(self.test_seed != self.eval_seed, join(path, "test_seed"),
+                f"got {self.test_seed}, the eval_seed too; allowed: another seed than eval_seed")
         require(self.train_min_len >= 3, join(path, "train_min_len"), f"got {self.train_min_len}; must be >= 3")
         require(self.train_max_len >= self.train_min_len, join(path, "train_max_len"),
                 f"got {self.train_max_len}; must be >= train_min_len ({self.train_min_len})")
@@ -162,6 +165,11 @@ class FormalLanguageTask(Task):
     def _build_eval_sets(self) -> list[Batch]:
         c = self.config
         rng = np.random.default_rng(c.eval_seed)
+        return [self._batch(rng, c.eval_size, c.eval_min_len, c.eval_max_len, self.seq_len)]
+
+    def _build_test_sets(self) -> list[Batch]:
+        c = self.config
+        rng = np.random.default_rng(c.test_seed)
         return [self._batch(rng, c.eval_size, c.eval_min_len, c.eval_max_len, self.seq_len)]
 
     def slice_label(self, key: str, value: int) -> str:

@@ -1,9 +1,9 @@
-"""The six MAD-Lab synthetic tasks (Poli et al. 2024). Definitions: tasks-reference.md A3.2 (restated, not copied).
+"""The six MAD-Lab synthetic tasks (Poli et al. 2024). Definitions: docs/tasks.md §A3.2 (restated, not copied).
 
 Every MAD task has a FIXED training set of ``num_train_examples`` generated once (lazily, on the first
 training batch) from ``seed``; ``train_batch`` samples examples from it uniformly with replacement using the
-caller's Generator. The test set (``num_test_examples``) is generated from ``eval_seed`` with the task's test
-target rule. Train and eval batches have the same T (``seq_len`` below; L = config seq_len).
+caller's Generator. MAD's test set (``num_test_examples``) is generated from ``eval_seed`` with the task's test
+target rule: hqlt's validation set; hqlt's test set is as many examples from ``test_seed``, the same rule. Train and eval batches have the same T (``seq_len`` below; L = config seq_len).
 
 | task | layout | T | supervised (train / test) |
 |---|---|---|---|
@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hqlt.blocks.configs import join, require
+from hqlt.blocks.validation import join, require
 
 from .base import IGNORE, Batch, IntStream, Task, make_batch
 from .registry import register_task
@@ -41,9 +41,13 @@ class MADConfig:
     num_train_examples: int = 12800
     num_test_examples: int = 1280
     seed: int = 12345  # training set (and memorization's key->value map)
-    eval_seed: int = 54321  # test set
+    eval_seed: int = 54321  # MAD's test set, hqlt's validation set (early stopping, checkpoint selection)
+    test_seed: int = 13579  # hqlt's test set: num_test_examples more, the same rule, from this seed
 
     def check(self, path: str) -> None:
+        require(len({self.seed, self.eval_seed, self.test_seed}) == 3, join(path, "test_seed"),
+                f"got seed {self.seed}, eval_seed {self.eval_seed}, test_seed {self.test_seed}; allowed: three "
+                f"different seeds")
         require(self.num_train_examples >= 1, join(path, "num_train_examples"), f"got {self.num_train_examples}; must be >= 1")
         require(self.num_test_examples >= 1, join(path, "num_test_examples"), f"got {self.num_test_examples}; must be >= 1")
         require(self.vocab_size >= 3, join(path, "vocab_size"), f"got {self.vocab_size}; must be >= 3")
@@ -174,6 +178,10 @@ class MADTask(Task):
     def _build_eval_sets(self) -> list[Batch]:
         c = self.config
         return [make_batch(*self._generate(np.random.default_rng(c.eval_seed), c.num_test_examples, False))]
+
+    def _build_test_sets(self) -> list[Batch]:
+        c = self.config
+        return [make_batch(*self._generate(np.random.default_rng(c.test_seed), c.num_test_examples, False))]
 
 
 def recall_examples(rng: np.random.Generator, n: int, L: int, kv_vocab: int, vocab: int, frac_noise: float,

@@ -1,4 +1,4 @@
-"""Multi-Query Associative Recall (Zoology; Arora et al. 2023). Definition: tasks-reference.md A2.1.
+"""Multi-Query Associative Recall (Zoology; Arora et al. 2023). Definition: docs/tasks.md §A2.1.
 
 One example of input length L with D key-value pairs (vocab V):
 
@@ -16,17 +16,25 @@ Settings: ``train`` / ``eval`` are lists of ``{seq_len, num_kv_pairs, weight}``;
 to the single setting (``seq_len``, ``num_kv_pairs``); eval defaults to the train list. A training batch mixes settings,
 each example drawn with probability proportional to ``weight`` (Zoology mixes by example counts), padded to
 ``train_seq_len`` = the longest training L (inputs 0, targets -100). Evaluation has ``eval_size`` examples per eval
-setting (setting i generated from seed (eval_seed, i)); its batches never mix settings and have T = that L.
+setting (setting i generated from seed (eval_seed, i)); its batches never mix settings and have T = that L. The test
+set is the same from seeds (test_seed, i).
 Slices: "kv" (``kv_16``) always, "len" (``len_256``) when the eval settings have several lengths.
 Metric: per-example accuracy over its D queries, then the mean (Zoology's).
+
+Training data: fresh examples every step by default. With ``num_train_examples`` = N there is instead one FIXED
+training set of N examples (Zoology trains on such a set for a number of epochs): setting i contributes its share
+floor(N * p_i) (the remainder to the first settings), generated from seed (``train_seed``, i). Training batches walk
+through it in epochs, each epoch a fresh permutation drawn from the trainer's Generator; a batch may run across an
+epoch boundary (the batch shape stays constant), so ``train.steps = epochs * N / batch_size`` trains that many epochs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
-from hqlt.blocks.configs import join, require
+from hqlt.blocks.validation import join, require
 
 from .base import IGNORE, Batch, Task, make_batch
 from .registry import register_task
@@ -52,13 +60,16 @@ class MQARConfig:
     vocab_size: int = 8192
     seq_len: int = 256
     num_kv_pairs: int = 16
-    # (not Optional: hqlt.blocks.configs reports errors inside Optional[list[...]] only as "expected a list or null")
+    # (not Optional: hqlt.blocks.validation reports errors inside Optional[list[...]] only as "expected a list or null")
     train: list[MQARSetting] = field(default_factory=list)  # []: [{seq_len, num_kv_pairs}]
     eval: list[MQARSetting] = field(default_factory=list)  # []: the train settings
     eval_size: int = 1000  # examples per eval setting
     eval_seed: int = 1234
+    test_seed: int = 4321  # the test set: eval_size examples per eval setting, setting i from (test_seed, i)
     power_a: float = 0.01
     random_non_queries: bool = True
+    num_train_examples: Optional[int] = None  # null: fresh examples every step; N: a fixed training set, in epochs
+    train_seed: int = 2468  # the fixed training set: setting i from (train_seed, i)
 
     def train_settings(self) -> list[MQARSetting]:
         return list(self.train) if self.train else [MQARSetting(self.seq_len, self.num_kv_pairs)]
@@ -71,6 +82,13 @@ class MQARConfig:
                 f"got {self.vocab_size}; must be an even number >= 4")
         require(self.power_a > 0, join(path, "power_a"), f"got {self.power_a}; must be > 0")
         require(self.eval_size >= 1, join(path, "eval_size"), f"got {self.eval_size}; must be >= 1")
+        require(self.test_seed != self.eval_seed, join(path, "test_seed"),
+                f"got {self.test_seed}, the eval_seed too; allowed: another seed than eval_seed")
+        if self.num_train_examples is not None:
+            require(self.num_train_examples >= len(self.train_settings()), join(path, "num_train_examples"),
+                    f"got {self.num_train_examples}; allowed: at least one example per training setting, or null")
+            require(self.train_seed not in (self.eval_seed, self.test_seed), join(path, "train_seed"),
+                    f"got {self.train_seed}; allowed: a seed other than eval_seed and test_seed")
         if self.train:
             train = [(s, f"{join(path, 'train')}[{i}]") for i, s in enumerate(self.train)]
         else:  # the top-level seq_len / num_kv_pairs: errors name task.seq_len / task.num_kv_pairs
@@ -147,6 +165,8 @@ class MQAR(Task):
         w = np.array([s.weight for s in self.train_settings], dtype=np.float64)
         self.train_p = w / w.sum()
         self.slice_len = len({s.seq_len for s in self.eval_settings}) > 1
+        self._train_set: Optional[tuple] = None  # the fixed training set (num_train_examples), built lazily
+        self._epochs: dict = {}  # id(Generator) -> [Generator, order of the current epoch, next position]
 
     def _examples(self, rng, n, s: MQARSetting, T: int) -> tuple[np.ndarray, np.ndarray, dict]:
         c = self.config
@@ -160,6 +180,8 @@ class MQAR(Task):
         return x, y, slices
 
     def train_batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
+        if self.config.num_train_examples is not None:
+            return self._fixed_batch(batch_size, rng)
         T = self.train_seq_len
         if len(self.train_settings) == 1:
             return make_batch(*self._examples(rng, batch_size, self.train_settings[0], T))
@@ -178,13 +200,53 @@ class MQAR(Task):
                     slices[k][idx] = sl[k]
         return make_batch(inputs, targets, slices)
 
-    def _build_eval_sets(self) -> list[Batch]:
+    def train_set_arrays(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        """The fixed training set (inputs, targets, slices), compact integers; only with num_train_examples."""
+        if self._train_set is None:
+            c = self.config
+            N, T = c.num_train_examples, self.train_seq_len
+            counts = np.floor(N * self.train_p).astype(np.int64)
+            counts[:N - int(counts.sum())] += 1
+            dtype = np.int16 if c.vocab_size <= np.iinfo(np.int16).max else np.int32
+            parts = [self._examples(np.random.default_rng([c.train_seed, i]), int(n), s, T)
+                     for i, (s, n) in enumerate(zip(self.train_settings, counts)) if n > 0]
+            x = np.concatenate([p[0] for p in parts]).astype(dtype)
+            y = np.concatenate([p[1] for p in parts]).astype(dtype)
+            slices = {k: np.concatenate([p[2][k] for p in parts]).astype(np.int32) for k in parts[0][2]}
+            self._train_set = (x, y, slices)
+        return self._train_set
+
+    def _fixed_batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
+        """The next `batch_size` examples of the fixed set in this Generator's epoch order (a new permutation from
+        `rng` whenever an epoch is used up). The position is kept per Generator, so one stream's order never
+        depends on another's."""
+        x, y, slices = self.train_set_arrays()
+        state = self._epochs.get(id(rng))
+        if state is None or state[0] is not rng:
+            if len(self._epochs) >= 8:  # a trial uses one stream; keep the table small
+                self._epochs.pop(next(iter(self._epochs)))
+            state = self._epochs[id(rng)] = [rng, np.empty(0, dtype=np.int64), 0]
+        parts, need = [], batch_size
+        while need:
+            if state[2] == len(state[1]):
+                state[1], state[2] = rng.permutation(len(x)), 0
+            take = min(need, len(state[1]) - state[2])
+            parts.append(state[1][state[2]:state[2] + take])
+            state[2] += take
+            need -= take
+        idx = np.concatenate(parts)
+        return make_batch(x[idx], y[idx], {k: v[idx] for k, v in slices.items()})
+
+    def _build_eval_sets(self, seed: Optional[int] = None) -> list[Batch]:
         c = self.config
         out = []
         for i, s in enumerate(self.eval_settings):
-            rng = np.random.default_rng([c.eval_seed, i])
+            rng = np.random.default_rng([c.eval_seed if seed is None else seed, i])
             out.append(make_batch(*self._examples(rng, c.eval_size, s, s.seq_len)))
         return out
+
+    def _build_test_sets(self) -> list[Batch]:
+        return self._build_eval_sets(self.config.test_seed)
 
     def slice_label(self, key: str, value: int) -> str:
         return f"{key}_{int(value)}"

@@ -4,14 +4,14 @@
     class Parity(FormalLanguageTask): ...
 
 ``make_task(name, cfg, path)`` validates `cfg` (a mapping or the config dataclass) with
-``hqlt.blocks.configs.build`` and constructs the task; a wrong key or value raises ``ConfigError`` naming the
+``hqlt.blocks.validation.build`` and constructs the task; a wrong key or value raises ``ConfigError`` naming the
 dotted path (``task.train_max_len``), an unknown task name lists the registered names.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple
 
-from hqlt.blocks.configs import ConfigError, build, closest, join
+from hqlt.blocks.validation import ConfigError, build, closest, join
 
 from .base import Task
 

@@ -4,8 +4,8 @@
     python reports/results/make_tables.py --print    # print them instead
 
 Each sweep folder under reports/results/ holds the sweep's mlflow.db and spec.yaml; arms are named from the
-sampled model config (the ``model`` param), published numbers come from ../shared/docs/tasks-reference.md
-(A1.6, A2.3) and sit beside ours.
+sampled model config (the ``model`` param), published numbers come from docs/tasks.md
+(§A1.6, §A2.3) and sit beside ours.
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from hqlt.orchestration.tracking import role_filter
+from hqlt.search_space.vocabulary import (ARCH_TAG, COMPLETED, MLFLOW_DB, ROLE_TRIAL, RUNNING, SPEC_YAML, STATUS_TAG,
+                                          TRIAL_ID_TAG, sqlite_uri)
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,16 +64,16 @@ def state_elements(model: dict, seq_len: int) -> int:
 def load_trials(folder: Path) -> list[dict]:
     import mlflow
 
-    spec = yaml.safe_load((folder / "spec.yaml").read_text())
-    cl = mlflow.MlflowClient(f"sqlite:///{(folder / 'mlflow.db').resolve()}")
+    spec = yaml.safe_load((folder / SPEC_YAML).read_text())
+    cl = mlflow.MlflowClient(sqlite_uri(folder))
     exp = cl.get_experiment_by_name(spec["sweep"]["name"])
-    runs = cl.search_runs([exp.experiment_id], filter_string="tags.`hqlt.role` = 'trial'", max_results=10000)
+    runs = cl.search_runs([exp.experiment_id], filter_string=role_filter(ROLE_TRIAL), max_results=10000)
     best: dict[str, dict] = {}
     for run in runs:  # one row per Ray trial: a resumed trial's completed run wins
-        tid = run.data.tags.get("trial_id")
-        row = {"status": run.data.tags.get("status", "running"), "params": run.data.params,
-               "metrics": run.data.metrics, "arch": run.data.tags.get("arch"), "spec": spec}
-        if tid not in best or (row["status"] == "completed" and best[tid]["status"] != "completed"):
+        tid = run.data.tags.get(TRIAL_ID_TAG)
+        row = {"status": run.data.tags.get(STATUS_TAG, RUNNING), "params": run.data.params,
+               "metrics": run.data.metrics, "arch": run.data.tags.get(ARCH_TAG), "spec": spec}
+        if tid not in best or (row["status"] == COMPLETED and best[tid]["status"] != COMPLETED):
             best[tid] = row
     return list(best.values())
 
@@ -137,7 +141,7 @@ def mqar_table(folder: Path) -> str:
                 if t is None:
                     return "not run"
                 v = t["metrics"].get("val/acc")
-                return _fmt(v) if t["status"] == "completed" else f"{t['status']}"
+                return _fmt(v) if t["status"] == COMPLETED else f"{t['status']}"
 
             def steps(kv):
                 t = cell.get(kv)
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=str(HERE), help="folder holding the sweep folders and README.md")
     args = p.parse_args(argv)
     root = Path(args.root)
-    tables = {name: fn(root / name) for name, fn in BLOCKS.items() if (root / name / "mlflow.db").exists()}
+    tables = {name: fn(root / name) for name, fn in BLOCKS.items() if (root / name / MLFLOW_DB).exists()}
     if args.print:
         for name, text in tables.items():
             print(f"## {name}\n\n{text}\n")

@@ -1,0 +1,268 @@
+"""Benchmark of the fused Synchronous-HQLT forward and backward (FUSED_NOTES.md steps 2-3) against the fla composition and SDPA.
+
+    python -m hqlt.benchmarks.fused [--out FILE.json] [--shapes 8x2048 1x32768] [--heads 8] [--dim 128]
+                                    [--window 64] [--warmup 5] [--repeats 20] [--no-sweep]
+
+Per (B, T), bf16, H heads of dim d, window W, raw q, k, v ~ N(0, 1), beta = 2 sigmoid(N(0, 1)):
+
+* fused fwd           ``fused_forward`` (FW features computed in the kernel), no autograd;
+* fused fwd (given features)  the backend's path: q_fw, k_fw passed in (``hybrid_memory(backend="fused")``);
+* fused stages        the three launches timed cumulatively (wy; wy+scan; all), differences = per kernel;
+* fused fwd+bwd       ``sync_hybrid_memory`` + ``torch.autograd.grad`` for q, k, v, beta with the fused
+                      backward (FUSED_NOTES.md step 3): chunk states kept from the forward (default), or
+                      recomputed in the backward (``save_states=False``);
+* fused bwd only      ``fused_backward`` alone on a saved forward (states kept), no autograd;
+* fused fwd+bwd (recompute bwd)  the old backward: fused fwd + fla fwd+bwd (``fused_backward=False``);
+* fla fwd, fwd+bwd    the composition as a model runs it: l2(silu(q)), l2(silu(k)) in torch, then
+                      ``hybrid_memory(backend="fla")`` (fla ``parallel_attn`` window + ``chunk_delta_rule``);
+* SDPA fwd, fwd+bwd   ``F.scaled_dot_product_attention(is_causal=True)`` over the same tokens (baseline).
+
+The gradients of the fused backward are compared with the fla composition's (relative RMS, bf16 both).
+Times: median of ``--repeats`` CUDA-event timings after ``--warmup`` untimed calls (warmup also absorbs
+Triton compilation and fla autotuning). The max |fused - fla| of both outputs (and the relative RMS) is
+printed per shape. ``--no-sweep`` skips the sweep of alternative fused block/warp configurations. A
+failing entry prints its error and the run goes on. Needs a CUDA device.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .kernels import _version, cuda_time_ms, parse_pair
+
+SWEEP = (  # overrides of hqlt.kernels.fused.launch.default_config, one group at a time
+    {"scan_bv": 16}, {"scan_bv": 32}, {"scan_bv": 64, "scan_warps": 8}, {"scan_warps": 4}, {"scan_warps": 8},
+    {"out_bv": 128, "out_warps": 8}, {"out_warps": 4}, {"out_warps": 8}, {"wy_warps": 4}, {"wy_warps": 8},
+    {"num_stages": 1}, {"num_stages": 3},
+)
+BWD_SWEEP = (  # the same for the fused backward (timed alone on a saved forward)
+    {"bwd_scan_bv": 16}, {"bwd_scan_bv": 32}, {"bwd_scan_bv": 64, "bwd_scan_warps": 8}, {"bwd_scan_warps": 4},
+    {"fw_bwd_bv": 16}, {"fw_bwd_bv": 64}, {"fw_bwd_warps": 4}, {"fw_bwd_warps": 8}, {"kv_bwd_warps": 4},
+    {"kv_bwd_warps": 8}, {"num_stages": 1}, {"num_stages": 3},
+)
+
+
+def _time(fn, args) -> dict:
+    try:
+        if args.device != "cuda":   # CPU smoke test (TRITON_INTERPRET=1): one timed call, wall clock
+            fn()
+            t = time.perf_counter()
+            fn()
+            return {"ms": (time.perf_counter() - t) * 1e3}
+        return {"ms": cuda_time_ms(fn, args.warmup, args.repeats)}
+    except Exception as exc:  # a backend error: report it and go on
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        msg = str(exc).splitlines()[0][:300] if str(exc) else ""
+        return {"ms": None, "error": f"{type(exc).__name__}: {msg}"}
+
+
+def _show(label: str, r: dict, extra: str = "") -> None:
+    if r.get("ms") is None:
+        print(f"  {label:<44} failed: {r.get('error')}", flush=True)
+    else:
+        print(f"  {label:<44} {r['ms']:9.3f} ms {extra}", flush=True)
+
+
+def _grad_step(forward, leaves, grads):
+    def step():
+        outs = forward()
+        torch.autograd.grad(outs, leaves, grads[:len(outs)], allow_unused=True)
+    return step
+
+
+def bench_shape(B: int, T: int, args) -> dict:
+    import torch.nn.functional as F
+
+    from hqlt.kernels import available_backends, hybrid_memory
+    from hqlt.kernels.fused import autograd as FA
+    from hqlt.kernels.fused import launch as FL
+
+    H, d, W = args.heads, args.dim, args.window
+    dev = torch.device(args.device)
+    scale = d ** -0.5
+    gen = torch.Generator(device=dev).manual_seed(T + B)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=dev, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+
+    q, k, v = randn(B, T, H, d), randn(B, T, H, d), randn(B, T, H, d)
+    beta = (2 * torch.sigmoid(randn(B, T, H).float())).to(torch.bfloat16)
+    grads = [randn(B, T, H, d), randn(B, T, H, d)]
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, beta)]
+    row: dict = {"batch": B, "seq_len": T, "heads": H, "head_dim": d, "window": W,
+                 "config": FL.default_config(B, H, d, d, dev)}
+    print(f"B={B} T={T} H={H} d={d} W={W} bf16; fused config {row['config']}", flush=True)
+
+    def fused_fwd(config=None, stages=3):
+        return lambda: FL.fused_forward(q, k, v, beta, window=W, kv_scale=scale, fw_scale=scale, config=config,
+                                        stages=stages)
+
+    row["fused_fwd"] = _time(fused_fwd(), args)
+    _show("fused fwd (features in kernel)", row["fused_fwd"])
+    qf, kf = FA.featurize(q).to(torch.bfloat16), FA.featurize(k).to(torch.bfloat16)
+    row["fused_fwd_given_features"] = _time(
+        lambda: FL.fused_forward(q, k, v, beta, window=W, kv_scale=scale, fw_scale=scale, q_fw=qf, k_fw=kf), args)
+    _show("fused fwd (features given)", row["fused_fwd_given_features"])
+    stages = {}
+    for n, name in ((1, "wy"), (2, "wy+scan"), (3, "wy+scan+out")):
+        stages[name] = _time(fused_fwd(stages=n), args).get("ms")
+    row["fused_stages_cumulative_ms"] = stages
+    if all(stages.values()):
+        print(f"  {'fused per kernel: wy / scan / out':<44} {stages['wy']:.3f} / "
+              f"{stages['wy+scan'] - stages['wy']:.3f} / {stages['wy+scan+out'] - stages['wy+scan']:.3f} ms",
+              flush=True)
+
+    fla_ok = available_backends().get("fla", False)
+    # the old backward recomputes with the fla composition (the backend's choice on CUDA), else the reference
+    unfused = functools.partial(hybrid_memory, backend="fla") if fla_ok and dev.type == "cuda" else None
+
+    def fused_fb(**kw):
+        return _grad_step(lambda: FA.sync_hybrid_memory(*leaves, window=W, kv_scale=scale, fw_scale=scale,
+                                                        unfused=unfused, **kw), leaves, grads)
+
+    row["fused_fwd_bwd"] = _time(fused_fb(fused_backward=True, save_states=True), args)
+    _show("fused fwd+bwd (fused bwd, states kept)", row["fused_fwd_bwd"])
+    row["fused_fwd_bwd_recompute_states"] = _time(fused_fb(fused_backward=True, save_states=False), args)
+    _show("fused fwd+bwd (fused bwd, states recomputed)", row["fused_fwd_bwd_recompute_states"])
+    with torch.no_grad():
+        o_kv, _, aux = FL.fused_forward(q, k, v, beta, window=W, kv_scale=scale, fw_scale=scale, return_aux=True)
+
+    def fused_bwd(config=None):
+        return lambda: FL.fused_backward(q, k, v, beta, o_kv, aux["lse"], grads[0], grads[1], window=W,
+                                         kv_scale=scale, fw_scale=scale, w=aux["w"], v_new=aux["v_new"],
+                                         states=aux["states"], config=config)
+
+    row["fused_bwd_only"] = _time(fused_bwd(), args)
+    _show("fused bwd only (states kept)", row["fused_bwd_only"])
+    row["fused_fwd_bwd_unfused_bwd"] = _time(fused_fb(fused_backward=False), args)
+    _show("fused fwd+bwd (old bwd: fla recompute)", row["fused_fwd_bwd_unfused_bwd"])
+
+    def fla_forward(qq, kk, vv, bb):
+        qf_, kf_ = FA.featurize(qq).to(torch.bfloat16), FA.featurize(kk).to(torch.bfloat16)
+        return hybrid_memory(qq, kk, qf_, kf_, vv, bb, blend="sync", window=W, fw="delta", kv_scale=scale,
+                             fw_scale=scale, backend="fla")
+
+    if fla_ok:
+        with torch.no_grad():
+            row["fla_fwd"] = _time(lambda: fla_forward(q, k, v, beta), args)
+        _show("fla composition fwd (incl. torch featurise)", row["fla_fwd"])
+        row["fla_fwd_bwd"] = _time(_grad_step(lambda: fla_forward(*leaves), leaves, grads), args)
+        _show("fla composition fwd+bwd", row["fla_fwd_bwd"])
+    else:
+        row["fla_fwd"] = row["fla_fwd_bwd"] = {"ms": None, "error": "fla backend not available"}
+        print("  fla composition: not available (pip install flash-linear-attention)", flush=True)
+
+    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    with torch.no_grad():
+        row["sdpa_fwd"] = _time(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), args)
+    _show("SDPA full causal fwd", row["sdpa_fwd"])
+    sl = [x.detach().requires_grad_() for x in (qh, kh, vh)]
+    row["sdpa_fwd_bwd"] = _time(_grad_step(lambda: (F.scaled_dot_product_attention(*sl, is_causal=True),),
+                                           sl, [grads[0].transpose(1, 2).contiguous()]), args)
+    _show("SDPA full causal fwd+bwd", row["sdpa_fwd_bwd"])
+    del qh, kh, vh, sl
+
+    # accuracy in this run: fused vs fla (both bf16), and the finite check
+    try:
+        with torch.no_grad():
+            o = FL.fused_forward(q, k, v, beta, window=W, kv_scale=scale, fw_scale=scale, poison=True)
+            err = {"fused_finite": bool(all(torch.isfinite(x).all() for x in o))}
+            if fla_ok:
+                o_fla = fla_forward(q, k, v, beta)
+                for name, a, b in zip(("o_kv", "o_fw"), o, o_fla):
+                    a, b = a.float(), b.float()
+                    err[f"{name}_max_abs"] = (a - b).abs().max().item()
+                    err[f"{name}_max_abs_ref"] = b.abs().max().item()
+                    err[f"{name}_rel_rms"] = ((a - b).norm() / b.norm()).item()
+        if fla_ok:   # gradients: fused backward vs the fla composition's autograd
+            g_f = torch.autograd.grad(FA.sync_hybrid_memory(*leaves, window=W, kv_scale=scale, fw_scale=scale,
+                                                            fused_backward=True), leaves, grads)
+            g_l = torch.autograd.grad(fla_forward(*leaves), leaves, grads)
+            for name, a, b in zip(("dq", "dk", "dv", "dbeta"), g_f, g_l):
+                a, b = a.float(), b.float()
+                err[f"{name}_rel_rms"] = ((a - b).norm() / b.norm()).item()
+                err[f"{name}_finite"] = bool(torch.isfinite(a).all())
+    except Exception as exc:
+        err = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+    row["fused_vs_fla"] = err
+    print(f"  fused vs fla: {json.dumps(err)}", flush=True)
+
+    if args.sweep:
+        row["fused_fwd_sweep"] = _config_sweep("sweep", SWEEP, fused_fwd, row["fused_fwd"], args)
+        row["fused_bwd_sweep"] = _config_sweep("bwd sweep", BWD_SWEEP, fused_bwd, row["fused_bwd_only"], args)
+    del q, k, v, beta, leaves, grads, o_kv, aux
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _config_sweep(label: str, overrides, make, default: dict, args) -> list[dict]:
+    """Time make(config=override) for each override; print each and the best against the default."""
+    sweep = []
+    for override in overrides:
+        r = _time(make(config=override), args)
+        sweep.append({"override": override, **r})
+        _show(f"{label} {json.dumps(override)}", r)
+    timed = [s for s in sweep if s.get("ms")]
+    if timed:
+        best = min(timed, key=lambda s: s["ms"])
+        print(f"  best {label} entry: {json.dumps(best['override'])} {best['ms']:.3f} ms "
+              f"(default {default.get('ms')})", flush=True)
+    return sweep
+
+
+parse_bt = functools.partial(parse_pair, example="8x2048", meaning="batch x length")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hqlt.benchmarks.fused", description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=parse_bt, nargs="+", default=[(8, 2048), (1, 32768)], help="B x T")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the fused config sweep")
+    p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test under TRITON_INTERPRET=1
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("hqlt.benchmarks.fused: needs a CUDA device", file=sys.stderr)
+        return 2
+    meta = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device, "torch": torch.__version__, "triton": _version("triton"),
+            "fla": _version("fla-core"), "dtype": "bfloat16", "warmup": args.warmup, "repeats": args.repeats,
+            "command": "python -m hqlt.benchmarks.fused " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "note": "fused fwd+bwd uses the fused backward (FUSED_NOTES.md step 3) unless labelled 'old bwd'"}
+    print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}; "
+          f"ms = median of {args.repeats} after {args.warmup} warmup", flush=True)
+    rows = []
+
+    def save():
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({**meta, "results": rows}, indent=1))
+
+    for B, T in args.shapes:
+        try:
+            rows.append(bench_shape(B, T, args))
+        except Exception as exc:  # e.g. OOM while building inputs: report and go on
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            rows.append({"batch": B, "seq_len": T, "error": f"{type(exc).__name__}: {exc}"[:400]})
+            print(f"B={B} T={T}: failed: {rows[-1]['error']}", flush=True)
+        save()
+    if args.out:
+        print(f"# results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""`python -m hqlt.cli ...`: the `hqlt` command."""
+import sys
+
+from . import main
+
+sys.exit(main())

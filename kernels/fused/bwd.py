@@ -1,0 +1,314 @@
+"""Backward kernels of the fused Synchronous-HQLT memories (FUSED_NOTES.md step 3), launched by
+``launch.fused_backward``: four launches (plus the forward's wy + scan again when the chunk states were
+not kept, ``HQLT_FUSED_SAVE_STATES=0``):
+
+4. ``kv_bwd_dq_kernel``, grid (n, B*H): delta = rowsum(dO_kv * o_kv) of the chunk's queries (stored) and
+   their dq over the key chunks in their windows, probabilities from the forward's log2-domain LSE;
+5. ``kv_bwd_dkdv_kernel``, grid (n, B*H): dk, dv of the chunk's keys over the query chunks that see
+   them (no atomics: score tiles are recomputed in both kernels);
+6. ``bwd_scan_kernel``, grid (ceil(Dv/BV), B*H), chunks last to first with dH (gradient w.r.t. the
+   state after the chunk) in float32 registers: store dH, dv_new = s causal(Qf Kf^T)^T dO_fw + Kf dH,
+   dH += s Qf^T dO_fw - W^T dv_new;
+7. ``fw_bwd_kernel``, grid (n, B*H): dq of the read-out, dk of the read-out and of the state update,
+   dW = -dv_new M^T; T = (I + A)^-1 rebuilt as a 64x64 tile; back through [W | U] = T diag(beta)
+   [Kf | V] to dk, dv, dbeta; then through l2(silu(.)), plus the KV branch's partial gradients.
+
+4 and 5 are the sliding-window attention backward, FlashAttention-2 style; 6 is the reverse
+state-gradient recurrence; 7 goes back through the WY/UT transform. Helpers: ``_featurize_bwd`` (back
+through l2(silu(.))) and ``_chunk_t_matrix`` (T = (I + A)^-1 of a chunk, from the same blocks as the
+forward's ``wy_kernel``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import featurize_rows, fw_rows, inv4_unit_lower16, load_beta, load_rows, solve4, store_rows
+
+
+@triton.jit
+def _featurize_bwd(x, g, EPS: tl.constexpr):
+    """Gradient w.r.t. x of l2(silu(x)) per row, given the gradient g w.r.t. the features (float32)."""
+    x = x.to(tl.float32)
+    sig = tl.sigmoid(x)
+    y = x * sig
+    n = tl.sqrt_rn(tl.sum(y * y, axis=1) + EPS)
+    f = y / n[:, None]
+    dy = (g - f * tl.sum(f * g, axis=1)[:, None]) / n[:, None]
+    return dy * (sig * (1.0 + x * (1.0 - sig)))
+
+
+@triton.jit
+def _eye_rows(i0, N: tl.constexpr):
+    """Rows i0 .. i0+15 of the N x N identity (float32)."""
+    r = tl.arange(0, 16)
+    c = tl.arange(0, N)
+    return tl.where((i0 + r)[:, None] == c[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _vstack(a, b, R: tl.constexpr, N: tl.constexpr):
+    """[a; b] for two R x N tiles (join in a new minor dim, move it to the front, merge it with rows)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * R, N))
+
+
+@triton.jit
+def _chunk_t_matrix(k_ptr, kf_ptr, beta_ptr, kbase, bbase, t0, T, H, skt, DK,
+                    BK: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr, DT: tl.constexpr):
+    """T = (I + strict_lower(diag(beta) K K^T))^-1 of one chunk as a 64 x 64 float32 tile (K: FW keys).
+
+    Same blocks as the forward's wy_kernel (products in the input dtype, the 16x16 diagonal inverses by
+    forward substitution), then the four 16-row blocks of T by blocked forward substitution against
+    the identity, stacked."""
+    k0 = fw_rows(k_ptr, kf_ptr, kbase, t0, T, skt, DK, 16, BK, FEATURIZE, EPS)
+    k1 = fw_rows(k_ptr, kf_ptr, kbase, t0 + 16, T, skt, DK, 16, BK, FEATURIZE, EPS)
+    k2 = fw_rows(k_ptr, kf_ptr, kbase, t0 + 32, T, skt, DK, 16, BK, FEATURIZE, EPS)
+    k3 = fw_rows(k_ptr, kf_ptr, kbase, t0 + 48, T, skt, DK, 16, BK, FEATURIZE, EPS)
+    kb0 = (k0 * load_beta(beta_ptr, bbase, t0, T, H, 16)[:, None]).to(DT)
+    kb1 = (k1 * load_beta(beta_ptr, bbase, t0 + 16, T, H, 16)[:, None]).to(DT)
+    kb2 = (k2 * load_beta(beta_ptr, bbase, t0 + 32, T, H, 16)[:, None]).to(DT)
+    kb3 = (k3 * load_beta(beta_ptr, bbase, t0 + 48, T, H, 16)[:, None]).to(DT)
+    c0 = tl.trans(k0.to(DT))
+    c1 = tl.trans(k1.to(DT))
+    c2 = tl.trans(k2.to(DT))
+    a10 = tl.dot(kb1, c0)
+    a20 = tl.dot(kb2, c0)
+    a21 = tl.dot(kb2, c1)
+    a30 = tl.dot(kb3, c0)
+    a31 = tl.dot(kb3, c1)
+    a32 = tl.dot(kb3, c2)
+    t_0, t_1, t_2, t_3 = inv4_unit_lower16(tl.dot(kb0, c0), tl.dot(kb1, c1), tl.dot(kb2, c2),
+                                           tl.dot(kb3, tl.trans(k3.to(DT))))
+    x0, x1, x2, x3 = solve4(t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32,
+                            _eye_rows(0, 64), _eye_rows(16, 64), _eye_rows(32, 64), _eye_rows(48, 64))
+    return _vstack(_vstack(x0, x1, 16, 64), _vstack(x2, x3, 16, 64), 32, 64)
+
+
+@triton.jit
+def kv_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                     T, H, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr):
+    """Sliding-window softmax backward, queries: grid (n, B*H); program c stores delta = rowsum(dO * O)
+    of chunk c's queries ([B*H, T] float32, for kv_bwd_dkdv_kernel) and their dq, over the key chunks
+    their windows reach. Probabilities recomputed from the forward's log2-domain LSE."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    kbase = (b * T * H + h) * DK
+    vbase = (b * T * H + h) * DV
+    skt = H * DK
+    svt = H * DV
+    t0 = i_c * 64
+    DT = v_ptr.dtype.element_ty
+    r = tl.arange(0, 64)
+    scale2 = kv_scale * 1.4426950408889634
+
+    q = load_rows(q_ptr, kbase, t0, T, skt, DK, 64, BK)
+    do = load_rows(do_ptr, vbase, t0, T, svt, DV, 64, BVW)
+    delta = tl.sum(do.to(tl.float32) * load_rows(o_ptr, vbase, t0, T, svt, DV, 64, BVW).to(tl.float32), axis=1)
+    qpos = t0 + r
+    tl.store(delta_ptr + i_bh * T + qpos, delta, mask=qpos < T)
+    lse = tl.load(lse_ptr + i_bh * T + qpos, mask=qpos < T, other=float("inf"))
+    dq = tl.zeros((64, BK), dtype=tl.float32)
+    lo = tl.maximum(t0 - W + 1, 0) // 64
+    for kc in range(lo, i_c + 1):
+        kk = load_rows(k_ptr, kbase, kc * 64, T, skt, DK, 64, BK)
+        vv = load_rows(v_ptr, vbase, kc * 64, T, svt, DV, 64, BVW)
+        kpos = kc * 64 + r
+        vis = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < W)
+        s = tl.dot(q, tl.trans(kk)) * scale2
+        p = tl.exp2(tl.where(vis, s - lse[:, None], float("-inf")))
+        dp = tl.dot(do, tl.trans(vv))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(DT), kk)
+    store_rows(dq_ptr, kbase, t0, T, skt, DK, dq * kv_scale, 64, BK)
+
+
+@triton.jit
+def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                       T, H, NC, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr):
+    """Sliding-window softmax backward, keys: grid (n, B*H); program c computes dk, dv of chunk c's keys
+    over the query chunks that see them (at most 1 + ceil((W-1)/64)). No atomics: every score tile is
+    recomputed here and in kv_bwd_dq_kernel (cheap at W <= 256)."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    kbase = (b * T * H + h) * DK
+    vbase = (b * T * H + h) * DV
+    skt = H * DK
+    svt = H * DV
+    t0 = i_c * 64
+    DT = v_ptr.dtype.element_ty
+    r = tl.arange(0, 64)
+    scale2 = kv_scale * 1.4426950408889634
+
+    k = load_rows(k_ptr, kbase, t0, T, skt, DK, 64, BK)
+    v = load_rows(v_ptr, vbase, t0, T, svt, DV, 64, BVW)
+    kpos = t0 + r
+    dk = tl.zeros((64, BK), dtype=tl.float32)
+    dv = tl.zeros((64, BVW), dtype=tl.float32)
+    hi = tl.minimum(NC - 1, (t0 + 62 + W) // 64)    # the last query that sees key t0+63 is t0+63+W-1
+    for qc in range(i_c, hi + 1):
+        qq = load_rows(q_ptr, kbase, qc * 64, T, skt, DK, 64, BK)
+        dd = load_rows(do_ptr, vbase, qc * 64, T, svt, DV, 64, BVW)
+        qp = qc * 64 + r
+        ll = tl.load(lse_ptr + i_bh * T + qp, mask=qp < T, other=float("inf"))
+        de = tl.load(delta_ptr + i_bh * T + qp, mask=qp < T, other=0.0)
+        vis = (kpos[None, :] <= qp[:, None]) & (qp[:, None] - kpos[None, :] < W)
+        s = tl.dot(qq, tl.trans(k)) * scale2
+        p = tl.exp2(tl.where(vis, s - ll[:, None], float("-inf")))
+        dv += tl.dot(tl.trans(p).to(DT), dd)
+        dp = tl.dot(dd, tl.trans(v))
+        ds = p * (dp - de[:, None])
+        dk += tl.dot(tl.trans(ds).to(DT), qq)
+    store_rows(dk_ptr, kbase, t0, T, skt, DK, dk * kv_scale, 64, BK)
+    store_rows(dv_ptr, vbase, t0, T, svt, DV, dv, 64, BVW)
+
+
+@triton.jit
+def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr, T, H, NC, DK, DV, fw_scale,
+                    BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr):
+    """Reverse recurrence of the state gradient, grid (ceil(Dv/BV), B*H), chunks from last to first.
+
+    With dH the gradient w.r.t. the state after chunk c (M_{c+1}): store dH; the total gradient of the
+    corrected values dv_new = fw_scale * causal(Qf Kf^T)^T dO + Kf dH (stored, float32); then
+    dH <- dH + fw_scale * Qf^T dO - W^T dv_new (the gradient w.r.t. M_c)."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    kbase = (b * T * H + h) * DK
+    vbase = (b * T * H + h) * DV + i_v * BV
+    skt = H * DK
+    svt = H * DV
+    dv_left = DV - i_v * BV
+    DT = w_ptr.dtype.element_ty
+
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    r = tl.arange(0, 64)
+    causal = r[None, :] <= r[:, None]
+    h_mask = (rk[:, None] < DK) & (rv[None, :] < dv_left)
+    h_off = rk[:, None] * DV + (i_v * BV + rv)[None, :]
+    hbase = i_bh * NC * DK * DV
+
+    dh = tl.zeros((BK, BV), dtype=tl.float32)
+    for cc in range(NC):
+        c = NC - 1 - cc
+        t0 = c * 64
+        tl.store(dh_ptr + hbase + c * DK * DV + h_off, dh.to(dh_ptr.dtype.element_ty), mask=h_mask)
+        kf = fw_rows(k_ptr, kf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT)
+        qf = fw_rows(q_ptr, qf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT)
+        w = load_rows(w_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
+        do = load_rows(do_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(DT)
+        a = tl.where(causal, tl.dot(qf, tl.trans(kf)), 0.0)            # a[i, j] = qf_i . kf_j, j <= i
+        dvn = fw_scale * tl.dot(tl.trans(a.to(DT)), do) + tl.dot(kf, dh.to(DT))
+        store_rows(dvn_ptr, vbase, t0, T, svt, dv_left, dvn, 64, BV)
+        dh += fw_scale * tl.dot(tl.trans(qf), do) - tl.dot(tl.trans(w), dvn.to(DT))
+
+
+@triton.jit
+def fw_bwd_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, v_ptr, beta_ptr, vnew_ptr, h_ptr, dh_ptr, dvn_ptr, do_ptr,
+                  dqkv_ptr, dkkv_ptr, dvkv_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr,
+                  T, H, NC, DK, DV, fw_scale,
+                  BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr):
+    """Per chunk (grid (n, B*H)), all of Dk and the value dims in blocks of BV:
+
+    read-out  o = s (Qf M + causal(Qf Kf^T) v_new):  dQf = s (dO M^T + causal(dO v_new^T) Kf),
+              dKf += s causal(dO v_new^T)^T Qf;
+    update    M' = M + Kf^T v_new, v_new = U - W M:   dKf += v_new dH^T, dW = -dv_new M^T, dU = dv_new;
+    WY        [W | U] = T diag(beta) [Kf | V], T = (I + A)^-1, A = strict_lower(diag(beta) Kf Kf^T):
+              dR = T^T [dW | dU], dA = -strict_lower(dR [W | U]^T), dKf += beta dR_k + beta (dA Kf)
+              + dA^T (beta Kf), dV = beta dR_v, dbeta = rowsum(Kf dR_k + V dR_v + Kf (dA Kf));
+    then dq, dk through l2(silu(.)) (FEATURIZE) plus the KV branch's partial gradients (float32
+    buffers), and dv = the KV branch's dv + the FW one. Without FEATURIZE dq, dk are the FW features'."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    kbase = (b * T * H + h) * DK
+    vbase0 = (b * T * H + h) * DV
+    bbase = b * T * H + h
+    skt = H * DK
+    svt = H * DV
+    t0 = i_c * 64
+    DT = v_ptr.dtype.element_ty
+    r = tl.arange(0, 64)
+    rk = tl.arange(0, BK)
+
+    hbase = (i_bh * NC + i_c) * DK * DV
+    n_v = tl.cdiv(DV, BV)
+
+    # ---- phase 1 (read-out): dq, and the dk term of causal(Qf Kf^T); frees dq before phase 2
+    dq = tl.zeros((64, BK), dtype=tl.float32)
+    dp = tl.zeros((64, 64), dtype=tl.float32)
+    # dp^T is accumulated as its own product rather than transposed from dp: on sm_90 (triton 3.6) the
+    # transposed fp16 tile fed to tl.dot addressed shared memory out of range at dk 32 (compute-sanitizer,
+    # B 1 T 100 H 3 dk 32 dv 64 W 16); one more 64x64xBV product per value block is cheap beside the rest.
+    dpt = tl.zeros((64, 64), dtype=tl.float32)
+    for i_v in range(0, n_v):
+        cv = i_v * BV + tl.arange(0, BV)
+        h_off = hbase + rk[:, None] * DV + cv[None, :]
+        m = tl.load(h_ptr + h_off, mask=(rk[:, None] < DK) & (cv[None, :] < DV), other=0.0).to(DT)  # M_c
+        vnew = load_rows(vnew_ptr, vbase0 + i_v * BV, t0, T, svt, DV - i_v * BV, 64, BV).to(DT)
+        do = load_rows(do_ptr, vbase0 + i_v * BV, t0, T, svt, DV - i_v * BV, 64, BV).to(DT)
+        dq += tl.dot(do, tl.trans(m))
+        dp += tl.dot(do, tl.trans(vnew))
+        dpt += tl.dot(vnew, tl.trans(do))
+    dp = tl.where(r[None, :] <= r[:, None], dp, 0.0).to(DT)
+    dpt = tl.where(r[:, None] <= r[None, :], dpt, 0.0).to(DT)
+    if FEATURIZE:
+        kf = featurize_rows(load_rows(k_ptr, kbase, t0, T, skt, DK, 64, BK), EPS).to(DT)
+        qraw = load_rows(q_ptr, kbase, t0, T, skt, DK, 64, BK)
+        qf = featurize_rows(qraw, EPS).to(DT)
+    else:
+        kf = load_rows(kf_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
+        qf = load_rows(qf_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
+    dq = fw_scale * (dq + tl.dot(dp, kf))
+    if FEATURIZE:
+        dq = _featurize_bwd(qraw, dq, EPS) + load_rows(dqkv_ptr, kbase, t0, T, skt, DK, 64, BK).to(tl.float32)
+    store_rows(dq_ptr, kbase, t0, T, skt, DK, dq, 64, BK)
+    dk = fw_scale * tl.dot(dpt, qf)
+
+    # ---- phase 2 (state update and WY): dk += v_new dH^T, dW, and per value block dv, dbeta, dA
+    tm = _chunk_t_matrix(k_ptr, kf_ptr, beta_ptr, kbase, bbase, t0, T, H, skt, DK, BK, FEATURIZE, EPS, DT)
+    tmt = tl.trans(tm)
+    beta = load_beta(beta_ptr, bbase, t0, T, H, 64)
+    dw = tl.zeros((64, BK), dtype=tl.float32)
+    da = tl.zeros((64, 64), dtype=tl.float32)
+    dbeta = tl.zeros((64,), dtype=tl.float32)
+    for i_v in range(0, n_v):
+        cv = i_v * BV + tl.arange(0, BV)
+        h_mask = (rk[:, None] < DK) & (cv[None, :] < DV)
+        h_off = hbase + rk[:, None] * DV + cv[None, :]
+        m = tl.load(h_ptr + h_off, mask=h_mask, other=0.0).to(DT)           # M_c (Dk x BV)
+        dh = tl.load(dh_ptr + h_off, mask=h_mask, other=0.0).to(DT)         # dL/dM_{c+1}
+        vbase = vbase0 + i_v * BV
+        dv_left = DV - i_v * BV
+        vnew = load_rows(vnew_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(DT)
+        dvn = load_rows(dvn_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32)
+        vv = load_rows(v_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32)
+        dk += tl.dot(vnew, tl.trans(dh))
+        dw -= tl.dot(dvn.to(DT), tl.trans(m))
+        drv = tl.dot(tmt, dvn)                                                # T^T dU (float32)
+        dbeta += tl.sum(vv * drv, axis=1)
+        u = tl.dot(tm, vv * beta[:, None])                                    # U = T diag(beta) V
+        da += tl.dot(drv, tl.trans(u))
+        dv = drv * beta[:, None] + load_rows(dvkv_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32)
+        store_rows(dv_ptr, vbase, t0, T, svt, dv_left, dv, 64, BV)
+
+    # ---- phase 3: back through W = T diag(beta) Kf and A = strict_lower(diag(beta) Kf Kf^T)
+    kf = fw_rows(k_ptr, kf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT).to(tl.float32)
+    kfb = kf * beta[:, None]
+    drk = tl.dot(tmt, dw)                                                     # T^T dW
+    da += tl.dot(drk, tl.trans(tl.dot(tm, kfb)))                              # + dR_k W^T
+    da = tl.where(r[None, :] < r[:, None], -da, 0.0)
+    dak = tl.dot(da, kf)
+    dk += (drk + dak) * beta[:, None] + tl.dot(tl.trans(da), kfb)
+    dbeta += tl.sum(kf * (drk + dak), axis=1)
+    tl.store(dbeta_ptr + bbase + (t0 + r) * H, dbeta, mask=t0 + r < T)
+    if FEATURIZE:
+        dk = _featurize_bwd(load_rows(k_ptr, kbase, t0, T, skt, DK, 64, BK), dk, EPS) \
+            + load_rows(dkkv_ptr, kbase, t0, T, skt, DK, 64, BK).to(tl.float32)
+    store_rows(dk_ptr, kbase, t0, T, skt, DK, dk, 64, BK)

@@ -1,0 +1,184 @@
+"""Launch configuration and the launchers of the fused kernels, without autograd:
+``fused_forward`` (kernels 1-3 of ``fwd``) and ``fused_backward`` (kernels 4-7 of ``bwd``)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+
+from ..contract import FEATURE_EPS, MAX_GRID_ROWS
+from .bwd import bwd_scan_kernel, fw_bwd_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel
+from .fwd import out_kernel, scan_kernel, wy_kernel
+from .settings import BACKWARD_KERNELS, CHUNK, FORWARD_KERNELS, MAX_HEAD_DIM, interpreting, smem_needs
+from .settings import default_config as settings_default_config
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(B: int, H: int, dk: int, dv: int, device) -> dict:
+    """``settings.default_config`` for a device (its multiprocessor count)."""
+    return settings_default_config(B, H, dk, dv, _sm_count(device))
+
+
+def check_shared_memory(cfg: dict, elem_bytes: int, dk: int, dv: int, featurize: bool, device, kernels) -> None:
+    """Refuse (ValueError) a launch whose kernels need more shared memory per block than the CUDA device has
+    (``settings.smem_needs``), instead of Triton's OutOfResources in the middle of a forward or backward."""
+    if device.type != "cuda":
+        return
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, config=cfg, kernels=kernels)
+    over = {k: n for k, n in needs.items() if n > limit}
+    if over:
+        raise ValueError(f"the fused kernels {', '.join(f'{k} ({n} B)' for k, n in over.items())} need more shared "
+                         f"memory than this device's {limit} B per block (inputs of {elem_bytes} bytes, Dk={dk}, "
+                         f"Dv={dv}, features {'in the kernel' if featurize else 'given'}); use bf16/fp16 inputs "
+                         f"or the backend 'fused', which routes such calls to its fallback")
+
+
+def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *, window: int,
+                  kv_scale: float, fw_scale: float, q_fw: torch.Tensor | None = None,
+                  k_fw: torch.Tensor | None = None, poison: bool = False, config: dict | None = None,
+                  stages: int = 3, return_aux: bool = False):
+    """(o_kv, o_fw), each ``[B, T, H, Dv]`` in v's dtype; no autograd (see ``sync_hybrid_memory``).
+
+    q, k: raw KV queries/keys ``[B, T, H, Dk]`` (RoPE'd if wanted). With q_fw, k_fw None the FW features
+    are ``l2(silu(q))``, ``l2(silu(k))`` computed in the kernel from the same tiles; otherwise q_fw, k_fw
+    are the FW queries/keys as given. q, k, v (and q_fw, k_fw) must share one dtype; beta ``[B, T, H]``
+    any float dtype. ``poison`` fills every buffer with NaN first (tests: catches unwritten elements).
+    ``config`` overrides entries of ``default_config``; ``stages`` < 3 runs only the first launches
+    (benchmarks time the kernels one by one; the outputs are then not written).
+    ``return_aux``: return ``(o_kv, o_fw, aux)`` with aux = dict(lse, w, v_new, states) — what the fused
+    backward needs: ``lse`` ``[B*H, T]`` float32 (log2-domain log-sum-exp of the KV scores, written only
+    when stages == 3), ``w``, ``v_new`` ``[B, T, H, D]`` and the chunk-start states ``[B*H, NC, Dk, Dv]``.
+    """
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    featurize = q_fw is None
+    if featurize != (k_fw is None):
+        raise ValueError("give both q_fw and k_fw, or neither")
+    if k.shape != q.shape or v.shape[:3] != (B, T, H) or beta.shape != (B, T, H):
+        raise ValueError(f"shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"beta {tuple(beta.shape)}")
+    if not featurize and (q_fw.shape != q.shape or k_fw.shape != q.shape):
+        raise ValueError("q_fw and k_fw must have the shape of q")
+    tensors = [q, k, v] + ([] if featurize else [q_fw, k_fw])
+    if len({t.dtype for t in tensors}) != 1:
+        raise ValueError(f"q, k, v (and q_fw, k_fw) must share one dtype; got {[t.dtype for t in tensors]}")
+    if max(dk, dv) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM}; got Dk={dk}, Dv={dv}")
+    if B * H > MAX_GRID_ROWS:
+        raise ValueError(f"B*H = {B * H} exceeds a CUDA grid axis ({MAX_GRID_ROWS}); split the batch")
+    if int(window) < 1:
+        raise ValueError(f"window must be >= 1; got {window}")
+    if not interpreting() and not q.is_cuda:
+        raise ValueError("the fused kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+    q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
+    cfg = dict(default_config(B, H, dk, dv, q.device), **(config or {}))
+    if not config:   # overrides (benchmark sweeps) are the caller's experiment: Triton says if one does not fit
+        check_shared_memory(cfg, q.element_size(), dk, dv, featurize, q.device, FORWARD_KERNELS[:stages])
+    NC = triton.cdiv(T, CHUNK)
+
+    def buf(*shape, dtype=v.dtype):
+        return (torch.full(shape, float("nan"), dtype=dtype, device=q.device) if poison
+                else torch.empty(shape, dtype=dtype, device=q.device))
+
+    w = buf(B, T, H, dk, dtype=q.dtype)
+    u = buf(B, T, H, dv)
+    v_new = buf(B, T, H, dv)
+    states = buf(B * H, NC, dk, dv)
+    o_kv = buf(B, T, H, dv)
+    o_fw = buf(B, T, H, dv)
+    lse = buf(B * H, T, dtype=torch.float32) if return_aux else o_kv   # o_kv: an unused placeholder
+    aux = dict(lse=lse, w=w, v_new=v_new, states=states)
+
+    def result():
+        return (o_kv, o_fw, aux) if return_aux else (o_kv, o_fw)
+
+    if T == 0:
+        return result()
+    common = dict(FEATURIZE=featurize, EPS=FEATURE_EPS)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        wy_kernel[(NC, B * H)](k, k_fw, v, beta, w, u, T, H, dk, dv, BK=cfg["BK"], BVW=cfg["BVW"],
+                               num_warps=cfg["wy_warps"], **common)
+        if stages < 2:
+            return result()
+        scan_kernel[(triton.cdiv(dv, cfg["scan_bv"]), B * H)](
+            k, k_fw, w, u, v_new, states, T, H, NC, dk, dv, BK=cfg["BK"], BV=cfg["scan_bv"],
+            num_warps=cfg["scan_warps"], num_stages=cfg["num_stages"], **common)
+        if stages < 3:
+            return result()
+        out_kernel[(NC, B * H, triton.cdiv(dv, cfg["out_bv"]))](
+            q, k, q_fw, k_fw, v, v_new, states, o_kv, o_fw, lse, T, H, NC, dk, dv, int(window),
+            float(kv_scale), float(fw_scale), BK=cfg["BK"], BV=cfg["out_bv"],
+            num_warps=cfg["out_warps"], num_stages=cfg["num_stages"], STORE_LSE=return_aux, **common)
+    return result()
+
+
+def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_scale: float, fw_scale: float,
+                   q_fw=None, k_fw=None, w=None, v_new=None, states=None, poison: bool = False,
+                   config: dict | None = None):
+    """Gradients of ``fused_forward``'s (o_kv, o_fw) given (do_kv, do_fw); no autograd.
+
+    ``o_kv`` and ``lse`` come from ``fused_forward(..., return_aux=True)``; ``w``, ``v_new``, ``states``
+    too when kept, else (any of them None) the forward's wy + scan kernels run again to recompute them.
+    Returns ``(dq, dk, dv, dbeta)`` when q_fw, k_fw are None (the FW features l2(silu(q)), l2(silu(k))
+    computed in the kernel: dq, dk hold both branches), else ``(dq_kv, dk_kv, dq_fw, dk_fw, dv, dbeta)``.
+    Gradients have the dtype of their input. ``poison`` fills every buffer with NaN first (tests).
+    """
+    featurize = q_fw is None
+    B, T, H, dk_ = q.shape
+    dv_ = v.shape[-1]
+    q, k, v, beta, o_kv = (t.contiguous() for t in (q, k, v, beta, o_kv))
+    q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
+    do_kv = do_kv.to(v.dtype).contiguous()
+    do_fw = do_fw.to(v.dtype).contiguous()
+    cfg = dict(default_config(B, H, dk_, dv_, q.device), **(config or {}))
+    if not config:
+        check_shared_memory(cfg, q.element_size(), dk_, dv_, featurize, q.device, BACKWARD_KERNELS)
+    NC = triton.cdiv(T, CHUNK)
+    if w is None or v_new is None or states is None:
+        _, _, aux = fused_forward(q, k, v, beta, window=window, kv_scale=kv_scale, fw_scale=fw_scale,
+                                  q_fw=None if featurize else q_fw, k_fw=None if featurize else k_fw,
+                                  poison=poison, config=config, stages=2, return_aux=True)
+        w, v_new, states = aux["w"], aux["v_new"], aux["states"]
+
+    def buf(shape, dtype):
+        return (torch.full(shape, float("nan"), dtype=dtype, device=q.device) if poison
+                else torch.empty(shape, dtype=dtype, device=q.device))
+
+    f32 = torch.float32
+    dq_kv = buf(q.shape, f32 if featurize else q.dtype)     # partial (summed in fw_bwd_kernel) or final
+    dk_kv = buf(k.shape, f32 if featurize else k.dtype)
+    dv_kv = buf(v.shape, f32)
+    delta = buf((B * H, T), f32)
+    dh = buf((B * H, NC, dk_, dv_), states.dtype)
+    dvn = buf(v.shape, f32)
+    dq = buf(q.shape, q.dtype if featurize else q_fw.dtype)
+    dk = buf(k.shape, k.dtype if featurize else k_fw.dtype)
+    dv = buf(v.shape, v.dtype)
+    dbeta = buf(beta.shape, f32)
+    if T > 0:
+        common = dict(FEATURIZE=featurize, EPS=FEATURE_EPS)
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            kv = dict(BK=cfg["BK"], BVW=cfg["BVW"], num_warps=cfg["kv_bwd_warps"], num_stages=cfg["num_stages"])
+            kv_bwd_dq_kernel[(NC, B * H)](q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_, int(window),
+                                          float(kv_scale), **kv)
+            kv_bwd_dkdv_kernel[(NC, B * H)](q, k, v, do_kv, lse, delta, dk_kv, dv_kv, T, H, NC, dk_, dv_,
+                                            int(window), float(kv_scale), **kv)
+            bwd_scan_kernel[(triton.cdiv(dv_, cfg["bwd_scan_bv"]), B * H)](
+                q, k, q_fw, k_fw, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
+                BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["num_stages"], **common)
+            fw_bwd_kernel[(NC, B * H)](
+                q, k, q_fw, k_fw, v, beta, v_new, states, dh, dvn, do_fw, dq_kv, dk_kv, dv_kv, dq, dk, dv,
+                dbeta, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"], BV=cfg["fw_bwd_bv"],
+                num_warps=cfg["fw_bwd_warps"], num_stages=cfg["num_stages"], **common)
+    dbeta = dbeta.to(beta.dtype)
+    if featurize:
+        return dq, dk, dv, dbeta
+    return dq_kv, dk_kv, dq, dk, dv, dbeta

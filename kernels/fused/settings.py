@@ -1,0 +1,186 @@
+"""Constants, environment switches, launch configuration and shared-memory budget of the fused
+Synchronous-HQLT kernels.
+
+Imports neither triton nor the kernels, so that the backend (``hqlt.kernels.backends.fused``) reads the
+limits and switches, and decides whether the kernels fit a device, on a machine without triton. The FW
+feature eps and CUDA's grid limit are the contract's (``hqlt.kernels.contract.FEATURE_EPS``,
+``MAX_GRID_ROWS``).
+
+Shared memory. Each kernel needs shared memory per program that grows with its tiles (Triton stages dot
+operands and layout conversions there): at float32 and d = 128 the backward's reverse scan needs 245760 B
+with the features computed in the kernel, more than an H200 block may have (232448 B opt-in) — Triton
+then refuses the launch (``OutOfResources``). ``smem_need`` gives each kernel's bytes for a configuration:
+the number Triton 3.6 allocates when it compiles the kernel for sm_90, from the table
+``kernels/results/fused_smem_sm90.json`` (written by ``python -m hqlt.kernels.fused.resources``, which
+compiles every default configuration for sm_90 on any machine), or, for a configuration outside it, a
+linear upper envelope of that table in the tile sizes (up to 2x above it). ``fits_shared_memory`` compares
+the largest need with a device's limit (``shared_memory_per_block_optin``); the backend routes a call that
+does not fit to its fallback. The sm_90 numbers serve every card: a sample compiled for sm_80 needed at most
+as much (the sm_80 code path stages fewer operands).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+CHUNK = 64          # tokens per chunk (fixed: the WY kernel is written as 4 blocks of 16)
+MAX_HEAD_DIM = 128  # Dk and Dv; larger heads would need more registers than one tile
+
+
+def _env_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default) not in ("", "0")
+
+
+def interpreting() -> bool:
+    """Whether triton runs its CPU interpreter (TRITON_INTERPRET=1, read by triton at import time)."""
+    return _env_flag("TRITON_INTERPRET", "0")
+
+
+def fused_backward_default() -> bool:
+    """``HQLT_FUSED_BACKWARD`` (default "1"): "0" makes ``FusedSyncHybrid`` back-propagate through the
+    unfused recomputation (fla composition or reference) instead of the fused backward kernels."""
+    return _env_flag("HQLT_FUSED_BACKWARD", "1")
+
+
+def save_states_default() -> bool:
+    """``HQLT_FUSED_SAVE_STATES`` (default "1"): keep the forward's w, v_new and chunk states for the
+    fused backward (memory: about 2*Dk*Dv/64 + Dk + Dv elements per token and head in the input dtype,
+    4x the size of k at Dk = Dv = 128); "0" recomputes them in the backward (the forward's wy + scan
+    kernels once more)."""
+    return _env_flag("HQLT_FUSED_SAVE_STATES", "1")
+
+
+# ==================================================================================================
+# Launch configuration (the launchers in ``launch`` use it; no triton needed to compute it).
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+FORWARD_KERNELS = ("wy", "scan", "out")
+BACKWARD_KERNELS = ("kv_dq", "kv_dkdv", "bwd_scan", "fw_bwd")
+
+
+def pow2(n: int) -> int:
+    """The power-of-two tile width (>= 16, tl.dot's minimum) that holds n columns."""
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1) -> dict:
+    """Block sizes and warps (not autotuned; ``python -m hqlt.benchmarks.fused`` sweeps alternatives);
+    ``sms``: the device's multiprocessor count.
+
+    Chosen so that ptxas reports no register spills for sm_90 (checked by compiling the bf16 kernels for
+    ``GPUTarget("cuda", 90, 32)`` on a CPU machine and reading ``cuobjdump --dump-resource-usage``):
+    * wy: 4 warps, 8 when a head dim is 128 (4 warps spill 208 B at d = 128);
+    * scan: value blocks of 64 columns (32 at Dk = 128: 64 spills even with 8 warps), 8 warps when the
+      state tile is >= 64x64 elements; halved down to 16 columns while B*H*blocks < #SMs (the scan is the
+      only sequential launch, so it needs programs on every SM);
+    * out: 64-column value blocks (two programs per chunk at d = 128, the score tiles recomputed by each;
+      128 columns spill), 8 warps at d = 128, else 4.
+    """
+    BK, BVW = pow2(dk), pow2(dv)
+    big = max(BK, BVW) > 64
+    scan_bv = 32 if BK > 64 else min(BVW, 64)
+    while scan_bv > 16 and B * H * -(-dv // scan_bv) < sms:
+        scan_bv //= 2
+    scan_bv = min(scan_bv, BVW)
+    return {"BK": BK, "BVW": BVW,
+            "wy_warps": 8 if big else 4,
+            "scan_bv": scan_bv, "scan_warps": 8 if (BK > 64 or BK * scan_bv >= 64 * 64) else 4,
+            "out_bv": min(BVW, 64), "out_warps": 8 if big else 4,
+            "num_stages": 2,
+            # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
+            # value dims in blocks of fw_bwd_bv with all of Dk in registers
+            "bwd_scan_bv": scan_bv, "bwd_scan_warps": 8 if BK >= 64 else 4,
+            "fw_bwd_bv": 16, "fw_bwd_warps": 8,
+            "kv_bwd_warps": 8 if max(BK, BVW) >= 64 else 4}
+
+
+def kernel_tiles(cfg: dict) -> dict[str, tuple[int, int]]:
+    """(value-column block, warps) of each kernel under a configuration (Dk is always one BK tile)."""
+    return {"wy": (cfg["BVW"], cfg["wy_warps"]), "scan": (cfg["scan_bv"], cfg["scan_warps"]),
+            "out": (cfg["out_bv"], cfg["out_warps"]),
+            "kv_dq": (cfg["BVW"], cfg["kv_bwd_warps"]), "kv_dkdv": (cfg["BVW"], cfg["kv_bwd_warps"]),
+            "bwd_scan": (cfg["bwd_scan_bv"], cfg["bwd_scan_warps"]), "fw_bwd": (cfg["fw_bwd_bv"], cfg["fw_bwd_warps"])}
+
+
+# ==================================================================================================
+# Shared memory (module docstring).
+
+SMEM_TABLE = Path(__file__).resolve().parents[1] / "results" / "fused_smem_sm90.json"
+# Upper envelope of the table, per (kernel, features in kernel): bytes = sum of c_i * term_i over the terms
+# e*64*BK, e*64*BV, e*BK*BV, 4*64*BK, 4*64*BV, 4*BK*BV, 4*64*64 (e: element bytes of the inputs); fitted
+# by ``resources.fit_envelope`` (a linear program: the least total that is >= every measured entry).
+SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
+    ("wy", False): (0.467, 0.0, 0.0, 0.0, 0.0, 0.0, 0.567),
+    ("wy", True): (2.034, 0.0, 0.0, 0.0, 0.0, 0.0, 0.434),
+    ("scan", False): (4.0, 2.429, 1.286, 0.0, 0.0, 0.0, 0.0),
+    ("scan", True): (3.778, 2.889, 0.223, 0.0, 0.0, 0.0, 0.112),
+    ("out", False): (4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ("out", True): (4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ("kv_dq", False): (3.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ("kv_dkdv", False): (2.572, 3.0, 0.0, 0.0, 0.0, 0.0, 0.889),
+    ("bwd_scan", False): (5.858, 2.0, 1.0, 0.0, 0.0, 0.0, 0.286),
+    ("bwd_scan", True): (6.81, 1.62, 1.191, 0.0, 0.0, 0.0, 0.381),
+    ("fw_bwd", False): (0.0, 6.286, 1.524, 2.81, 0.0, 0.0, 1.215),
+    ("fw_bwd", True): (2.0, 6.0, 0.0, 2.0, 0.0, 0.0, 1.25),
+}
+
+
+def _key(kernel: str, elem_bytes: int, featurize: bool, BK: int, BV: int, warps: int) -> str:
+    # the kv kernels have no FEATURIZE switch: one entry serves both modes
+    feat = "-" if kernel in ("kv_dq", "kv_dkdv") else ("F" if featurize else "g")
+    return f"{kernel}/e{elem_bytes}/{feat}/BK{BK}/BV{BV}/w{warps}"
+
+
+@functools.lru_cache(maxsize=None)
+def smem_table(path: str | None = None) -> dict[str, int]:
+    """Measured bytes per ``_key`` (empty when the table file is missing)."""
+    try:
+        data = json.loads(Path(path or SMEM_TABLE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: int(v) for k, v in data.get("bytes", {}).items()}
+
+
+def smem_terms(elem_bytes: int, BK: int, BV: int) -> tuple[int, ...]:
+    e = elem_bytes
+    return (e * 64 * BK, e * 64 * BV, e * BK * BV, 4 * 64 * BK, 4 * 64 * BV, 4 * BK * BV, 4 * 64 * 64)
+
+
+def smem_need(kernel: str, elem_bytes: int, BK: int, BV: int, warps: int, *, featurize: bool) -> int:
+    """Shared memory (bytes per program) of one kernel: measured for sm_90 where the table has the
+    configuration, else the envelope's bound (module docstring)."""
+    measured = smem_table().get(_key(kernel, elem_bytes, featurize, BK, BV, warps))
+    if measured is not None:
+        return measured
+    coeffs = SMEM_ENVELOPE[(kernel, bool(featurize) and kernel not in ("kv_dq", "kv_dkdv"))]
+    return int(sum(c * t for c, t in zip(coeffs, smem_terms(elem_bytes, BK, BV))) + 0.5)
+
+
+def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int = 1, heads: int = 1,
+               sms: int | None = None, config: dict | None = None,
+               kernels: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNELS) -> dict[str, int]:
+    """Bytes of shared memory per program of each kernel for a call (default configuration, with
+    ``config``'s overrides). ``sms`` None: one multiprocessor (the scan's widest value blocks)."""
+    cfg = dict(default_config(batch, heads, dk, dv, sms or 1), **(config or {}))
+    tiles = kernel_tiles(cfg)
+    return {k: smem_need(k, elem_bytes, cfg["BK"], tiles[k][0], tiles[k][1], featurize=featurize) for k in kernels}
+
+
+def fits_shared_memory(elem_bytes: int, dk: int, dv: int, limit: int, *, featurize: bool, batch: int = 1,
+                       heads: int = 1, sms: int | None = None, config: dict | None = None,
+                       kernels: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNELS) -> bool:
+    """Whether every kernel's shared memory (``smem_needs``) is within ``limit`` bytes per block (cached for
+    the default configuration: the backend asks on every call)."""
+    if config is None:
+        return _fits_default(elem_bytes, dk, dv, limit, bool(featurize), batch, heads, sms, tuple(kernels))
+    needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, config=config,
+                       kernels=kernels)
+    return max(needs.values()) <= limit
+
+
+@functools.lru_cache(maxsize=4096)
+def _fits_default(elem_bytes, dk, dv, limit, featurize, batch, heads, sms, kernels) -> bool:
+    needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, kernels=kernels)
+    return max(needs.values()) <= limit

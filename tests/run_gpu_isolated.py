@@ -1,0 +1,138 @@
+"""Run GPU test files so that one CUDA crash cannot hide the rest, and record every case's outcome.
+
+A CUDA error such as an illegal memory access poisons the process: every later test in it fails. This runner
+collects the node ids, runs each test class (or module-level group) in its own pytest process, and when a
+group's process reports a CUDA error, re-runs that group one case per process. The outcome of every case
+goes to a JSON file (``--out``), with the card's name.
+
+    python tests/run_gpu_isolated.py tests/test_gpu_fused.py tests/test_gpu_backends.py \
+        --out kernels/results/gpu_tests_h200.json [-k EXPR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+
+POISON = re.compile(r"illegal memory access|CUDA error|unspecified launch failure|device-side assert", re.I)
+
+
+def collect(files: list[str], kexpr: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", *files]
+    if kexpr:
+        cmd += ["-k", kexpr]
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if "::" in line and not line.startswith(" ")]
+
+
+def group_of(node: str) -> str:
+    parts = node.split("::")
+    return "::".join(parts[:2]) if len(parts) > 2 else parts[0] + "::<module>"
+
+
+def run_nodes(nodes: list[str], timeout: float) -> tuple[dict, str]:
+    """Run `nodes` in one pytest process; outcome per node from its JUnit XML, and the combined output."""
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = os.path.join(tmp, "junit.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={xml}",
+               *nodes]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            log = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            log = f"timeout after {timeout:.0f} s\n{(e.stdout or b'')!s}"
+        outcomes = {}
+        if os.path.exists(xml):
+            for case in ET.parse(xml).getroot().iter("testcase"):
+                cls = case.get("classname", "")
+                name = case.get("name", "")
+                outcome, message = "passed", ""
+                for tag in ("failure", "error", "skipped"):
+                    el = case.find(tag)
+                    if el is not None:
+                        outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                        message = (el.get("message") or "")[:400]
+                        break
+                outcomes[(cls, name)] = {"outcome": outcome, "message": message,
+                                         "seconds": float(case.get("time", 0))}
+    return outcomes, log
+
+
+def match(node: str, outcomes: dict) -> dict | None:
+    path, *rest = node.split("::")
+    name = rest[-1]
+    mod = path[:-3].replace("/", ".")
+    cls = mod + ("." + rest[0] if len(rest) > 1 else "")
+    return outcomes.get((cls, name))
+
+
+def write(args, card, versions, argv, t0, results, n_collected) -> dict:
+    total = {}
+    for r in results.values():
+        total[r["outcome"]] = total.get(r["outcome"], 0) + 1
+    doc = {"card": card, "versions": versions, "command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+           "wall_s": round(time.time() - t0, 1), "collected": n_collected, "counts": total, "cases": results}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, args.out)
+    return total
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("-k", dest="kexpr")
+    ap.add_argument("--group-timeout", type=float, default=1800)
+    ap.add_argument("--case-timeout", type=float, default=300)
+    args = ap.parse_args(argv)
+    try:
+        import torch
+        card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+        versions = {"torch": torch.__version__}
+        try:
+            import triton
+            versions["triton"] = triton.__version__
+        except ImportError:
+            pass
+    except ImportError:
+        card, versions = "unknown", {}
+    nodes = collect(args.files, args.kexpr)
+    groups: "OrderedDict[str, list[str]]" = OrderedDict()
+    for n in nodes:
+        groups.setdefault(group_of(n), []).append(n)
+    results, t0, total = {}, time.time(), {}
+    for g, members in groups.items():
+        outcomes, log = run_nodes(members, args.group_timeout)
+        poisoned = bool(POISON.search(log)) or any(match(n, outcomes) is None for n in members)
+        if poisoned:  # one case per process: which ones fail on their own
+            print(f"[isolate] {g}: CUDA error or missing outcomes, re-running {len(members)} cases one by one",
+                  flush=True)
+            for n in members:
+                o, log1 = run_nodes([n], args.case_timeout)
+                r = match(n, o) or {"outcome": "crashed", "message": log1[-400:], "seconds": None}
+                results[n] = {**r, "isolated": True}
+        else:
+            for n in members:
+                results[n] = {**match(n, outcomes), "isolated": False}
+        counts = {}
+        for n in members:
+            counts[results[n]["outcome"]] = counts.get(results[n]["outcome"], 0) + 1
+        print(f"{g}: {counts}", flush=True)
+        total = write(args, card, versions, argv, t0, results, len(nodes))  # after every group: a time limit
+    print(" ".join(f"{v} {k}" for k, v in sorted(total.items())), "on", card)  # keeps what ran
+    bad = sum(v for k, v in total.items() if k not in ("passed", "skipped"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""What the fused backend claims, decided on CPU: the shared-memory budget of the fused kernels
+(``hqlt.kernels.fused.settings``: a table of sm_90 compiles + an envelope), the backend's coverage rule
+(``fused_covers``), the compile-time plan (``dispatch.plan``), and ``backend="auto"``'s shape-class rule (fused
+only where a measured row of its class says it is fastest), with synthetic tables; the benchmark's table
+writer. No GPU and no triton needed.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hqlt.kernels import auto_table, dispatch
+from hqlt.kernels.backends import fused as FB
+from hqlt.kernels.fused import resources
+from hqlt.kernels.fused import settings as S
+
+H200, A100, SM89 = 232448, 166912, 101376   # shared_memory_per_block_optin, bytes
+
+
+# ------------------------------------------------------------------------------------- shared memory
+def test_table_has_every_default_configuration_and_the_envelope_bounds_it():
+    table = S.smem_table()
+    missing = [k for k, _ in resources.configurations() if k not in table]
+    assert not missing, f"re-run python -m hqlt.kernels.fused.resources: {missing[:5]}"
+    for key, measured in table.items():
+        kernel, e, feat, bk, bv, _ = key.split("/")
+        group = (kernel, feat == "F")
+        bound = sum(c * t for c, t in zip(S.SMEM_ENVELOPE[group], S.smem_terms(int(e[1:]), int(bk[2:]), int(bv[2:]))))
+        assert bound >= measured, key
+
+
+def test_the_h200_failure_is_predicted():
+    # float32, d = 128, features in the kernel, few (batch, head) pairs: the reverse scan runs 16-column value
+    # blocks and needs 245760 B (what the H200 reported), more than its 232448 B
+    needs = S.smem_needs(4, 128, 128, featurize=True, batch=1, heads=3, sms=132)
+    assert needs["bwd_scan"] == 245760
+    assert max(needs, key=needs.get) == "bwd_scan"
+    for bh in ((1, 3), (8, 8), (64, 8)):
+        assert not S.fits_shared_memory(4, 128, 128, H200, featurize=True, batch=bh[0], heads=bh[1], sms=132)
+    assert S.fits_shared_memory(4, 64, 64, H200, featurize=True, batch=1, heads=3, sms=132)
+
+
+@pytest.mark.parametrize("d", [16, 32, 64, 100, 128])
+def test_half_precision_fits_h200_and_a100(d):
+    for featurize in (False, True):
+        for limit in (H200, A100):
+            assert S.fits_shared_memory(2, d, d, limit, featurize=featurize, batch=8, heads=8, sms=132)
+
+
+def test_small_shared_memory_cards_lose_d128_only():
+    assert not S.fits_shared_memory(2, 128, 128, SM89, featurize=False, batch=8, heads=8, sms=128)
+    assert S.fits_shared_memory(2, 64, 64, SM89, featurize=False, batch=8, heads=8, sms=128)
+
+
+def test_a_configuration_outside_the_table_gets_the_envelope():
+    cfg = {"fw_bwd_bv": 64}                      # not a default: no compile of it in the table
+    need = S.smem_needs(2, 64, 64, featurize=False, config=cfg, kernels=("fw_bwd",))["fw_bwd"]
+    assert need == round(sum(c * t for c, t in zip(S.SMEM_ENVELOPE[("fw_bwd", False)], S.smem_terms(2, 64, 64))))
+
+
+def test_default_config_is_the_launchers():
+    pytest.importorskip("triton")
+    import torch
+    from hqlt.kernels.fused import launch
+    assert launch.default_config(2, 3, 40, 100, torch.device("cpu")) == S.default_config(2, 3, 40, 100, 1)
+
+
+# --------------------------------------------------------------------------------------- coverage
+BASE = dict(blend="sync", fw="delta", window=64, batch=8, heads=8, dk=128, dv=128, kernel_dtype="bfloat16",
+            device_type="cuda", smem_limit=H200)
+
+
+@pytest.mark.parametrize("change,covered", [
+    ({}, True),
+    ({"kernel_dtype": "float16"}, True),
+    ({"kernel_dtype": "float32"}, False),        # TF32 products: short of the float32 contract
+    ({"kernel_dtype": "float32", "dk": 64, "dv": 64}, False),
+    ({"window": 256}, True), ({"window": 257}, False),
+    ({"dk": 32, "dv": 64}, True), ({"dk": 160}, False),
+    ({"blend": "delayed_stream"}, False), ({"fw": "gated_delta", "has_g": True}, False), ({"fw": "linear"}, False),
+    ({"has_beta": False}, False), ({"same_qk": False}, False),
+    ({"batch": 10000, "heads": 8}, False),       # B*H over a CUDA grid axis
+    ({"smem_limit": SM89}, False), ({"smem_limit": SM89, "dk": 64, "dv": 64}, True),
+    ({"smem_limit": A100}, True),
+])
+def test_fused_covers(change, covered):
+    assert FB.fused_covers(**dict(BASE, **change)) is covered
+
+
+def test_fused_covers_on_cpu_only_under_the_interpreter(monkeypatch):
+    cpu = dict(BASE, device_type="cpu", smem_limit=None, kernel_dtype="float32")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not FB.fused_covers(**cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert FB.fused_covers(**cpu)
+    assert not FB.fused_covers(**dict(cpu, kernel_dtype="float64"))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CUDA backends "available" and an H200's limits, on a CPU machine (for the policy only)."""
+    for name in ("fla", "flex", "fused"):
+        monkeypatch.setitem(dispatch._PROBES, name, True)
+    monkeypatch.setattr(FB, "cuda_smem_limit", lambda: H200)
+    monkeypatch.setattr(FB, "cuda_sm_count", lambda: 132)
+    monkeypatch.setattr(auto_table, "_CHOICES", {})
+    yield
+
+
+def _plan(backend="fused", **kw):
+    args = dict(blend="sync", fw="delta", window=64, batch=8, seq_len=2048, heads=8, dk=128, dv=128,
+                dtypes=("bfloat16",) * 5, autocast="", has_beta=True, has_g=False)
+    args.update(kw)
+    return dispatch.plan("hybrid_memory", backend, "cuda", **args)
+
+
+def test_compile_plan_routes_to_the_fused_op_only_where_it_applies(fake_gpu, monkeypatch):
+    assert _plan() == ("fused", True, "bfloat16", True)
+    assert _plan(dtypes=("float32",) * 5) == ("fused", False, "float32", True)      # fused backend's fallback
+    assert _plan(dtypes=("float32",) * 5, autocast="bfloat16")[1:3] == (True, "bfloat16")
+    assert _plan(dtypes=("float32",) * 4 + ("bfloat16",))[1:3] == (True, "bfloat16")
+    assert not _plan(window=300)[1] and not _plan(blend="delayed_chunk")[1]
+    monkeypatch.setenv("HQLT_FUSED_SAVE_STATES", "0")
+    assert _plan()[3] is False
+    monkeypatch.setenv("HQLT_FUSED_BACKWARD", "0")
+    assert _plan()[1] is False          # the old recompute backward: the generic op runs the backend
+    assert _plan(backend="fla") == ("fla", False, "bfloat16", True)
+    with pytest.raises(ValueError):
+        _plan(backend="nope")
+
+
+# ------------------------------------------------------------------------------------ auto policy
+def _table(tmp_path, monkeypatch, entries, **extra):
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps({"device": "test", "dtype": "bfloat16", "entries": entries, **extra}))
+    monkeypatch.setenv("HQLT_AUTO_TABLE", str(path))
+    auto_table.load_table.cache_clear()
+    return path
+
+
+def _row(blend, W, T, d, **ms):
+    return {"blend": blend, "window": W, "seq_len": T, "heads": 8, "head_dim": d, "batch": max(1, 16384 // T),
+            "ms": ms}
+
+
+def _pick(op="hybrid_memory", blend="sync", W=64, T=2048, d=128, fw="delta", dtype="bfloat16"):
+    return auto_table.pick(op, blend, W, T, d, available=lambda: {"fla", "flex", "fused"},
+                           fallback=lambda: "fla", fw=fw, dtype=dtype, heads=8, batch=8, eligible=dispatch.eligible)
+
+
+def test_auto_takes_fused_only_where_a_row_of_its_class_has_it_fastest(tmp_path, monkeypatch, fake_gpu):
+    _table(tmp_path, monkeypatch, [
+        _row("sync", 64, 2048, 128, fla=2.8, flex=3.7, fused=1.1),        # in class, fused fastest
+        _row("sync", 1024, 2048, 128, fla=3.3, flex=3.5, fused=3.2),      # out of class (W > 256): a fallback time
+        _row("sync", 400, 2048, 128, fla=3.0, flex=3.6, fused=1.0),       # out of class, fused "fastest" (noise)
+        _row("sync", 64, 32768, 128, fla=3.9, flex=4.0, fused=4.5),       # in class, fused slower
+        _row("delayed_stream", 64, 2048, 128, fla=4.3, flex=4.3, fused=1.0),   # blend the kernel does not run
+    ])
+    try:
+        assert _pick() == "fused"
+        assert _pick(W=128) == "fused"                      # nearest row of the class: W = 64
+        assert _pick(W=1024) == "fla"                       # the call is outside the class
+        assert _pick(W=512) == "fla"
+        assert _pick(W=256) == "fla"                        # in class, but the nearest row (W = 400) is not
+        assert _pick(T=32768) == "fla"                      # in class, but measured slower
+        assert _pick(fw="gated_delta") == "fla"
+        assert _pick(dtype="float32") == "fla"
+        assert _pick(blend="delayed_stream") == "fla"
+        assert _pick(op="kv_memory") == "fla"
+        monkeypatch.setattr(FB, "cuda_smem_limit", lambda: SM89)   # a card whose shared memory the kernels exceed
+        monkeypatch.setattr(auto_table, "_CHOICES", {})
+        assert _pick() == "fla"
+        assert _pick(d=64) == "fused"                       # nearest row d = 128 is in class (it ran there)
+    finally:
+        auto_table.load_table.cache_clear()
+
+
+def test_auto_rows_measured_with_another_fw_or_dtype_do_not_count_for_fused(tmp_path, monkeypatch, fake_gpu):
+    _table(tmp_path, monkeypatch, [dict(_row("sync", 64, 2048, 128, fla=2.8, fused=1.1), fw="gated_delta")])
+    try:
+        assert _pick() == "fla"
+        _table(tmp_path, monkeypatch, [_row("sync", 64, 2048, 128, fla=2.8, fused=1.1)], dtype="float32")
+        monkeypatch.setattr(auto_table, "_CHOICES", {})
+        assert _pick() == "fla"
+    finally:
+        auto_table.load_table.cache_clear()
+
+
+def test_auto_needs_fused_verified_when_the_table_has_a_verified_list(tmp_path, monkeypatch, fake_gpu):
+    rows = [_row("sync", 64, 2048, 128, fla=2.8, flex=3.7, fused=1.1)]
+    _table(tmp_path, monkeypatch, rows, verified=["fla", "flex"])
+    try:
+        assert _pick() == "fla"
+        _table(tmp_path, monkeypatch, rows, verified=["fla", "flex", "fused"])
+        monkeypatch.setattr(auto_table, "_CHOICES", {})
+        assert _pick() == "fused"
+    finally:
+        auto_table.load_table.cache_clear()
+
+
+def test_resolve_auto_never_names_a_backend_with_a_shape_class(tmp_path, monkeypatch, fake_gpu):
+    _table(tmp_path, monkeypatch, [_row("sync", 64, 2048, 128, fla=2.8, flex=3.7, fused=1.1),
+                                   _row("sync", 64, 8192, 128, fla=2.8, flex=2.7, fused=1.1)])
+    try:
+        assert dispatch.resolve_backend("auto", "cuda") in ("fla", "flex")
+    finally:
+        auto_table.load_table.cache_clear()
+
+
+def test_shipped_table_never_picks_fused(monkeypatch, fake_gpu):
+    monkeypatch.delenv("HQLT_AUTO_TABLE", raising=False)
+    auto_table.load_table.cache_clear()
+    try:
+        table = auto_table.load_table()
+        for e in table["entries"]:
+            for dtype in ("bfloat16", "float16"):
+                assert _pick(blend=e["blend"], W=e["window"], T=e["seq_len"], d=e["head_dim"], dtype=dtype) != "fused"
+    finally:
+        auto_table.load_table.cache_clear()
+
+
+# ------------------------------------------------------------------------------------ benchmark writer
+def test_benchmark_times_fused_and_keeps_the_verified_gate(tmp_path):
+    from hqlt.benchmarks import kernels as bk
+    avail = {"reference": True, "recurrent": True, "fla": True, "flex": True, "flash_attn": False, "fused": True}
+    assert bk.default_backends(avail, lambda n, dev: n not in ("reference", "recurrent")) == ["fla", "flex", "fused"]
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps({"verified": ["fla"], "verified_note": "gate", "entries": []}))
+    meta = {"device": "H", "torch": "t", "fla": "f", "dtype": "bfloat16", "date": "d", "fw": "delta"}
+    results = [{"blend": "sync", "window": 64, "seq_len": 2048, "heads": 8, "head_dim": 128, "batch": 8,
+                "backend": n, "ms": t} for n, t in (("fla", 2.8), ("fused", 1.1))]
+    bk._write_auto_table(str(path), meta, results)
+    table = json.loads(path.read_text())
+    assert table["verified"] == ["fla"] and table["verified_note"] == "gate"
+    (entry,) = table["entries"]
+    assert entry["fw"] == "delta" and entry["ms"] == {"fla": 2.8, "fused": 1.1} and entry["winner"] == "fused"
