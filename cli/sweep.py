@@ -99,7 +99,7 @@ class status:  # noqa: N801
         running = folder_in_use(Path(args.dir))
         if running:
             print(f"running now ({running})")
-        elif not meta.get("finished"):
+        elif meta.get("sweep_id") and not meta.get("finished"):  # (folders from before sweep ids: not known)
             print("not finished: its last run stopped before the end (killed or interrupted); run the same "
                   "`hqlt sweep` command (same spec, same --dir) to resume it")
         # a whole report: its tags, and its last artifact (a report cut off by a kill has the tags at most)

@@ -200,7 +200,7 @@ def prepare_folder(spec, directory: Path, tracking_uri: Optional[str], address: 
     meta = (read_meta(directory) or {}) if resuming else {}
     recorded = meta.get("tracking_uri")
     if resuming and tracking_uri and tracking_uri != (recorded or sqlite_uri(directory)):
-        raise ConfigError("--tracking-uri", f"{directory} logs to {recorded or 'its own ' + 'mlflow.db'}; a sweep "
+        raise ConfigError("--tracking-uri", f"{directory} logs to {recorded or 'its own mlflow.db'}; a sweep "
                                             "resumes where it started (leave --tracking-uri out)")
     if resuming and not tracking_uri:  # a resumed sweep keeps writing to the server it started with
         tracking_uri = recorded

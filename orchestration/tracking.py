@@ -1,8 +1,9 @@
 """MLflow writing, from one process only (the CLI or the sweep driver — never from trial workers).
 
-Layout (read by `hqlt.reports`): one experiment per sweep; a parent run tagged `hqlt.role=sweep` with
-`hqlt.objectives`; one child run per trial tagged `hqlt.role=trial`, `mlflow.parentRunId`, `status`,
-`reason`, `arch`, `trial_id`, `config_hash`, `seed`; params = flattened config; metrics per step.
+Layout (read by `hqlt.reports`): one experiment per sweep name; a parent run per sweep tagged `hqlt.role=sweep`,
+`hqlt.sweep_id` (what identifies the sweep) and `hqlt.objectives`; one child run per trial tagged `hqlt.role=trial`,
+`mlflow.parentRunId`, `status`, `reason`, `arch`, `trial_id`, `config_hash`, `seed`, `node`; params = flattened
+config; metrics per step.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 import os
 from typing import Iterable, Optional
 
+from hqlt.search_space.labels import flatten
 from hqlt.search_space.vocabulary import (ARCH_TAG, COMPLETED, CONFIG_HASH_TAG, PARENT_TAG, REASON_TAG, RESULT_TAGS,
                                           ROLE_SWEEP, ROLE_TAG, ROLE_TRAIN, ROLE_TRIAL, SEED_TAG, STATUS_TAG,
                                           SWEEP_ID_TAG)
@@ -17,17 +19,6 @@ from hqlt.search_space.vocabulary import (ARCH_TAG, COMPLETED, CONFIG_HASH_TAG, 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 SERVER_URIS = ("http://", "https://", "postgresql", "mysql", "databricks")  # tracking stores a cluster can share
-
-
-def flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
-    return out
 
 
 def numeric_metrics(metrics: dict) -> dict:

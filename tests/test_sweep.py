@@ -227,10 +227,13 @@ def test_cluster_mode_requires_a_tracking_server(tmp_path):
 
 
 def test_wall_time_adds_up_over_the_runs_of_a_resumed_sweep(tmp_path):
-    from hqlt.orchestration.sweep import record_wall_time
+    from hqlt.orchestration.sweep_folder import RunClock
 
     (tmp_path / "sweep.json").write_text(json.dumps({"name": "x"}))
-    assert record_wall_time(tmp_path, 10.0) == 10.0
-    assert record_wall_time(tmp_path, 2.5) == 12.5
+    for _ in range(2):
+        clock = RunClock(tmp_path, period=60)
+        time.sleep(0.3)
+        total = clock.stop()
     meta = json.loads((tmp_path / "sweep.json").read_text())
-    assert meta["name"] == "x" and [r["wall_s"] for r in meta["runs"]] == [10.0, 2.5]
+    assert meta["name"] == "x" and len(meta["runs"]) == 2 and all(r["wall_s"] >= 0.3 for r in meta["runs"])
+    assert total == meta["wall_s"] == pytest.approx(sum(r["wall_s"] for r in meta["runs"]))

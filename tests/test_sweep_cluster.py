@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import textwrap
+import sys
 import time
 import urllib.request
-from pathlib import Path
-
 import pytest
 from killing import hqlt, kill_everything, run_until, start, wait_for
 
@@ -73,8 +71,6 @@ def test_sweeps_on_a_ray_cluster_with_an_mlflow_server(tmp_path, monkeypatch):
     import mlflow
     from ray.cluster_utils import Cluster
 
-    from hqlt.orchestration.mlflow_callback import find_or_create_parent  # noqa: F401 — fail early if absent
-
     began = time.time()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -83,7 +79,7 @@ def test_sweeps_on_a_ray_cluster_with_an_mlflow_server(tmp_path, monkeypatch):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{srv / 'mlflow.db'}", "--serve-artifacts",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{srv / 'mlflow.db'}", "--serve-artifacts",
          "--artifacts-destination", str(srv / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], stdout=subprocess.DEVNULL, stderr=open(srv / "server.log", "w"), start_new_session=True)
     # nodes on this machine's own address: a driver told 127.0.0.1 still looks for its raylet at the address

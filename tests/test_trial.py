@@ -150,7 +150,7 @@ def test_hqlt_train_end_to_end(tmp_path):
                f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
     wall = time.time() - start
     assert out.returncode == 0, out.stderr[-2000:]
-    assert wall < 30
+    assert wall < 120  # a hang guard, not a benchmark: ~9 s on an idle 2-core machine, 40+ s under load
     payload = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert payload["status"] == "completed" and payload["config"]["train"]["steps"] == 30
     assert [h["step"] for h in payload["history"]] == [10, 20, 30]
