@@ -12,6 +12,7 @@ import os
 from typing import Iterable, Optional
 
 from hqlt.search_space.labels import flatten
+from hqlt.search_space.vocabulary import to_mlflow_metric
 from hqlt.search_space.vocabulary import (ARCH_TAG, COMPLETED, CONFIG_HASH_TAG, PARENT_TAG, REASON_TAG, RESULT_TAGS,
                                           ROLE_SWEEP, ROLE_TAG, ROLE_TRAIN, ROLE_TRIAL, SEED_TAG, STATUS_TAG,
                                           SWEEP_ID_TAG)
@@ -28,7 +29,7 @@ def numeric_metrics(metrics: dict) -> dict:
         if isinstance(value, bool):
             value = float(value)
         if isinstance(value, (int, float)) and math.isfinite(float(value)):
-            out[key.replace("@", "_at_").replace("%", "pct")] = float(value)
+            out[to_mlflow_metric(key)] = float(value)
     return out
 
 

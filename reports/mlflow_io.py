@@ -68,7 +68,7 @@ import pandas as pd
 
 from hqlt.search_space.vocabulary import (ARCH_TAG, BASELINE_TAG, COMPLETED, CONFIG_HASH_TAG, FAILED, PARENT_TAG,
                                           REASON_TAG, ROLE_SWEEP, ROLE_TAG, RUNNING, SEED_TAG, STATUS_TAG,
-                                          SWEEP_ID_TAG, TRIAL_ID_TAG)
+                                          SWEEP_ID_TAG, TRIAL_ID_TAG, from_mlflow_metric)
 
 __all__ = [
     "ReportError",
@@ -231,7 +231,7 @@ def _row(run: Any) -> dict[str, Any]:
         "mlflow_status": run.info.status,
     }
     for k, v in run.data.metrics.items():
-        row[f"metrics.{k}"] = float(v)
+        row[f"metrics.{from_mlflow_metric(k)}"] = float(v)
     for k, v in run.data.params.items():
         row[f"params.{k}"] = v
     for k, v in tags.items():

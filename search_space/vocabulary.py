@@ -42,6 +42,21 @@ KNOWN_METRICS = (TRAIN_LOSS, *VAL_METRICS, *TEST_METRICS, *PERF_METRICS, *MODEL_
 SLICE_METRIC_PREFIX = "val/acc@"
 TEST_SLICE_METRIC_PREFIX = "test/acc@"
 SLICE_METRIC_PREFIXES = (SLICE_METRIC_PREFIX, TEST_SLICE_METRIC_PREFIX)
+# MLflow forbids '@' in metric names: a slice metric is stored as `val/acc_at_len_41-64` and read back by name.
+MLFLOW_SLICE_SEP = "_at_"
+
+
+def to_mlflow_metric(name: str) -> str:
+    return name.replace("@", MLFLOW_SLICE_SEP).replace("%", "pct")
+
+
+def from_mlflow_metric(name: str) -> str:
+    """The hqlt name of a stored metric (only slice metrics differ)."""
+    for prefix in SLICE_METRIC_PREFIXES:
+        stored = to_mlflow_metric(prefix)
+        if name.startswith(stored):
+            return prefix + name[len(stored):]
+    return name
 # Metrics where lower is better (checkpoint selection on a validation metric needs the direction).
 LOWER_IS_BETTER = (TRAIN_LOSS, VAL_LOSS, VAL_BPB, TEST_LOSS, TEST_BPB, STEP_MS, PEAK_MEM_MB)
 

@@ -20,7 +20,9 @@ mlflow = pytest.importorskip("mlflow")
 
 from hqlt.cli import report as cli  # noqa: E402
 from hqlt.reports import load_sweep, write_report  # noqa: E402
-from hqlt.search_space.vocabulary import sqlite_uri  # noqa: E402
+from hqlt.search_space.vocabulary import sqlite_uri, to_mlflow_metric  # noqa: E402
+
+SLICE = "val/acc@len_41-64"
 
 SWEEP = "toy-sweep"
 OBJECTIVES = [["val/acc", "max"], ["perf/train_tok_s", "max"]]
@@ -78,6 +80,8 @@ def build_store(folder: Path, trials=TRIALS, name: str = SWEEP, write_spec: bool
             metrics.append(Metric("train/loss", 2.0 - 0.5 * step, t0 + i * 1000 + step, step))
         if acc is not None:
             metrics += [Metric("val/acc", acc - 0.1, t0 + i * 1000, 0), Metric("val/acc", acc, t0 + i * 1000 + 5, 1)]
+            # a per-slice accuracy, stored under the name the sweep's tracking gives it (MLflow forbids '@')
+            metrics += [Metric(to_mlflow_metric(SLICE), acc / 2, t0 + i * 1000 + 5, 1)]
         if tok is not None:
             metrics.append(Metric("perf/train_tok_s", tok, t0 + i * 1000, 0))
         metrics.append(Metric("model/params", 1e6 + 1e4 * i, t0, 0))
@@ -134,6 +138,21 @@ def test_load_sweep_contract(sweep):
     assert trials.loc[1, "metrics.val/acc"] == pytest.approx(0.90)
     assert trials.loc[1, "params.model.mixer.kv.window"] == 64  # numeric params are coerced
     assert trials.loc[0, "baseline"] == "transformer"
+
+
+def test_slice_metric_objective_is_found(sweep, tmp_path):
+    """A `val/acc@<slice>` objective names the metric the trials logged as `val/acc_at_<slice>`."""
+    folder, uri = sweep
+    assert to_mlflow_metric(SLICE) == "val/acc_at_len_41-64"
+    _, trials = load_sweep(uri, SWEEP)
+    assert trials.loc[1, f"metrics.{SLICE}"] == pytest.approx(0.45)
+    assert f"metrics.{to_mlflow_metric(SLICE)}" not in trials.columns
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    res = write_report(sqlite_uri(copy), SWEEP, objectives=f"{SLICE}:max,perf/train_tok_s:max",
+                       out_dir=tmp_path / "rep")
+    ranked = res.trials[res.trials["pareto_rank"].notna()]
+    assert len(ranked) >= 2 and ranked["pareto_rank"].min() == 0
 
 
 def test_cli_end_to_end(sweep, reported):
