@@ -44,3 +44,10 @@ def max_relative_error(actual: Tensor, expected: Tensor) -> float:
     diff = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def assert_opcheck(op, args) -> None:
+    """``torch.library.opcheck`` of one custom op call, with every check's outcome asserted."""
+    result = torch.library.opcheck(op, args)
+    failed = {name: outcome for name, outcome in result.items() if outcome != "SUCCESS"}
+    assert result and not failed, failed

@@ -260,7 +260,7 @@ def _init_ray(s, directory: Path, address: Optional[str], verbose: int) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's status table as the live view
     if not ray.is_initialized():
         # Only --address / RAY_ADDRESS join a cluster: without them a Ray of our own, never one that happens to
-        # run on this machine (Ray's auto-detection), whose checks (server, shared folder) would be skipped.
+        # run on this machine (Ray's auto-detection), whose checks (server, common storage) would be skipped.
         ray.init(address=address or "local", runtime_env={"env_vars": env}, include_dashboard=False,
                  log_to_driver=verbose > 1, configure_logging=True, logging_level="WARNING")
 

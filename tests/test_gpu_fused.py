@@ -436,11 +436,12 @@ def test_interpreter_fused_op_opcheck(featurize, save):
     """torch.library.opcheck of the fused op pair: schema, fake vs real outputs, autograd registration, and
     AOT dispatch with dynamic shapes (forward and backward through the backward op)."""
     from hqlt.kernels.fused import ops as fused_ops
+    from hqlt.kernels.testing import assert_opcheck
     low, _ = make_inputs(1, 70, 2, 16, 32, torch.float32, "cpu", 5)
     q, k, v, beta = (low[n].detach().requires_grad_() for n in ("q", "k", "v", "beta"))
     qf, kf = (None, None) if featurize else (feat64(q).float().detach().requires_grad_(),
                                              feat64(k).float().detach().requires_grad_())
-    torch.library.opcheck(fused_ops.fused_sync_hybrid, (q, k, qf, kf, v, beta, 20, 0.3, 0.25, save))
+    assert_opcheck(fused_ops.fused_sync_hybrid, (q, k, qf, kf, v, beta, 20, 0.3, 0.25, save))
 
 
 @interp

@@ -11,7 +11,7 @@ import torch
 
 from hqlt.kernels import dispatch, fw_memory, hybrid_memory, kv_memory
 from hqlt.kernels import ops as kops
-from hqlt.kernels.testing import random_inputs
+from hqlt.kernels.testing import assert_opcheck, random_inputs
 
 NAMES = ("q_kv", "k_kv", "q_fw", "k_fw", "v", "beta")
 
@@ -53,23 +53,23 @@ def test_opcheck_hybrid_memory(dtype, fw, blend, backend):
     x = random_inputs(1, 9, 2, 4, 3, fw=fw, dtype=dtype, seed=1, requires_grad=True)
     beta = None if fw == "linear" else x["beta"]
     args = (*[x[n] for n in NAMES[:5]], beta, x["g"], backend, blend, 3, fw, 0.5, 0.4, 4, None, "")
-    torch.library.opcheck(kops.hybrid_memory_op, args)
+    assert_opcheck(kops.hybrid_memory_op, args)
 
 
 def test_opcheck_kv_fw_memory_and_the_backward_ops():
     x = random_inputs(1, 9, 2, 4, 3, seed=2, requires_grad=True)
-    torch.library.opcheck(kops.kv_memory_op, (x["q_kv"], x["k_kv"], x["v"], "reference", None, 0.5, ""))
-    torch.library.opcheck(kops.kv_memory_op, (x["q_kv"], x["k_kv"], x["v"], "reference", 3, 0.5, ""))
-    torch.library.opcheck(kops.fw_memory_op, (x["q_fw"], x["k_fw"], x["v"], x["beta"], None, "reference", "delta",
+    assert_opcheck(kops.kv_memory_op, (x["q_kv"], x["k_kv"], x["v"], "reference", None, 0.5, ""))
+    assert_opcheck(kops.kv_memory_op, (x["q_kv"], x["k_kv"], x["v"], "reference", 3, 0.5, ""))
+    assert_opcheck(kops.fw_memory_op, (x["q_fw"], x["k_fw"], x["v"], x["beta"], None, "reference", "delta",
                                               0.5, 4, ""))
     d = {k: None if t is None else t.detach() for k, t in x.items()}
     do = torch.randn_like(d["v"])
     needs = [True, False, True, True, True, True, False]
-    torch.library.opcheck(kops.hybrid_memory_backward_op, (do, do, *[d[n] for n in NAMES], None, "reference", "sync",
+    assert_opcheck(kops.hybrid_memory_backward_op, (do, do, *[d[n] for n in NAMES], None, "reference", "sync",
                                                            3, "delta", 0.5, 0.5, 4, None, "", needs))
-    torch.library.opcheck(kops.kv_memory_backward_op, (do, d["q_kv"], d["k_kv"], d["v"], "reference", 3, 0.5, "",
+    assert_opcheck(kops.kv_memory_backward_op, (do, d["q_kv"], d["k_kv"], d["v"], "reference", 3, 0.5, "",
                                                        [True, True, True]))
-    torch.library.opcheck(kops.fw_memory_backward_op, (do, d["q_fw"], d["k_fw"], d["v"], d["beta"], None, "reference",
+    assert_opcheck(kops.fw_memory_backward_op, (do, d["q_fw"], d["k_fw"], d["v"], d["beta"], None, "reference",
                                                        "delta", 0.5, 4, "", [True, True, True, True, False]))
 
 
