@@ -45,7 +45,6 @@ from .mlflow_io import (
     ReportError,
     client_for,
     load_sweep,
-    set_trial_tags,
 )
 from .objectives import Objective, ObjectiveSpecError, objectives_from_tag, parse_objectives
 from .pareto import domination_counts, non_dominated_sort

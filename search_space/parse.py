@@ -48,7 +48,7 @@ def parse_spec(path, overrides: list[str] = ()) -> SweepSpec:
     for section, origin in ((doc, "file"), (over, "override")):
         for key in section:
             if key not in SECTIONS:
-                where = f" (from an override)" if origin == "override" else ""
+                where = " (from an override)" if origin == "override" else ""
                 raise SpecError(str(key), f"unknown section{where}; allowed: {', '.join(SECTIONS)}{closest(key, SECTIONS)}",
                                 file)
     for sec in ("base", "space", "sweep"):

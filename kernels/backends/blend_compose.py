@@ -94,7 +94,6 @@ def interleave_reads(q: Tensor, k: Tensor, v: Tensor, beta: Tensor | None, g: Te
 
 def take_reads(o: Tensor, C: int, T: int) -> Tensor:
     """The read tokens' outputs of an interleaved stream, back in sequence order."""
-    B = o.shape[0]
     return o.unflatten(1, (-1, 2, C))[:, :, 0].flatten(1, 2)[:, :T]
 
 
