@@ -12,6 +12,9 @@ Per (B, T), bf16, H heads of dim d, window W, raw q, k, v ~ N(0, 1), beta = 2 si
                       backward (FUSED_NOTES.md step 3): chunk states kept from the forward (default), or
                       recomputed in the backward (``save_states=False``);
 * fused bwd only      ``fused_backward`` alone on a saved forward (states kept), no autograd;
+* [single] / [split]  both FW-backward variants (``HQLT_FUSED_FW_BWD``, FUSED_NOTES.md "Round 3") in this
+                      process: fwd+bwd, the backward alone, its launches timed cumulatively (differences =
+                      per kernel), and the split gradients vs the single ones;
 * fused fwd+bwd (recompute bwd)  the old backward: fused fwd + fla fwd+bwd (``fused_backward=False``);
 * fla fwd, fwd+bwd    the composition as a model runs it: l2(silu(q)), l2(silu(k)) in torch, then
                       ``hybrid_memory(backend="fla")`` (fla ``parallel_attn`` window + ``chunk_delta_rule``);
@@ -26,8 +29,10 @@ failing entry prints its error and the run goes on. Needs a CUDA device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +50,8 @@ BWD_SWEEP = (  # the same for the fused backward (timed alone on a saved forward
     {"bwd_scan_bv": 16}, {"bwd_scan_bv": 32}, {"bwd_scan_bv": 64, "bwd_scan_warps": 8}, {"bwd_scan_warps": 4},
     {"fw_bwd_bv": 16}, {"fw_bwd_bv": 64}, {"fw_bwd_warps": 4}, {"fw_bwd_warps": 8}, {"kv_bwd_warps": 4},
     {"kv_bwd_warps": 8}, {"num_stages": 1}, {"num_stages": 3},
+    {"fw_bwd": "split"}, {"fw_bwd": "split", "fw_bwd_split_bv": 32}, {"fw_bwd": "split", "fw_bwd_wy_warps": 4},
+    {"fw_bwd": "split", "fw_bwd_dq_warps": 4}, {"fw_bwd": "split", "fw_bwd_dk_warps": 4},
 )
 
 
@@ -141,6 +148,8 @@ def bench_shape(B: int, T: int, args) -> dict:
 
     row["fused_bwd_only"] = _time(fused_bwd(), args)
     _show("fused bwd only (states kept)", row["fused_bwd_only"])
+    row["fw_bwd_variants"] = _fw_bwd_variants(fused_fb, fused_bwd, FL, q, k, v, beta, o_kv, aux, grads, W, scale,
+                                              args)
     row["fused_fwd_bwd_unfused_bwd"] = _time(fused_fb(fused_backward=False), args)
     _show("fused fwd+bwd (old bwd: fla recompute)", row["fused_fwd_bwd_unfused_bwd"])
 
@@ -203,6 +212,63 @@ def bench_shape(B: int, T: int, args) -> dict:
     return row
 
 
+@contextlib.contextmanager
+def _fw_bwd_env(variant: str):
+    """HQLT_FUSED_FW_BWD set to ``variant`` for the calls inside (read at every launch)."""
+    old = os.environ.get("HQLT_FUSED_FW_BWD")
+    os.environ["HQLT_FUSED_FW_BWD"] = variant
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HQLT_FUSED_FW_BWD", None)
+        else:
+            os.environ["HQLT_FUSED_FW_BWD"] = old
+
+
+def _fw_bwd_variants(fused_fb, fused_bwd, FL, q, k, v, beta, o_kv, aux, grads, W, scale, args) -> dict:
+    """Both FW-backward variants (HQLT_FUSED_FW_BWD=single|split, FUSED_NOTES.md "Round 3") side by side in
+    this process: fwd+bwd, the backward alone, its launches timed cumulatively (differences = per kernel),
+    and the split variant's gradients against the single one's (relative RMS, bf16 both)."""
+    out = {}
+    for variant in VARIANTS:
+        r = out[variant] = {}
+        with _fw_bwd_env(variant):
+            r["fwd_bwd"] = _time(fused_fb(fused_backward=True, save_states=True), args)
+            _show(f"[{variant}] fused fwd+bwd (states kept)", r["fwd_bwd"])
+        r["bwd_only"] = _time(fused_bwd(config={"fw_bwd": variant}), args)
+        _show(f"[{variant}] fused bwd only", r["bwd_only"])
+        names = VARIANT_KERNELS[variant]
+        cumulative = []
+        for n in range(1, len(names) + 1):
+            cumulative.append(_time(lambda n=n: FL.fused_backward(
+                q, k, v, beta, o_kv, aux["lse"], grads[0], grads[1], window=W, kv_scale=scale, fw_scale=scale,
+                w=aux["w"], v_new=aux["v_new"], states=aux["states"], config={"fw_bwd": variant}, stages=n),
+                args).get("ms"))
+        r["bwd_stages_cumulative_ms"] = dict(zip(names, cumulative))
+        if all(cumulative):
+            per = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])]
+            r["bwd_per_kernel_ms"] = dict(zip(names, per))
+            print(f"  [{variant}] per kernel: " + ", ".join(f"{n} {t:.3f}" for n, t in zip(names, per)) + " ms",
+                  flush=True)
+    try:
+        with torch.no_grad():
+            g = {variant: FL.fused_backward(q, k, v, beta, o_kv, aux["lse"], grads[0], grads[1], window=W,
+                                            kv_scale=scale, fw_scale=scale, w=aux["w"], v_new=aux["v_new"],
+                                            states=aux["states"], config={"fw_bwd": variant})
+                 for variant in VARIANTS}
+        err = {}
+        for name, a, b in zip(("dq", "dk", "dv", "dbeta"), g["split"], g["single"]):
+            a, b = a.float(), b.float()
+            err[f"{name}_rel_rms"] = ((a - b).norm() / b.norm()).item()
+            err[f"{name}_finite"] = bool(torch.isfinite(a).all())
+    except Exception as exc:
+        err = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+    out["split_vs_single"] = err
+    print(f"  split vs single gradients: {json.dumps(err)}", flush=True)
+    return out
+
+
 def _config_sweep(label: str, overrides, make, default: dict, args) -> list[dict]:
     """Time make(config=override) for each override; print each and the best against the default."""
     sweep = []
@@ -218,6 +284,9 @@ def _config_sweep(label: str, overrides, make, default: dict, args) -> list[dict
     return sweep
 
 
+VARIANTS = ("single", "split")
+VARIANT_KERNELS = {"single": ("kv_dq", "kv_dkdv", "bwd_scan", "fw_bwd"),
+                   "split": ("kv_dq", "kv_dkdv", "fw_bwd_dq", "bwd_scan", "fw_bwd_wy", "fw_bwd_dk")}
 parse_bt = functools.partial(parse_pair, example="8x2048", meaning="batch x length")
 
 

@@ -5,8 +5,13 @@ collects the node ids, runs each test class (or module-level group) in its own p
 group's process reports a CUDA error, re-runs that group one case per process. The outcome of every case
 goes to a JSON file (``--out``), with the card's name.
 
+Most of a GPU suite's wall time on a fresh machine is Triton compiling (and fla autotuning) on the CPU, one
+process at a time. ``--jobs N`` runs N such processes at once on the same card, each on a shard of at most
+``--shard-size`` cases of one group: isolation is unchanged (a crash poisons one shard's process, which is then
+re-run case by case), and the compiles of different shards overlap.
+
     python tests/run_gpu_isolated.py tests/test_gpu_fused.py tests/test_gpu_backends.py \
-        --out kernels/results/gpu_tests_h200.json [-k EXPR]
+        --out kernels/results/gpu_tests_h200.json [-k EXPR] [--jobs 8 --shard-size 12]
 """
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 POISON = re.compile(r"illegal memory access|CUDA error|unspecified launch failure|device-side assert", re.I)
 
@@ -94,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("-k", dest="kexpr")
     ap.add_argument("--group-timeout", type=float, default=1800)
     ap.add_argument("--case-timeout", type=float, default=300)
+    ap.add_argument("--jobs", type=int, default=1, help="pytest processes at once (default 1)")
+    ap.add_argument("--shard-size", type=int, default=10**9, help="most cases per process (default: a whole group)")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -110,25 +119,36 @@ def main(argv=None) -> int:
     groups: "OrderedDict[str, list[str]]" = OrderedDict()
     for n in nodes:
         groups.setdefault(group_of(n), []).append(n)
-    results, t0, total = {}, time.time(), {}
-    for g, members in groups.items():
+    shards = [(g, members[i:i + args.shard_size]) for g, members in groups.items()
+              for i in range(0, len(members), args.shard_size)]
+    results, t0, lock = {}, time.time(), threading.Lock()
+
+    def run_shard(shard):
+        g, members = shard
         outcomes, log = run_nodes(members, args.group_timeout)
         poisoned = bool(POISON.search(log)) or any(match(n, outcomes) is None for n in members)
+        done = {}
         if poisoned:  # one case per process: which ones fail on their own
             print(f"[isolate] {g}: CUDA error or missing outcomes, re-running {len(members)} cases one by one",
                   flush=True)
             for n in members:
                 o, log1 = run_nodes([n], args.case_timeout)
                 r = match(n, o) or {"outcome": "crashed", "message": log1[-400:], "seconds": None}
-                results[n] = {**r, "isolated": True}
+                done[n] = {**r, "isolated": True}
         else:
             for n in members:
-                results[n] = {**match(n, outcomes), "isolated": False}
+                done[n] = {**match(n, outcomes), "isolated": False}
         counts = {}
-        for n in members:
-            counts[results[n]["outcome"]] = counts.get(results[n]["outcome"], 0) + 1
-        print(f"{g}: {counts}", flush=True)
-        total = write(args, card, versions, argv, t0, results, len(nodes))  # after every group: a time limit
+        for r in done.values():
+            counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        with lock:
+            results.update(done)
+            print(f"{g} ({len(members)} cases): {counts}", flush=True)
+            write(args, card, versions, argv, t0, results, len(nodes))  # after every shard: a time limit keeps what ran
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(run_shard, shards))
+    total = write(args, card, versions, argv, t0, results, len(nodes))
     print(" ".join(f"{v} {k}" for k, v in sorted(total.items())), "on", card)  # keeps what ran
     bad = sum(v for k, v in total.items() if k not in ("passed", "skipped"))
     return 1 if bad else 0

@@ -71,7 +71,9 @@ def test_graph_follows_eager_for_200_steps(layers):
     assert len(eager) == len(graph) == len(static) == STEPS and np.isfinite(graph).all()
     assert abs(graph[0] - eager[0]) <= 1e-2 * abs(eager[0])  # same weights, same batch: bf16 rounding only
     assert np.allclose(graph[:10], eager[:10], rtol=2e-2)  # fused vs foreach AdamW, bf16: close early on
-    assert np.allclose(graph[:20], static[:20], rtol=1e-2)  # the same ops, replayed vs launched
+    # the same ops, replayed vs launched: equal up to the non-deterministic atomics of attention backward, which
+    # bf16 training amplifies (Transformer on an H200: within 1e-5 for 6 steps, more than 1 % apart within 20)
+    assert np.allclose(graph[:5], static[:5], rtol=1e-3)
     e, g, s = windows(eager), windows(graph), windows(static)
     assert e[-1] < 0.5 * e[0] and g[-1] < 0.5 * g[0]  # both train
     assert np.all(np.abs(g - e) <= 0.1 + 0.1 * np.abs(e)), (e.round(3).tolist(), g.round(3).tolist())

@@ -357,6 +357,102 @@ def test_interpreter_fused_backward_large_values_and_partial_outputs():
                 assert (a.double() - b).norm().item() <= 1e-5 * top, (i, (a.double() - b).norm().item(), top)
 
 
+# ============================================================ FW backward variants (FUSED_NOTES.md "Round 3")
+# HQLT_FUSED_FW_BWD=single (fw_bwd_kernel) or split (fw_bwd_dq / bwd_scan(LOCAL_IN) / fw_bwd_wy / fw_bwd_dk):
+# the same gradients. The switch is read at every launch, so monkeypatching the environment selects it.
+FW_BWD_CASES = [  # B, T, H, dk, dv, W
+    (1, 1, 1, 16, 16, 1),
+    (2, 63, 1, 32, 32, 8),
+    (1, 130, 2, 64, 64, 100),
+    (1, 200, 1, 128, 128, 64),
+    (1, 150, 1, 128, 64, 256),    # Dk != Dv, d = 128 keys
+    (1, 70, 2, 24, 40, 3),        # head dims that are not powers of two
+]
+
+
+@interp
+@pytest.mark.parametrize("variant", ["single", "split"])
+@pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+@pytest.mark.parametrize("case", FW_BWD_CASES, ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-dk{c[3]}-dv{c[4]}-W{c[5]}"
+                                                    for c in FW_BWD_CASES])
+def test_interpreter_fw_bwd_variants_match_reference(case, featurize, variant, monkeypatch):
+    monkeypatch.setenv("HQLT_FUSED_FW_BWD", variant)
+    B, T, H, dk, dv, W = case
+    errs = compare(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=sum(case) + 1,
+                   fused_bwd=True, save_states=T % 2 == 0)
+    assert max(errs.values()) <= 1e-5, (variant, errs)
+
+
+@interp
+@pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+@pytest.mark.parametrize("case", [(2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)],
+                         ids=["T130-d32-W100", "T65-dk24-dv40-W3", "T200-dk128-dv64-W256"])
+def test_interpreter_fw_bwd_split_poisoned_and_equal_to_single(case, featurize, monkeypatch):
+    # the split kernels leave no NaN-poisoned element, do not depend on buffer contents (nor on kept vs
+    # recomputed states), and agree with the single kernel to float32 rounding
+    B, T, H, dk, dv, W = case
+    monkeypatch.setenv("HQLT_FUSED_FW_BWD", "split")
+    split = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T)
+    monkeypatch.setenv("HQLT_FUSED_FW_BWD", "single")
+    single = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T)
+    for a, b in zip(split, single):
+        assert rel_rms(a, b) <= 1e-6, rel_rms(a, b)
+
+
+@interp
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+def test_interpreter_fw_bwd_split_float16(featurize, monkeypatch):
+    monkeypatch.setenv("HQLT_FUSED_FW_BWD", "split")
+    errs = compare(1, 130, 2, 32, 32, 40, torch.float16, "cpu", featurize=featurize, seed=6, fused_bwd=True)
+    assert max(errs.values()) <= 5e-3, errs
+
+
+def test_fw_bwd_switch_is_read_per_launch(monkeypatch):
+    from hqlt.kernels.fused import settings as S
+    monkeypatch.delenv("HQLT_FUSED_FW_BWD", raising=False)
+    assert S.fw_bwd_variant() == "single" and S.default_config(8, 8, 128, 128, 132)["fw_bwd"] == "single"
+    assert S.backward_kernels() == S.BACKWARD_KERNELS
+    monkeypatch.setenv("HQLT_FUSED_FW_BWD", "split")
+    cfg = S.default_config(8, 8, 128, 128, 132)
+    assert cfg["fw_bwd"] == "split"
+    assert S.backward_kernels(cfg) == ("kv_dq", "kv_dkdv", "bwd_scan", "fw_bwd_dq", "fw_bwd_wy", "fw_bwd_dk")
+    assert S.backward_kernels({"fw_bwd": "single"}) == S.BACKWARD_KERNELS
+    assert all(n > 0 for n in S.smem_needs(2, 128, 128, featurize=True, config=cfg,
+                                           kernels=S.backward_kernels(cfg)).values())
+    monkeypatch.setenv("HQLT_FUSED_FW_BWD", "both")
+    with pytest.raises(ValueError):
+        S.fw_bwd_variant()
+
+
+class TestGPUFwBwdVariants:
+    """bf16/fp16 checks of both FW-backward variants (HQLT_FUSED_FW_BWD), incl. the shape compute-sanitizer
+    flagged in round 2 (fp16, B 1 T 100 H 3 dk 32 dv 64 W 16)."""
+    pytestmark = gpu
+
+    @pytest.mark.parametrize("variant", ["single", "split"])
+    @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+    @pytest.mark.parametrize("case", [(2, 200, 2, 64, 64, 100), (1, 2048, 2, 128, 128, 64), (1, 77, 3, 24, 40, 5)])
+    def test_bf16_grads(self, case, featurize, variant, monkeypatch):
+        monkeypatch.setenv("HQLT_FUSED_FW_BWD", variant)
+        B, T, H, dk, dv, W = case
+        for save in (True, False):
+            errs = compare(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T + W,
+                           fused_bwd=True, save_states=save)
+            assert max(errs.values()) <= 1e-2, (variant, save, errs)
+
+    @pytest.mark.parametrize("variant", ["single", "split"])
+    def test_poisoned_and_sanitizer_shape(self, variant, monkeypatch):
+        monkeypatch.setenv("HQLT_FUSED_FW_BWD", variant)
+        for featurize in (True, False):
+            grads = poisoned_backward_check(1, 2048, 2, 128, 128, 64, torch.bfloat16, "cuda", featurize=featurize,
+                                            seed=3)
+            assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads)
+            errs = compare(1, 100, 3, 32, 64, 16, torch.float16, "cuda", featurize=featurize, seed=100,
+                           fused_bwd=True)
+            assert max(errs.values()) <= 1e-2, (variant, errs)
+
+
 class TestGPUFusedBackward:
     """bf16/fp16 versions of the fused-backward checks (the TestGPU grid above also runs the fused
     backward by default): the recompute path, kept vs recomputed states, poisoned buffers."""

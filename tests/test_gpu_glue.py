@@ -42,7 +42,7 @@ def _causal(q, k, v, scale):
 @pytest.fixture
 def glue_ops(monkeypatch):
     monkeypatch.setattr(compose, "fla_available", lambda: True)
-    monkeypatch.setattr(compose, "fla_fw_ok", lambda fw, dtype: True)
+    monkeypatch.setattr(compose, "fla_fw_ok", lambda fw, dtype, device=None: True)
     monkeypatch.setattr(compose, "fla_fw", _exact_fla_fw)
 
     def kv(q, k, v, *, scale, window, chunk_local):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from hqlt.kernels import auto_table, dispatch
 from hqlt.kernels.backends import fused as FB
@@ -77,7 +78,8 @@ BASE = dict(blend="sync", fw="delta", window=64, batch=8, heads=8, dk=128, dv=12
     ({"kernel_dtype": "float32"}, False),        # TF32 products: short of the float32 contract
     ({"kernel_dtype": "float32", "dk": 64, "dv": 64}, False),
     ({"window": 256}, True), ({"window": 257}, False),
-    ({"dk": 32, "dv": 64}, True), ({"dk": 160}, False),
+    ({"dk": 32, "dv": 64}, True), ({"dk": 160}, False), ({"dk": 16, "dv": 16}, True),
+    ({"dk": 24, "dv": 40}, False), ({"dk": 64, "dv": 40}, False), ({"dk": 96}, False),  # GPU-unverified dims
     ({"blend": "delayed_stream"}, False), ({"fw": "gated_delta", "has_g": True}, False), ({"fw": "linear"}, False),
     ({"has_beta": False}, False), ({"same_qk": False}, False),
     ({"batch": 10000, "heads": 8}, False),       # B*H over a CUDA grid axis
@@ -235,3 +237,21 @@ def test_benchmark_times_fused_and_keeps_the_verified_gate(tmp_path):
     assert table["verified"] == ["fla"] and table["verified_note"] == "gate"
     (entry,) = table["entries"]
     assert entry["fw"] == "delta" and entry["ms"] == {"fla": 2.8, "fused": 1.1} and entry["winner"] == "fused"
+
+
+# ---- fla's gated delta rule on Hopper -----------------------------------------------------------
+def test_fla_gated_delta_refusal_rule():
+    """fla 0.6.0 refuses chunk_gated_delta_rule on Hopper with Triton in [3.4.0, 3.7.1) without tilelang;
+    the composition then takes the reference FW form instead of raising (seen on an H200, Triton 3.6.0)."""
+    from hqlt.kernels.backends.blend_compose import fla_fw_ok, fla_gated_refused
+    assert fla_gated_refused((9, 0), (3, 6, 0), tilelang=False)
+    assert fla_gated_refused((9, 0), (3, 4, 0), tilelang=False)
+    assert not fla_gated_refused((9, 0), (3, 7, 1), tilelang=False)
+    assert not fla_gated_refused((9, 0), (3, 3, 1), tilelang=False)
+    assert not fla_gated_refused((9, 0), (3, 6, 0), tilelang=True)
+    assert not fla_gated_refused((8, 0), (3, 6, 0), tilelang=False)   # A100: fla runs it
+    assert not fla_gated_refused((10, 0), (3, 6, 0), tilelang=False)
+    # dtype first: float32 never runs fla's kernels; a CPU device never asks for the capability
+    assert not fla_fw_ok("gated_delta", torch.float32, torch.device("cpu"))
+    assert fla_fw_ok("gated_delta", torch.bfloat16, torch.device("cpu"))
+    assert fla_fw_ok("delta", torch.bfloat16, None)

@@ -102,9 +102,32 @@ def fla_available() -> bool:
     return has_module("fla") and has_module("triton")
 
 
-def fla_fw_ok(fw: str, dtype: torch.dtype) -> bool:
-    """Whether the fla kernels run `dtype`: bf16/fp16 only (see the module docstring on float32)."""
-    return dtype in LOW_PRECISION
+def fla_fw_ok(fw: str, dtype: torch.dtype, device: torch.device | None = None) -> bool:
+    """Whether the fla kernels run `dtype` (bf16/fp16 only, see the module docstring on float32) and `fw` on
+    `device` (see ``fla_gated_refused``)."""
+    if dtype not in LOW_PRECISION:
+        return False
+    if fw == "gated_delta" and device is not None and device.type == "cuda":
+        return not fla_gated_refused(torch.cuda.get_device_capability(device), _triton_version(),
+                                     has_module("tilelang"))
+    return True
+
+
+def fla_gated_refused(capability: tuple[int, int], triton_version: tuple[int, ...], tilelang: bool) -> bool:
+    """fla 0.6.0 raises in ``chunk_gated_delta_rule`` on Hopper (compute capability 9.x) with
+    3.4.0 <= Triton < 3.7.1 unless tilelang is installed: its backward ``chunk_bwd_dqkwg`` gives wrong results
+    there (fla issue #640). Seen on an H200 with Triton 3.6.0. Such calls take the reference FW form."""
+    return capability[0] == 9 and (3, 4, 0) <= tuple(triton_version[:3]) < (3, 7, 1) and not tilelang
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_version() -> tuple[int, ...]:
+    import triton
+    parts = []
+    for p in triton.__version__.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def kernel_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -145,7 +168,7 @@ def fw_stream(q, k, v, beta, g, *, fw, scale, delay=0, read_every=None, chunk_si
     """FW memory output [B, T, H, Dv] (dtype of v) for a possibly delayed, possibly chunk-start-read
     stream."""
     dtype = kernel_dtype(q, k, v)
-    if not (use_fla and fla_available() and fla_fw_ok(fw, dtype)):
+    if not (use_fla and fla_available() and fla_fw_ok(fw, dtype, v.device)):
         return reference_fw(q, k, v, beta, g, fw=fw, scale=scale, delay=delay, read_every=read_every,
                             chunk_size=chunk_size)
     out_dtype = v.dtype

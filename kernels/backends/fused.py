@@ -46,6 +46,10 @@ def is_available() -> bool:
     return has_module("triton") and cuda_available()
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def fused_covers(*, blend: str, fw: str, window: int, batch: int, heads: int, dk: int, dv: int, kernel_dtype: str,
                  has_beta: bool = True, has_g: bool = False, device_type: str = "cuda", same_qk: bool = True,
                  smem_limit: int | None = None) -> bool:
@@ -63,6 +67,11 @@ def fused_covers(*, blend: str, fw: str, window: int, batch: int, heads: int, dk
         return False
     if device_type == "cuda":
         if kernel_dtype not in LOW_PRECISION_NAMES:
+            return False
+        # Head dims that are not powers of two (dk 24, dv 40) made an illegal memory access in the backward on
+        # an H200 with the FW features given, which is how models call it (kernels/FUSED_NOTES.md, "Round 3 on
+        # the H200"); until that is found, such calls take the fallback.
+        if not (_pow2(dk) and _pow2(dv)):
             return False
         sms = None
         if smem_limit is None:

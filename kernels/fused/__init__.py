@@ -19,7 +19,7 @@ Modules, by job (each imports only those listed after it, and hqlt.kernels' cont
                autograd: what the backend and torch.compile call; no triton until an op runs
     launch     the launchers ``fused_forward``, ``fused_backward`` (no autograd) and their shared-memory check
     fwd        forward kernels 1-3 (design there); three launches, chunks of 64 tokens
-    bwd        backward kernels 4-7 (design there); four launches
+    bwd        backward kernels 4-7 (design there); four launches (six with HQLT_FUSED_FW_BWD=split)
     common     Triton tile helpers of both, and the interpreter shim
     settings   constants, environment switches, the default launch configuration and the shared-memory
                budget (``fits_shared_memory``); no triton (the backend reads them)

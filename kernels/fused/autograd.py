@@ -19,7 +19,7 @@ from ..contract import default_scale
 from ..reference import chunked_hybrid_memory, l2_normalize
 from .launch import check_shared_memory, default_config, fused_backward, fused_forward
 from .ops import fused_sync_hybrid
-from .settings import BACKWARD_KERNELS, CHUNK, fused_backward_default, save_states_default
+from .settings import CHUNK, backward_kernels, fused_backward_default, save_states_default
 
 
 def featurize(x: torch.Tensor) -> torch.Tensor:
@@ -109,8 +109,8 @@ def sync_hybrid_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     d = q.shape[-1]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, q_fw, k_fw, v, beta)):
         # trainable: the backward kernels must fit the device too (a clear error now, not in the backward)
-        check_shared_memory(default_config(q.shape[0], q.shape[2], d, v.shape[-1], q.device), q.element_size(), d,
-                            v.shape[-1], q_fw is None, q.device, BACKWARD_KERNELS)
+        cfg = default_config(q.shape[0], q.shape[2], d, v.shape[-1], q.device)
+        check_shared_memory(cfg, q.element_size(), d, v.shape[-1], q_fw is None, q.device, backward_kernels(cfg))
     kv_scale = default_scale(d) if kv_scale is None else float(kv_scale)
     fw_scale = default_scale(d) if fw_scale is None else float(fw_scale)
     if fused_backward_default() if fused_backward is None else fused_backward:

@@ -14,7 +14,9 @@ not kept, ``HQLT_FUSED_SAVE_STATES=0``):
    [Kf | V] to dk, dv, dbeta; then through l2(silu(.)), plus the KV branch's partial gradients.
 
 4 and 5 are the sliding-window attention backward, FlashAttention-2 style; 6 is the reverse
-state-gradient recurrence; 7 goes back through the WY/UT transform. Helpers: ``_featurize_bwd`` (back
+state-gradient recurrence; 7 goes back through the WY/UT transform. With ``HQLT_FUSED_FW_BWD=split``
+(FUSED_NOTES.md "Round 3") 7 is replaced by ``fw_bwd_dq_kernel`` (before 6, which then runs with
+``LOCAL_IN``), ``fw_bwd_wy_kernel`` and ``fw_bwd_dk_kernel`` (after 6): six launches, fewer live tiles each. Helpers: ``_featurize_bwd`` (back
 through l2(silu(.))) and ``_chunk_t_matrix`` (T = (I + A)^-1 of a chunk, from the same blocks as the
 forward's ``wy_kernel``).
 """
@@ -168,12 +170,18 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
 
 @triton.jit
 def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr, T, H, NC, DK, DV, fw_scale,
-                    BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr):
+                    BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
+                    LOCAL_IN: tl.constexpr):
     """Reverse recurrence of the state gradient, grid (ceil(Dv/BV), B*H), chunks from last to first.
 
     With dH the gradient w.r.t. the state after chunk c (M_{c+1}): store dH; the total gradient of the
     corrected values dv_new = fw_scale * causal(Qf Kf^T)^T dO + Kf dH (stored, float32); then
-    dH <- dH + fw_scale * Qf^T dO - W^T dv_new (the gradient w.r.t. M_c)."""
+    dH <- dH + fw_scale * Qf^T dO - W^T dv_new (the gradient w.r.t. M_c).
+
+    LOCAL_IN: the chunk-local term fw_scale * causal(Qf Kf^T)^T dO is already in dvn_ptr (written by the
+    chunk-parallel ``fw_bwd_dq_kernel``, split FW backward): read it instead of computing it here, which
+    takes the 64 x 64 x Dk score product (half the FLOPs of a step at 16-column value blocks) off the
+    sequential path."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -202,8 +210,11 @@ def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr
         qf = fw_rows(q_ptr, qf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT)
         w = load_rows(w_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
         do = load_rows(do_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(DT)
-        a = tl.where(causal, tl.dot(qf, tl.trans(kf)), 0.0)            # a[i, j] = qf_i . kf_j, j <= i
-        dvn = fw_scale * tl.dot(tl.trans(a.to(DT)), do) + tl.dot(kf, dh.to(DT))
+        if LOCAL_IN:
+            dvn = load_rows(dvn_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32) + tl.dot(kf, dh.to(DT))
+        else:
+            a = tl.where(causal, tl.dot(qf, tl.trans(kf)), 0.0)            # a[i, j] = qf_i . kf_j, j <= i
+            dvn = fw_scale * tl.dot(tl.trans(a.to(DT)), do) + tl.dot(kf, dh.to(DT))
         store_rows(dvn_ptr, vbase, t0, T, svt, dv_left, dvn, 64, BV)
         dh += fw_scale * tl.dot(tl.trans(qf), do) - tl.dot(tl.trans(w), dvn.to(DT))
 
@@ -308,6 +319,171 @@ def fw_bwd_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, v_ptr, beta_ptr, vnew_ptr, h_ptr
     dk += (drk + dak) * beta[:, None] + tl.dot(tl.trans(da), kfb)
     dbeta += tl.sum(kf * (drk + dak), axis=1)
     tl.store(dbeta_ptr + bbase + (t0 + r) * H, dbeta, mask=t0 + r < T)
+    if FEATURIZE:
+        dk = _featurize_bwd(load_rows(k_ptr, kbase, t0, T, skt, DK, 64, BK), dk, EPS) \
+            + load_rows(dkkv_ptr, kbase, t0, T, skt, DK, 64, BK).to(tl.float32)
+    store_rows(dk_ptr, kbase, t0, T, skt, DK, dk, 64, BK)
+
+
+# ==================================================================================================
+# The FW backward split in two launches (``HQLT_FUSED_FW_BWD=split``, FUSED_NOTES.md "Round 3"): the same
+# gradients as ``fw_bwd_kernel``, whose one program per chunk held dq, dk, dW (64 x Dk float32 each), T, T^T,
+# dA, dP, dP^T (64 x 64 float32 each) and spilled 1.9 KB per thread at Dk = 128 on sm_90.
+
+@triton.jit
+def fw_bwd_dq_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, vnew_ptr, h_ptr, do_ptr, dqkv_ptr, dq_ptr, dvn_ptr,
+                     T, H, NC, DK, DV, fw_scale,
+                     BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr):
+    """Read-out side of the FW backward, grid (n, B*H); needs only the forward's chunk states and v_new, so
+    it runs before the reverse scan:
+
+    dQf = s (dO M^T + causal(dO v_new^T) Kf) -> through l2(silu(.)) plus the KV partial (FEATURIZE) -> dq
+    stored. FEATURIZE: the features l2(silu(q)), l2(silu(k)) are computed here from the raw q, k and stored
+    (input dtype) in qf_ptr, kf_ptr, so the later kernels (and the sequential reverse scan) load them instead
+    of recomputing them; else qf_ptr, kf_ptr hold the given features. Also the chunk-local part of the corrected values' gradient, s causal(Qf Kf^T)^T dO, stored in
+    dvn_ptr (float32) for ``bwd_scan_kernel(LOCAL_IN=True)``, which adds Kf dH to it. The transposed score
+    tile is its own product (Kf Qf^T), not a transposed computed tile."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    kbase = (b * T * H + h) * DK
+    vbase0 = (b * T * H + h) * DV
+    skt = H * DK
+    svt = H * DV
+    t0 = i_c * 64
+    DT = vnew_ptr.dtype.element_ty
+    r = tl.arange(0, 64)
+    rk = tl.arange(0, BK)
+    hbase = (i_bh * NC + i_c) * DK * DV
+
+    if FEATURIZE:
+        qraw = load_rows(q_ptr, kbase, t0, T, skt, DK, 64, BK)
+        qf = featurize_rows(qraw, EPS).to(DT)
+        kf = featurize_rows(load_rows(k_ptr, kbase, t0, T, skt, DK, 64, BK), EPS).to(DT)
+        store_rows(qf_ptr, kbase, t0, T, skt, DK, qf, 64, BK)   # for the reverse scan and the dk kernels
+        store_rows(kf_ptr, kbase, t0, T, skt, DK, kf, 64, BK)
+    else:
+        qf = load_rows(qf_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
+        kf = load_rows(kf_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
+    at = tl.where(r[:, None] <= r[None, :], tl.dot(kf, tl.trans(qf)), 0.0).to(DT)   # at[j, i] = kf_j . qf_i, j <= i
+    dq = tl.zeros((64, BK), dtype=tl.float32)
+    dp = tl.zeros((64, 64), dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        m = tl.load(h_ptr + hbase + rk[:, None] * DV + cv[None, :], mask=(rk[:, None] < DK) & (cv[None, :] < DV),
+                    other=0.0).to(DT)                                           # M_c (Dk x BV)
+        vbase = vbase0 + i_v * BV
+        dv_left = DV - i_v * BV
+        vnew = load_rows(vnew_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(DT)
+        do = load_rows(do_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(DT)
+        dq += tl.dot(do, tl.trans(m))
+        dp += tl.dot(do, tl.trans(vnew))
+        store_rows(dvn_ptr, vbase, t0, T, svt, dv_left, fw_scale * tl.dot(at, do), 64, BV)
+    dp = tl.where(r[None, :] <= r[:, None], dp, 0.0).to(DT)
+    dq = fw_scale * (dq + tl.dot(dp, kf))
+    if FEATURIZE:
+        dq = _featurize_bwd(qraw, dq, EPS) + load_rows(dqkv_ptr, kbase, t0, T, skt, DK, 64, BK).to(tl.float32)
+    store_rows(dq_ptr, kbase, t0, T, skt, DK, dq, 64, BK)
+
+
+@triton.jit
+def fw_bwd_wy_kernel(kf_ptr, v_ptr, beta_ptr, w_ptr, h_ptr, dvn_ptr, dvkv_ptr, dkw_ptr, dv_ptr, dbeta_ptr,
+                     T, H, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
+    """WY side of the FW backward, grid (n, B*H), after the reverse scan (dv_new): dv, dbeta, and the WY part
+    of dKf (stored float32 in dkw_ptr for ``fw_bwd_dk_kernel``).
+
+    Per value block: dR_v = T^T dv_new, dR_k -= dR_v M^T (= T^T dW with dW = -dv_new M^T: dW is never formed),
+    dV = beta dR_v (+ the KV dv, stored), dbeta += rowsum(V dR_v), dA += dR_v U^T with U = T diag(beta) V.
+    After it: dA = -strict_lower(dA + dR_k W^T) with the forward's stored W; dKf_wy = beta (dR_k + dA Kf)
+    + dA^T (beta Kf) (stored), dbeta += rowsum(Kf (dR_k + dA Kf)) (stored). Kf: the FW keys' features
+    (given, or stored by ``fw_bwd_dq_kernel``)."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    kbase = (b * T * H + h) * DK
+    vbase0 = (b * T * H + h) * DV
+    bbase = b * T * H + h
+    skt = H * DK
+    svt = H * DV
+    t0 = i_c * 64
+    DT = v_ptr.dtype.element_ty
+    r = tl.arange(0, 64)
+    rk = tl.arange(0, BK)
+    hbase = (i_bh * NC + i_c) * DK * DV
+
+    tm = _chunk_t_matrix(kf_ptr, kf_ptr, beta_ptr, kbase, bbase, t0, T, H, skt, DK, BK, False, 0.0, DT)
+    tmt = tl.trans(tm)
+    beta = load_beta(beta_ptr, bbase, t0, T, H, 64)
+    drk = tl.zeros((64, BK), dtype=tl.float32)
+    da = tl.zeros((64, 64), dtype=tl.float32)
+    dbeta = tl.zeros((64,), dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        m = tl.load(h_ptr + hbase + rk[:, None] * DV + cv[None, :], mask=(rk[:, None] < DK) & (cv[None, :] < DV),
+                    other=0.0).to(DT)                                           # M_c (Dk x BV)
+        vbase = vbase0 + i_v * BV
+        dv_left = DV - i_v * BV
+        dvn = load_rows(dvn_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32)
+        vv = load_rows(v_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32)
+        drv = tl.dot(tmt, dvn)                                                # T^T dU (float32)
+        drk -= tl.dot(drv.to(DT), tl.trans(m))                                # T^T dW, dW = -dU M^T
+        dbeta += tl.sum(vv * drv, axis=1)
+        u = tl.dot(tm, vv * beta[:, None])                                    # U = T diag(beta) V
+        da += tl.dot(drv, tl.trans(u))
+        dv = drv * beta[:, None] + load_rows(dvkv_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32)
+        store_rows(dv_ptr, vbase, t0, T, svt, dv_left, dv, 64, BV)
+
+    # back through W = T diag(beta) Kf and A = strict_lower(diag(beta) Kf Kf^T)
+    w = load_rows(w_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
+    da = tl.dot(drk.to(DT), tl.trans(w), acc=da)                              # + dR_k W^T
+    da = tl.where(r[None, :] < r[:, None], -da, 0.0)
+    kf = load_rows(kf_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
+    g = tl.dot(da.to(DT), kf, acc=drk)                                        # dR_k + dA Kf
+    dbeta += tl.sum(kf.to(tl.float32) * g, axis=1)
+    tl.store(dbeta_ptr + bbase + (t0 + r) * H, dbeta, mask=t0 + r < T)
+    dkw = tl.dot(tl.trans(da), kf.to(tl.float32) * beta[:, None], acc=g * beta[:, None])
+    store_rows(dkw_ptr, kbase, t0, T, skt, DK, dkw, 64, BK)
+
+
+@triton.jit
+def fw_bwd_dk_kernel(k_ptr, qf_ptr, vnew_ptr, dh_ptr, do_ptr, dkw_ptr, dkkv_ptr, dk_ptr,
+                     T, H, NC, DK, DV, fw_scale,
+                     BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr):
+    """dk of the FW branch, grid (n, B*H), last: dKf = v_new dH^T (state update) + s causal(dO v_new^T)^T Qf
+    (read-out; accumulated as dP^T += v_new dO^T per value block, not as a transposed tile) + the WY part
+    from ``fw_bwd_wy_kernel``; then through l2(silu(.)) of the raw k plus the KV partial (FEATURIZE). Qf: the FW
+    queries' features (given, or stored by ``fw_bwd_dq_kernel``)."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    kbase = (b * T * H + h) * DK
+    vbase0 = (b * T * H + h) * DV
+    skt = H * DK
+    svt = H * DV
+    t0 = i_c * 64
+    DT = vnew_ptr.dtype.element_ty
+    r = tl.arange(0, 64)
+    rk = tl.arange(0, BK)
+    hbase = (i_bh * NC + i_c) * DK * DV
+
+    dk = tl.zeros((64, BK), dtype=tl.float32)
+    dpt = tl.zeros((64, 64), dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        dh = tl.load(dh_ptr + hbase + rk[:, None] * DV + cv[None, :], mask=(rk[:, None] < DK) & (cv[None, :] < DV),
+                     other=0.0).to(DT)                                          # dL/dM_{c+1} (Dk x BV)
+        vbase = vbase0 + i_v * BV
+        dv_left = DV - i_v * BV
+        vnew = load_rows(vnew_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(DT)
+        do = load_rows(do_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(DT)
+        dk += tl.dot(vnew, tl.trans(dh))
+        dpt += tl.dot(vnew, tl.trans(do))
+    qf = load_rows(qf_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
+    dk += fw_scale * tl.dot(tl.where(r[:, None] <= r[None, :], dpt, 0.0).to(DT), qf)   # dpt[j, i], j <= i
+    dk += load_rows(dkw_ptr, kbase, t0, T, skt, DK, 64, BK)
     if FEATURIZE:
         dk = _featurize_bwd(load_rows(k_ptr, kbase, t0, T, skt, DK, 64, BK), dk, EPS) \
             + load_rows(dkkv_ptr, kbase, t0, T, skt, DK, 64, BK).to(tl.float32)

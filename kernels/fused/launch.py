@@ -8,9 +8,10 @@ import torch
 import triton
 
 from ..contract import FEATURE_EPS, MAX_GRID_ROWS
-from .bwd import bwd_scan_kernel, fw_bwd_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel
+from .bwd import (bwd_scan_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel, fw_bwd_kernel, fw_bwd_wy_kernel,
+                  kv_bwd_dkdv_kernel, kv_bwd_dq_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import BACKWARD_KERNELS, CHUNK, FORWARD_KERNELS, MAX_HEAD_DIM, interpreting, smem_needs
+from .settings import CHUNK, FORWARD_KERNELS, FW_BWD_VARIANTS, MAX_HEAD_DIM, backward_kernels, interpreting, smem_needs
 from .settings import default_config as settings_default_config
 
 
@@ -122,7 +123,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
 
 def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_scale: float, fw_scale: float,
                    q_fw=None, k_fw=None, w=None, v_new=None, states=None, poison: bool = False,
-                   config: dict | None = None):
+                   config: dict | None = None, stages: int | None = None):
     """Gradients of ``fused_forward``'s (o_kv, o_fw) given (do_kv, do_fw); no autograd.
 
     ``o_kv`` and ``lse`` come from ``fused_forward(..., return_aux=True)``; ``w``, ``v_new``, ``states``
@@ -130,6 +131,10 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     Returns ``(dq, dk, dv, dbeta)`` when q_fw, k_fw are None (the FW features l2(silu(q)), l2(silu(k))
     computed in the kernel: dq, dk hold both branches), else ``(dq_kv, dk_kv, dq_fw, dk_fw, dv, dbeta)``.
     Gradients have the dtype of their input. ``poison`` fills every buffer with NaN first (tests).
+    The FW backward runs as one kernel or split (``settings.fw_bwd_variant``, ``HQLT_FUSED_FW_BWD``; a
+    ``config`` entry ``"fw_bwd": "single" | "split"`` overrides it). ``stages``: run only the first that many
+    launches (benchmarks time the kernels one by one; the gradients are then not all written): kv_dq,
+    kv_dkdv, bwd_scan, fw_bwd (single) or kv_dq, kv_dkdv, fw_bwd_dq, bwd_scan, fw_bwd_wy, fw_bwd_dk (split).
     """
     featurize = q_fw is None
     B, T, H, dk_ = q.shape
@@ -139,8 +144,11 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     do_kv = do_kv.to(v.dtype).contiguous()
     do_fw = do_fw.to(v.dtype).contiguous()
     cfg = dict(default_config(B, H, dk_, dv_, q.device), **(config or {}))
+    if cfg["fw_bwd"] not in FW_BWD_VARIANTS:
+        raise ValueError(f"config['fw_bwd'] must be one of {FW_BWD_VARIANTS}; got {cfg['fw_bwd']!r}")
+    split = cfg["fw_bwd"] == "split"
     if not config:
-        check_shared_memory(cfg, q.element_size(), dk_, dv_, featurize, q.device, BACKWARD_KERNELS)
+        check_shared_memory(cfg, q.element_size(), dk_, dv_, featurize, q.device, backward_kernels(cfg))
     NC = triton.cdiv(T, CHUNK)
     if w is None or v_new is None or states is None:
         _, _, aux = fused_forward(q, k, v, beta, window=window, kv_scale=kv_scale, fw_scale=fw_scale,
@@ -165,19 +173,44 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     dbeta = buf(beta.shape, f32)
     if T > 0:
         common = dict(FEATURIZE=featurize, EPS=FEATURE_EPS)
+        kv = dict(BK=cfg["BK"], BVW=cfg["BVW"], num_warps=cfg["kv_bwd_warps"], num_stages=cfg["num_stages"])
+        launches = [
+            lambda: kv_bwd_dq_kernel[(NC, B * H)](q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_,
+                                                  int(window), float(kv_scale), **kv),
+            lambda: kv_bwd_dkdv_kernel[(NC, B * H)](q, k, v, do_kv, lse, delta, dk_kv, dv_kv, T, H, NC, dk_, dv_,
+                                                    int(window), float(kv_scale), **kv)]
+        if not split:
+            launches += [
+                lambda: bwd_scan_kernel[(triton.cdiv(dv_, cfg["bwd_scan_bv"]), B * H)](
+                    q, k, q_fw, k_fw, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
+                    BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["num_stages"],
+                    LOCAL_IN=False, **common),
+                lambda: fw_bwd_kernel[(NC, B * H)](
+                    q, k, q_fw, k_fw, v, beta, v_new, states, dh, dvn, do_fw, dq_kv, dk_kv, dv_kv, dq, dk, dv,
+                    dbeta, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"], BV=cfg["fw_bwd_bv"],
+                    num_warps=cfg["fw_bwd_warps"], num_stages=cfg["num_stages"], **common)]
+        else:
+            # features computed in the kernel: fw_bwd_dq_kernel stores them once for the later kernels
+            qf_b, kf_b = ((buf(q.shape, q.dtype), buf(k.shape, k.dtype)) if featurize else (q_fw, k_fw))
+            dkw = buf(k.shape, f32)
+            bv = cfg["fw_bwd_split_bv"]
+            launches += [
+                lambda: fw_bwd_dq_kernel[(NC, B * H)](
+                    q, k, qf_b, kf_b, v_new, states, do_fw, dq_kv, dq, dvn, T, H, NC, dk_, dv_, float(fw_scale),
+                    BK=cfg["BK"], BV=bv, num_warps=cfg["fw_bwd_dq_warps"], num_stages=cfg["num_stages"], **common),
+                lambda: bwd_scan_kernel[(triton.cdiv(dv_, cfg["bwd_scan_bv"]), B * H)](
+                    q, k, qf_b, kf_b, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
+                    BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["num_stages"],
+                    FEATURIZE=False, EPS=FEATURE_EPS, LOCAL_IN=True),
+                lambda: fw_bwd_wy_kernel[(NC, B * H)](
+                    kf_b, v, beta, w, states, dvn, dv_kv, dkw, dv, dbeta, T, H, NC, dk_, dv_, BK=cfg["BK"], BV=bv,
+                    num_warps=cfg["fw_bwd_wy_warps"], num_stages=cfg["num_stages"]),
+                lambda: fw_bwd_dk_kernel[(NC, B * H)](
+                    k, qf_b, v_new, dh, do_fw, dkw, dk_kv, dk, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
+                    BV=bv, num_warps=cfg["fw_bwd_dk_warps"], num_stages=cfg["num_stages"], **common)]
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            kv = dict(BK=cfg["BK"], BVW=cfg["BVW"], num_warps=cfg["kv_bwd_warps"], num_stages=cfg["num_stages"])
-            kv_bwd_dq_kernel[(NC, B * H)](q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_, int(window),
-                                          float(kv_scale), **kv)
-            kv_bwd_dkdv_kernel[(NC, B * H)](q, k, v, do_kv, lse, delta, dk_kv, dv_kv, T, H, NC, dk_, dv_,
-                                            int(window), float(kv_scale), **kv)
-            bwd_scan_kernel[(triton.cdiv(dv_, cfg["bwd_scan_bv"]), B * H)](
-                q, k, q_fw, k_fw, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
-                BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["num_stages"], **common)
-            fw_bwd_kernel[(NC, B * H)](
-                q, k, q_fw, k_fw, v, beta, v_new, states, dh, dvn, do_fw, dq_kv, dk_kv, dv_kv, dq, dk, dv,
-                dbeta, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"], BV=cfg["fw_bwd_bv"],
-                num_warps=cfg["fw_bwd_warps"], num_stages=cfg["num_stages"], **common)
+            for launch in launches[:stages]:
+                launch()
     dbeta = dbeta.to(beta.dtype)
     if featurize:
         return dq, dk, dv, dbeta

@@ -1,5 +1,8 @@
-"""Shared memory of the fused kernels, measured by compiling them for sm_90 (no GPU needed):
-``python -m hqlt.kernels.fused.resources [--arch 90] [--out PATH] [--fit]``.
+"""Shared memory (and registers, spills) of the fused kernels, measured by compiling them for sm_90 (no GPU
+needed): ``python -m hqlt.kernels.fused.resources [--arch 90] [--out PATH] [--fit]``; with ``--spills``
+[--dims 64 128] [--fw-bwd single|split|both] [--batch 8 --heads 8 --sms 132] [--jobs 2]: a table of
+registers, spill bytes (ptxas -v: stack frame, spill stores / loads per thread) and shared memory of every
+kernel the launchers run at those shapes in bf16 (``print_spills``).
 
 For every configuration ``settings.default_config`` can produce (inputs of 2 or 4 bytes, features in the
 kernel or given, Dk and Dv in {16, 32, 64, 128} — other head dims use the next power-of-two tile — and each
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +34,9 @@ F32_POINTERS = {  # pointers whose buffers are float32 whatever the input dtype 
     "kv_dq": ("lse_ptr", "delta_ptr", "dq_ptr"), "kv_dkdv": ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"),
     "bwd_scan": ("dvn_ptr",),
     "fw_bwd": ("dvn_ptr", "dqkv_ptr", "dkkv_ptr", "dvkv_ptr", "dbeta_ptr", "beta_ptr"),
+    "fw_bwd_dq": ("dvn_ptr", "dqkv_ptr"),
+    "fw_bwd_wy": ("dvn_ptr", "dvkv_ptr", "dkw_ptr", "dbeta_ptr", "beta_ptr"),
+    "fw_bwd_dk": ("dkw_ptr", "dkkv_ptr"),
 }
 
 
@@ -50,22 +57,37 @@ def configurations():
                                 yield key, (kernel, elem, feat, cfg["BK"], bv, warps, stages)
 
 
-def compile_shared(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: int, stages: int,
-                   arch: int = 90) -> int:
-    """Bytes of shared memory Triton allocates for one kernel compiled for ``sm_<arch>``."""
+def kernel_fn(kernel: str):
+    """The Triton kernel behind a name of ``settings.kernel_tiles`` (or ``SPLIT_KERNELS``)."""
+    from . import bwd, fwd
+    module, name = {"wy": (fwd, "wy_kernel"), "scan": (fwd, "scan_kernel"), "out": (fwd, "out_kernel"),
+                    "kv_dq": (bwd, "kv_bwd_dq_kernel"), "kv_dkdv": (bwd, "kv_bwd_dkdv_kernel"),
+                    "bwd_scan": (bwd, "bwd_scan_kernel"), "fw_bwd": (bwd, "fw_bwd_kernel"),
+                    "fw_bwd_dq": (bwd, "fw_bwd_dq_kernel"), "fw_bwd_wy": (bwd, "fw_bwd_wy_kernel"),
+                    "fw_bwd_dk": (bwd, "fw_bwd_dk_kernel")}[kernel]
+    return getattr(module, name)
+
+
+def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: int, stages: int,
+                   arch: int = 90, dtype: str | None = None, extra: dict | None = None):
+    """One kernel compiled by Triton for ``sm_<arch>`` (no GPU needed); ``dtype`` the Triton name of the
+    input dtype (default fp16 for 2-byte inputs, fp32 for 4); ``extra``: further constexprs (e.g.
+    ``LOCAL_IN`` of the reverse scan)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import bwd, fwd
-    fn = {"wy": fwd.wy_kernel, "scan": fwd.scan_kernel, "out": fwd.out_kernel, "kv_dq": bwd.kv_bwd_dq_kernel,
-          "kv_dkdv": bwd.kv_bwd_dkdv_kernel, "bwd_scan": bwd.bwd_scan_kernel, "fw_bwd": bwd.fw_bwd_kernel}[kernel]
-    dt = "fp16" if elem == 2 else "fp32"
+    fn = kernel_fn(kernel)
+    dt = dtype or ("fp16" if elem == 2 else "fp32")
     consts = {"BK": BK, ("BVW" if kernel in ("wy", "kv_dq", "kv_dkdv") else "BV"): BV}
-    if kernel not in ("kv_dq", "kv_dkdv"):
+    if kernel not in ("kv_dq", "kv_dkdv", "fw_bwd_wy"):
         consts.update(FEATURIZE=feat, EPS=1e-6)
     if kernel == "out":
         consts["STORE_LSE"] = True
+    if kernel == "bwd_scan":
+        consts["LOCAL_IN"] = False
+    consts.update(extra or {})
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -77,9 +99,107 @@ def compile_shared(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         else:
             sig[name] = "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": warps, "num_stages": stages})
-    return int(compiled.metadata.shared)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_shared(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: int, stages: int,
+                   arch: int = 90) -> int:
+    """Bytes of shared memory Triton allocates for one kernel compiled for ``sm_<arch>``."""
+    return int(compile_kernel(kernel, elem, feat, BK, BV, warps, stages, arch).metadata.shared)
+
+
+_PTXAS_LINE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def resource_usage(compiled) -> dict:
+    """Registers, spills and shared memory of a compiled kernel, without a GPU: its PTX through the ptxas
+    Triton ships (``ptxas -v``, the flags Triton uses), plus Triton's own shared-memory allocation.
+
+    Returns ``dict(regs, stack, spill_stores, spill_loads, smem)`` (bytes per thread for the stack frame and
+    spills, bytes per program for ``smem``)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    target = compiled.metadata.target
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(compiled.asm["ptx"])
+        out = subprocess.run([get_ptxas(target.arch).path, "-lineinfo", "-v",
+                              f"--gpu-name={sm_arch_from_capability(target.arch)}", str(src), "-o",
+                              str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
+    log = out.stdout + out.stderr
+    frame = _PTXAS_LINE.search(log)
+    regs = _PTXAS_REGS.search(log)
+    if frame is None or regs is None:
+        raise RuntimeError(f"unexpected ptxas output:\n{log}")
+    return {"regs": int(regs.group(1)), "stack": int(frame.group(1)), "spill_stores": int(frame.group(2)),
+            "spill_loads": int(frame.group(3)), "smem": int(compiled.metadata.shared)}
+
+
+def spill_configurations(dims=(64, 128), fw_bwd: str = "both", batch: int = 8, heads: int = 8, sms: int = 132):
+    """(label, compile args) of every kernel the launchers run at the target shapes: bf16, Dk = Dv in
+    ``dims``, features in the kernel ("F") and given ("g"), the default configuration for (batch, heads, sms);
+    ``fw_bwd``: which FW-backward variant's kernels, "single", "split" or "both" (the split variant runs the
+    reverse scan with the chunk-local term read in, ``LOCAL_IN``, and the features loaded: label "scan+local")."""
+    from .settings import SPLIT_FW_BWD_KERNELS, kernel_tiles_all
+    want = {"single": ("single",), "split": ("split",), "both": ("single", "split")}[fw_bwd]
+    for d in dims:
+        cfg = default_config(batch, heads, d, d, sms)
+        for feat in (True, False):
+            for kernel, (bv, warps) in kernel_tiles_all(cfg).items():
+                stages = 3 if kernel == "wy" else cfg["num_stages"]
+                if kernel in ("kv_dq", "kv_dkdv", "fw_bwd_wy") and not feat:
+                    continue   # no FEATURIZE switch: one compile serves both modes
+                if (kernel == "fw_bwd" and "single" not in want) or (kernel in SPLIT_FW_BWD_KERNELS
+                                                                    and "split" not in want):
+                    continue
+                runs = [(kernel, feat, None)]
+                if kernel == "bwd_scan":
+                    runs = ([(kernel, feat, {"LOCAL_IN": False})] if "single" in want else []) + \
+                           ([("bwd_scan+local", False, {"LOCAL_IN": True})] if "split" in want and feat else [])
+                for label_kernel, f, extra in runs:
+                    mode = "-" if kernel in ("kv_dq", "kv_dkdv", "fw_bwd_wy") or label_kernel == "bwd_scan+local" \
+                        else ("F" if f else "g")
+                    label = f"{label_kernel} d{d} {mode} BV{bv} w{warps}"
+                    yield label, dict(kernel=kernel, elem=2, feat=f, BK=cfg["BK"], BV=bv, warps=warps,
+                                      stages=stages, dtype="bf16", extra=extra)
+
+
+def _spill_row(item):
+    label, kw = item
+    t = time.time()
+    try:
+        usage = resource_usage(compile_kernel(**kw))
+    except Exception as exc:  # report and go on
+        return label, {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}, time.time() - t
+    return label, usage, time.time() - t
+
+
+def print_spills(dims=(64, 128), fw_bwd: str = "both", jobs: int = 1, batch: int = 8, heads: int = 8,
+                 sms: int = 132, only: tuple[str, ...] = ()) -> dict:
+    """Compile every kernel of ``spill_configurations`` for sm_90 and print registers, spill bytes (stores /
+    loads per thread, from ptxas) and shared memory per program. Returns {label: usage}."""
+    items = [it for it in spill_configurations(dims, fw_bwd, batch, heads, sms)
+             if not only or it[1]["kernel"] in only]
+    print(f"{'kernel':<34} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9} {'smem':>8}  (sm_90, bf16, "
+          f"B={batch} H={heads} SMs={sms}; bytes)", flush=True)
+    rows = {}
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(_spill_row, items))
+    else:
+        results = map(_spill_row, items)
+    for label, usage, secs in results:
+        rows[label] = usage
+        if "error" in usage:
+            print(f"{label:<34} failed: {usage['error']}", flush=True)
+        else:
+            print(f"{label:<34} {usage['regs']:>5} {usage['stack']:>6} {usage['spill_stores']:>9} "
+                  f"{usage['spill_loads']:>9} {usage['smem']:>8}  ({secs:.0f} s)", flush=True)
+    return rows
 
 
 def fit_envelope(table: dict[str, int]) -> dict[tuple[str, bool], tuple[float, ...]]:
@@ -108,7 +228,19 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--out", type=Path, default=SMEM_TABLE)
     p.add_argument("--fit", action="store_true", help="print the envelope coefficients of the table")
+    p.add_argument("--spills", action="store_true",
+                   help="print registers, spill bytes and shared memory of every kernel at the target shapes "
+                        "(bf16, --dims, B x H = --batch x --heads on --sms SMs) instead of the table")
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--fw-bwd", choices=("single", "split", "both"), default="both")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--sms", type=int, default=132)
+    p.add_argument("--jobs", type=int, default=1, help="parallel compiles (--spills)")
     args = p.parse_args(argv)
+    if args.spills:
+        print_spills(tuple(args.dims), args.fw_bwd, args.jobs, args.batch, args.heads, args.sms)
+        return 0
     data = json.loads(args.out.read_text()) if args.out.exists() else {}
     table = data.get("bytes", {})
     if not args.fit:
@@ -134,4 +266,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["configurations", "compile_shared", "fit_envelope", "FORWARD_KERNELS", "BACKWARD_KERNELS", "pow2"]
+__all__ = ["configurations", "compile_shared", "compile_kernel", "resource_usage", "print_spills", "fit_envelope", "FORWARD_KERNELS", "BACKWARD_KERNELS", "pow2"]

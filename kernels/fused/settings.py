@@ -27,6 +27,7 @@ from pathlib import Path
 
 CHUNK = 64          # tokens per chunk (fixed: the WY kernel is written as 4 blocks of 16)
 MAX_HEAD_DIM = 128  # Dk and Dv; larger heads would need more registers than one tile
+MIN_TILE = 64       # smallest Dk / Dv tile the kernels are launched with (default_config)
 
 
 def _env_flag(name: str, default: str) -> bool:
@@ -52,12 +53,39 @@ def save_states_default() -> bool:
     return _env_flag("HQLT_FUSED_SAVE_STATES", "1")
 
 
+FW_BWD_VARIANTS = ("single", "split")
+
+
+def fw_bwd_variant() -> str:
+    """``HQLT_FUSED_FW_BWD`` (default "single"): which FW-backward kernels ``launch.fused_backward`` runs.
+    "single": ``fw_bwd_kernel``, one program per chunk for dq, dk, dv, dbeta (spills 1.9 KB per thread at
+    d = 128 on sm_90), after the reverse scan that computes the chunk-local term itself. "split"
+    (FUSED_NOTES.md "Round 3"): ``fw_bwd_dq_kernel`` (dq, the features, and the reverse scan's chunk-local
+    term, chunk-parallel, before the scan), the scan without that term (``LOCAL_IN``), then
+    ``fw_bwd_wy_kernel`` (dv, dbeta, the WY part of dk) and ``fw_bwd_dk_kernel`` (dk). Same gradients; the
+    benchmark (``python -m hqlt.benchmarks.fused``) times both; a launch config's ``"fw_bwd"`` entry
+    overrides the switch."""
+    value = os.environ.get("HQLT_FUSED_FW_BWD", "single").strip().lower() or "single"
+    if value not in FW_BWD_VARIANTS:
+        raise ValueError(f"HQLT_FUSED_FW_BWD must be one of {FW_BWD_VARIANTS}; got {value!r}")
+    return value
+
+
 # ==================================================================================================
 # Launch configuration (the launchers in ``launch`` use it; no triton needed to compute it).
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 FORWARD_KERNELS = ("wy", "scan", "out")
 BACKWARD_KERNELS = ("kv_dq", "kv_dkdv", "bwd_scan", "fw_bwd")
+SPLIT_FW_BWD_KERNELS = ("fw_bwd_dq", "fw_bwd_wy", "fw_bwd_dk")   # HQLT_FUSED_FW_BWD=split, for fw_bwd
+
+
+def backward_kernels(cfg: dict | None = None) -> tuple[str, ...]:
+    """The backward kernels a configuration launches (its ``"fw_bwd"`` variant, else ``fw_bwd_variant()``)."""
+    variant = (cfg or {}).get("fw_bwd") or fw_bwd_variant()
+    if variant == "split":
+        return BACKWARD_KERNELS[:3] + SPLIT_FW_BWD_KERNELS
+    return BACKWARD_KERNELS
 
 
 def pow2(n: int) -> int:
@@ -78,7 +106,10 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1) -> dict:
     * out: 64-column value blocks (two programs per chunk at d = 128, the score tiles recomputed by each;
       128 columns spill), 8 warps at d = 128, else 4.
     """
-    BK, BVW = pow2(dk), pow2(dv)
+    # Head dims below 64 run in 64-wide tiles (loads and stores are masked to Dk, Dv): with 16- and 32-wide
+    # tiles the sm_90 backward made illegal memory accesses on an H200 (B1 T100 dk32 dv64, dk = dv = 16,
+    # d 16 and 32 at T 130/200; kernels/results/gpu_tests_h200.json), every d >= 64 case passed.
+    BK, BVW = max(MIN_TILE, pow2(dk)), max(MIN_TILE, pow2(dv))
     big = max(BK, BVW) > 64
     scan_bv = 32 if BK > 64 else min(BVW, 64)
     while scan_bv > 16 and B * H * -(-dv // scan_bv) < sms:
@@ -93,7 +124,11 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1) -> dict:
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
             "bwd_scan_bv": scan_bv, "bwd_scan_warps": 8 if BK >= 64 else 4,
             "fw_bwd_bv": 16, "fw_bwd_warps": 8,
-            "kv_bwd_warps": 8 if max(BK, BVW) >= 64 else 4}
+            "kv_bwd_warps": 8 if max(BK, BVW) >= 64 else 4,
+            # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): value blocks of 16 (32 spill more),
+            # 8 warps where 4 spill (sm_90, bf16: the dq and dk kernels from Dk = 64, the WY kernel always)
+            "fw_bwd": fw_bwd_variant(), "fw_bwd_split_bv": 16,
+            "fw_bwd_dq_warps": 8 if BK >= 64 else 4, "fw_bwd_wy_warps": 8, "fw_bwd_dk_warps": 8 if BK >= 64 else 4}
 
 
 def kernel_tiles(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -102,6 +137,13 @@ def kernel_tiles(cfg: dict) -> dict[str, tuple[int, int]]:
             "out": (cfg["out_bv"], cfg["out_warps"]),
             "kv_dq": (cfg["BVW"], cfg["kv_bwd_warps"]), "kv_dkdv": (cfg["BVW"], cfg["kv_bwd_warps"]),
             "bwd_scan": (cfg["bwd_scan_bv"], cfg["bwd_scan_warps"]), "fw_bwd": (cfg["fw_bwd_bv"], cfg["fw_bwd_warps"])}
+
+
+def kernel_tiles_all(cfg: dict) -> dict[str, tuple[int, int]]:
+    """``kernel_tiles`` plus the split FW backward's kernels (not in the shared-memory table: their bytes come
+    from ``SMEM_ENVELOPE``)."""
+    bv = cfg["fw_bwd_split_bv"]
+    return dict(kernel_tiles(cfg), **{k: (bv, cfg[f"{k}_warps"]) for k in SPLIT_FW_BWD_KERNELS})
 
 
 # ==================================================================================================
@@ -124,12 +166,23 @@ SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
     ("bwd_scan", True): (6.81, 1.62, 1.191, 0.0, 0.0, 0.0, 0.381),
     ("fw_bwd", False): (0.0, 6.286, 1.524, 2.81, 0.0, 0.0, 1.215),
     ("fw_bwd", True): (2.0, 6.0, 0.0, 2.0, 0.0, 0.0, 1.25),
+    # the split FW backward (not in the table): fitted the same way to 60 sm_90 compiles (inputs of 2 and 4
+    # bytes, BK 64/128, BV 16/32/64, 8 warps; FUSED_NOTES.md "Round 3"); at the defaults (BV 16) each needs
+    # less than fw_bwd
+    ("fw_bwd_dq", False): (2.334, 4.0, 0.667, 0.0, 0.0, 0.0, 0.0),
+    ("fw_bwd_dq", True): (2.334, 4.0, 0.667, 0.0, 0.0, 0.0, 0.0),
+    ("fw_bwd_wy", False): (0.2, 4.2, 1.6, 0.2, 0.1, 0.0, 1.7),
+    ("fw_bwd_dk", False): (0.167, 4.0, 1.334, 0.5, 0.0, 0.0, 0.0),
+    ("fw_bwd_dk", True): (0.167, 4.0, 1.334, 0.5, 0.0, 0.0, 0.0),
 }
 
 
+NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy")   # one compile serves both modes
+
+
 def _key(kernel: str, elem_bytes: int, featurize: bool, BK: int, BV: int, warps: int) -> str:
-    # the kv kernels have no FEATURIZE switch: one entry serves both modes
-    feat = "-" if kernel in ("kv_dq", "kv_dkdv") else ("F" if featurize else "g")
+    # the kv kernels (and the split WY backward) have no FEATURIZE switch: one entry serves both modes
+    feat = "-" if kernel in NO_FEATURIZE_SWITCH else ("F" if featurize else "g")
     return f"{kernel}/e{elem_bytes}/{feat}/BK{BK}/BV{BV}/w{warps}"
 
 
@@ -154,7 +207,7 @@ def smem_need(kernel: str, elem_bytes: int, BK: int, BV: int, warps: int, *, fea
     measured = smem_table().get(_key(kernel, elem_bytes, featurize, BK, BV, warps))
     if measured is not None:
         return measured
-    coeffs = SMEM_ENVELOPE[(kernel, bool(featurize) and kernel not in ("kv_dq", "kv_dkdv"))]
+    coeffs = SMEM_ENVELOPE[(kernel, bool(featurize) and kernel not in NO_FEATURIZE_SWITCH)]
     return int(sum(c * t for c, t in zip(coeffs, smem_terms(elem_bytes, BK, BV))) + 0.5)
 
 
@@ -164,7 +217,7 @@ def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int
     """Bytes of shared memory per program of each kernel for a call (default configuration, with
     ``config``'s overrides). ``sms`` None: one multiprocessor (the scan's widest value blocks)."""
     cfg = dict(default_config(batch, heads, dk, dv, sms or 1), **(config or {}))
-    tiles = kernel_tiles(cfg)
+    tiles = kernel_tiles_all(cfg)
     return {k: smem_need(k, elem_bytes, cfg["BK"], tiles[k][0], tiles[k][1], featurize=featurize) for k in kernels}
 
 
