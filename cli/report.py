@@ -1,4 +1,4 @@
-"""``hqlt report [DIR] [--tracking-uri URI --experiment NAME] [--objectives M:max,...] [--out DIR]``
+"""``hqlt report [DIR] [--tracking-uri URI --experiment NAME] [--objectives M:max,...] [--out DIR] [--seed-stats]``
 
 The main CLI (:mod:`hqlt.cli`) mounts this as a subcommand::
 
@@ -17,6 +17,9 @@ Where the sweep is:
   store holds a single non-Default experiment). Without ``--out`` no local copies are kept.
 
 Explicit ``--tracking-uri`` / ``--experiment`` win over what ``DIR`` implies.
+Every report writes the seed statistics (:mod:`hqlt.reports.seed_stats`: per arm the spread over its seeds, the
+scored checkpoint, per-length accuracy, which orderings the seeds separate) to ``seed_stats.md`` and the end of
+``front.md``; ``--seed-stats`` also prints them, ``--seed-metric`` picks their objective (default: the first).
 Exit status: 0 ok; 1 the sweep has no completed trials (a message says so); 2 bad input (one line on stderr).
 """
 
@@ -62,6 +65,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--group-by", dest="group_by", default=None, metavar="KEY[,KEY]",
                         help="rank one front per value of these params (default: every searched task.* key; "
                              "'none': one front over all trials)")
+    parser.add_argument("--seed-stats", dest="seed_stats", action="store_true",
+                        help="also print the seed statistics (per arm: seeds, best, median, min, max, each seed, "
+                             "scored checkpoint, per-length accuracy; which orderings the seeds separate)")
+    parser.add_argument("--seed-metric", dest="seed_metric", default=None, metavar="M[:max|min]",
+                        help="objective of the seed statistics (default: the first of the sweep's objectives, "
+                             "or of --objectives; a metric that is not an objective needs its mode)")
     parser.add_argument("--no-log", dest="no_log", action="store_true",
                         help="do not write tags, metrics or artifacts to MLflow (needs --out or DIR to keep files)")
     return parser
@@ -159,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
         result = write_report(uri, name, objectives=getattr(args, "objectives", None), out_dir=out,
                               reference=reference, max_rank=max_rank,
                               log_to_mlflow=not getattr(args, "no_log", False),
-                              group_by=getattr(args, "group_by", None), sweep_id=_sweep_id(args, name))
+                              group_by=getattr(args, "group_by", None), sweep_id=_sweep_id(args, name),
+                              seed_metric=getattr(args, "seed_metric", None))
     except NoCompletedTrials as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
@@ -185,6 +195,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{label}: front {g['front_size']} of {g['n_ranked']}; {hv_line(g['hypervolume'], g['reference_point'])}")
     else:
         print(hv_line(result.hypervolume, result.reference_point))
+    if getattr(args, "seed_stats", False) and result.seed_stats:
+        print()
+        print(result.seed_stats.rstrip())
+        print()
     if result.artifacts:
         print(f"parent run {result.parent_run_id}: tags {PARETO_RANK_TAG} on {result.n_trials} trial runs; artifacts:")
         for a in result.artifacts:

@@ -48,9 +48,10 @@ from .mlflow_io import (
 )
 from .objectives import Objective, ObjectiveSpecError, objectives_from_tag, parse_objectives
 from .pareto import domination_counts, non_dominated_sort
+from .seed_stats import SEED_STATS_MD, seed_stats_json, seed_stats_markdown
 from .tables import front_csv, front_markdown, front_rows, front_table, status_counts, status_summary
 
-__all__ = ["ReportResult", "rank_trials", "resolve_objectives", "write_report", "ARTIFACTS"]
+__all__ = ["ReportResult", "rank_trials", "resolve_objectives", "resolve_seed_objective", "write_report", "ARTIFACTS"]
 
 ARTIFACTS = REPORT_ARTIFACTS
 
@@ -80,6 +81,8 @@ class ReportResult:
     # per group label when grouped: reference_point, hypervolume, hypervolume_growth, front_size, n_ranked
     # (then the fields above hold the first group's hypervolume / reference point and the summed growth)
     groups: dict[str, dict] = field(default_factory=dict)
+    seed_objective: Objective | None = None  # the objective of the seed statistics (default: the first)
+    seed_stats: str = ""  # the seed-statistics section, Markdown (:mod:`hqlt.reports.seed_stats`)
 
     @property
     def front(self) -> pd.DataFrame:
@@ -91,6 +94,30 @@ def resolve_objectives(override: Any, parent_tags: dict[str, str]) -> list[Objec
     if override is not None and not (isinstance(override, (list, tuple)) and len(override) == 0):
         return parse_objectives(override)
     return objectives_from_tag(parent_tags.get(OBJECTIVES_TAG))
+
+
+def resolve_seed_objective(spec: Any, objectives: Sequence[Objective], known_metrics: Sequence[str]) -> Objective:
+    """The objective of the seed statistics: ``spec`` (``"M:max"``, or ``"M"`` naming one of ``objectives``), else
+    the first of ``objectives`` (the sweep's own unless the report overrides them)."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return objectives[0]
+    if isinstance(spec, Objective):
+        chosen = spec
+    else:
+        text = str(spec).strip()
+        same = [o for o in objectives if o.metric == text]
+        if same:
+            return same[0]
+        if ":" not in text:
+            raise ReportError(f"seed statistics: {text!r} is not an objective of the report "
+                              f"({', '.join(str(o) for o in objectives)}); give its mode, {text}:max or {text}:min")
+        try:
+            chosen = parse_objectives(text)[0]
+        except ObjectiveSpecError as e:
+            raise ReportError(str(e)) from None
+    if chosen.metric not in known_metrics:
+        raise ReportError(f"seed statistics: unknown metric {chosen.metric!r}: no trial logged it")
+    return chosen
 
 
 def _dedupe(trials: pd.DataFrame) -> pd.DataFrame:
@@ -178,6 +205,7 @@ def write_report(
     log_to_mlflow: bool = True,
     group_by: str | Sequence[str] | None = None,
     sweep_id: str | None = None,
+    seed_metric: Any = None,
 ) -> ReportResult:
     """Rank the sweep's completed trials and write the report (see module docs).
 
@@ -188,8 +216,11 @@ def write_report(
     show (0 = front only); ``log_to_mlflow=False`` computes and writes files without touching the store;
     ``group_by`` = the params whose values are ranked apart (:func:`hqlt.reports.groups.group_keys`: by default
     every searched ``task.*`` key; ``"none"``: one front); ``sweep_id`` (a sweep folder's): the report is that
-    sweep's, whatever other sweep of the same name the experiment holds. A report written again on the same trials
-    adds no metric values (only what changed is logged), so a report cut off by a kill can simply run again.
+    sweep's, whatever other sweep of the same name the experiment holds; ``seed_metric`` = the objective of the
+    seed statistics (:mod:`hqlt.reports.seed_stats`; ``"M:max"`` or an objective's metric; default: the first
+    objective), written to ``seed_stats.md``, appended to ``front.md`` and kept in ``report.json``. A report written
+    again on the same trials adds no metric values (only what changed is logged), so a report cut off by a kill can
+    simply run again.
 
     Raises :class:`ReportError` (bad input: unknown experiment/metric/param, no parent run, bad objectives — an
     :class:`ObjectiveSpecError` is re-raised as ReportError) or :class:`NoCompletedTrials`.
@@ -212,6 +243,8 @@ def write_report(
             f"unknown metric {unknown[0]!r}: no trial of {experiment_name!r} logged it; "
             f"metrics seen: {', '.join(known_metrics) or 'none'}"
         )
+
+    seed_obj = resolve_seed_objective(seed_metric, objs, known_metrics)
 
     keys = group_keys(trials, group_by)
     df = rank_trials(trials, objs, keys)
@@ -253,6 +286,7 @@ def write_report(
                         + (f", one per {', '.join(keys)}" if grouped else "")
                         + ("" if max_rank == 0 else f" (ranks 0-{max_rank})"))
 
+    seed_md = seed_stats_markdown(df, seed_obj)
     summary = {
         "experiment": experiment_name,
         "parent_run_id": parent.run_id,
@@ -267,6 +301,7 @@ def write_report(
         "n_ranked": int(ranked.sum()),
         "counts": counts,
         "groups": groups if grouped else {},
+        "seed_stats": seed_stats_json(df, seed_obj),
         "front": [
             {"run_id": r["run_id"], "trial_id": r["trial_id"], "arch": r["arch"], "baseline": r["baseline"],
              **({"group": r[GROUP_COLUMN]} if grouped else {}),
@@ -295,19 +330,21 @@ def write_report(
         }
         if importlib.util.find_spec("plotly") is not None:  # the interactive plot is optional (no plotly: png only)
             files["pareto.html"] = plots.pareto_html(df, objs, base / "pareto.html", title=title)
-        (base / "front.md").write_text(front_markdown(df, objs, max_rank=max_rank, title=f"{title} — Pareto front"))
+        (base / "front.md").write_text(front_markdown(df, objs, max_rank=max_rank, title=f"{title} — Pareto front")
+                                       + "\n" + seed_md)
+        (base / SEED_STATS_MD).write_text(seed_md)
         (base / "front.csv").write_text(front_csv(df, objs, max_rank=max_rank))
         export = df.drop(columns=[c for c in df.columns if c.startswith("tags.")])
         export.to_csv(base / "trials.csv", index=False)
         (base / "report.json").write_text(json.dumps(summary, indent=2, default=str))
-        files.update({n: base / n for n in ("front.md", "front.csv", "trials.csv", "report.json")})
+        files.update({n: base / n for n in ("front.md", "front.csv", "trials.csv", "report.json", SEED_STATS_MD)})
 
         logged: list[str] = []
         if log_to_mlflow:
             client = client_for(tracking_uri)
             _write_back(client, parent, df, objs, keys, groups, n_trials, counts)
             fault_point("report")  # tests: a kill during the report
-            for name in (n for n in ARTIFACTS if n in files):
+            for name in (n for n in (*ARTIFACTS, SEED_STATS_MD) if n in files):
                 client.log_artifact(parent.run_id, str(base / name))
                 logged.append(name)
             note = _description(df, objs, title, groups, grouped, parent.run_id, logged)
@@ -337,6 +374,8 @@ def write_report(
         files={} if tmp is not None else files,
         group_by=keys,
         groups=groups if grouped else {},
+        seed_objective=seed_obj,
+        seed_stats=seed_md,
     )
 
 
