@@ -49,7 +49,7 @@ from hqlt.search_space.vocabulary import (PROBE_BATCH_SIZE, PROBE_CACHED, PROBE_
 
 from . import probe as probe_mod
 
-PROBE_VERSION = 1  # part of the cache key: raise it when the measurement itself changes
+PROBE_VERSION = 2  # part of the cache key: raise it when the measurement itself changes (2: engine's step)
 _POLL_S = 0.05
 
 

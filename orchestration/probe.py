@@ -2,6 +2,12 @@
 
 The probe trains a throw-away copy of the optimizer state on random tokens and restores the weights
 afterwards, so the trial's training starts from the model's initial weights.
+
+The timed step is the step of the trial's engine: where training runs the static / graph engine (CUDA by
+default), loss and gradient norm stay on the device (`device_step`: no host synchronisation between steps,
+fused AdamW), as in `hqlt bench model`; under the eager engine it is the trainer's `train_step`, which reads
+both back every step. The probe does not capture a graph itself: at the target sizes the probe measures, a
+step is long enough that launches overlap the GPU's work.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import torch
 
 from .engine import resolve_engine
 from .tasks.base import Batch
-from .trainer import make_optimizer, param_groups, train_step
+from .trainer import loss_and_grads, make_optimizer, param_groups, train_step
 from .trial_config import ProbeConfig, TrainConfig
 
 # Dense bf16 peaks for model-FLOP utilisation (docs/tasks.md §C1); unknown cards report no MFU.
@@ -45,6 +51,16 @@ def probe_optimizer(model, train_cfg: TrainConfig, device: torch.device) -> torc
                              eps=train_cfg.eps, fused=True)
 
 
+def device_step(model, optimizer, batch: Batch, cfg: TrainConfig, step: int, device) -> None:
+    """One optimizer step as the static / graph engine runs it: clipping and the update on the device, nothing
+    read back to the host."""
+    loss_and_grads(model, optimizer, batch, cfg, step, device)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip,
+                                       foreach=True)
+    optimizer.step()
+
+
 def probe_batch_size(cfg: ProbeConfig, train_cfg: TrainConfig, T: int) -> int:
     """Sequences per probe step: `batch_size`, else `batch_tokens // T` (at least 1), else train.batch_size."""
     if cfg.batch_size:
@@ -63,14 +79,15 @@ def probe_throughput(model, cfg: ProbeConfig, train_cfg: TrainConfig, *, vocab_s
     batch = Batch(inputs.to(device), inputs.roll(-1, dims=1).to(device), {})
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = probe_optimizer(model, train_cfg, device)
+    step = train_step if resolve_engine(train_cfg.engine, device) == "eager" else device_step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(cfg.warmup_steps):
-        train_step(model, optimizer, batch, train_cfg, i, device)
+        step(model, optimizer, batch, train_cfg, i, device)
     _sync(device)
     start = time.perf_counter()
     for i in range(cfg.steps):
-        train_step(model, optimizer, batch, train_cfg, i, device)
+        step(model, optimizer, batch, train_cfg, i, device)
     _sync(device)
     elapsed = time.perf_counter() - start
     model.load_state_dict(saved)

@@ -38,7 +38,7 @@ from hqlt.search_space import labels
 
 from . import gpu_monitor, tracking
 from .gpu_monitor import GpuMonitor
-from .startup import trial_resources, warm_sweep
+from .startup import grid_cost, trial_resources, warm_sweep
 from .space_hooks import HOOKS
 from .faults import fault_point
 from .sweep_folder import (RunClock, adopt_moved_folder, current_sweep_dir, hold_folder, new_sweep_id, read_meta,
@@ -324,14 +324,37 @@ def _open_parent_run(cl, spec, folder: SweepFolder) -> str:
 
 def build_searcher(spec, objectives: list, storage):
     """Step 2: the Optuna searcher over the compiled space, its study in the folder's journal."""
-    from hqlt.search_space import compile_space, make_sampler, study_name
+    from hqlt.search_space import compile_space, study_name
 
     metrics, modes = [m for m, _ in objectives], [mode for _, mode in objectives]
     single = len(objectives) == 1
     return _searcher_class()(
         space=NumberedSpace(compile_space(spec, HOOKS)), metric=metrics[0] if single else metrics,
-        mode=modes[0] if single else modes, sampler=make_sampler(spec.sweep, spec.params),
-        study_name=study_name(spec), storage=storage)
+        mode=modes[0] if single else modes, sampler=ordered_sampler(spec), study_name=study_name(spec), storage=storage)
+
+
+def ordered_sampler(spec):
+    """The spec's Optuna sampler; a grid's points start in `sweep.order` — longest_first (the default) by the
+    predicted training FLOPs of each point (startup.grid_cost), said in one line. Other samplers choose each
+    trial from the results so far: their order is theirs (search_space/grid.py)."""
+    from hqlt.search_space import make_sampler
+
+    order = spec.sweep.grid_order
+    if order != "longest_first":
+        return make_sampler(spec.sweep, spec.params)
+    cost, seen = grid_cost(spec), []
+
+    def recorded(sampled: dict) -> float:
+        seen.append(cost(sampled))
+        return seen[-1]
+
+    started = time.time()
+    sampler = make_sampler(spec.sweep, spec.params, cost=recorded)
+    if seen:
+        print(f"grid order: longest first, by predicted training FLOPs ({max(seen):.3g} down to {min(seen):.3g}; "
+              f"{len(seen)} distinct configs ranked in {time.time() - started:.1f}s)",
+              file=sys.stderr)
+    return sampler
 
 
 def build_tuner(spec, folder: SweepFolder, cl, parent_id: str, verbose: int, gpu_mem_bytes: Optional[float] = None):

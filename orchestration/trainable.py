@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from hqlt.search_space import INFEASIBLE_KEY
-from hqlt.search_space.vocabulary import (BOOKKEEPING_PREFIX, COMPLETED, INFEASIBLE, PROBES_DIR, REPLAYED_KEY,
-                                          RUNNING, SEED_OF_PREFIX, SEED_STATS, SELECTED_SEED, TRIAL_NODE,
+from hqlt.search_space.vocabulary import (BOOKKEEPING_PREFIX, COMPLETED, INFEASIBLE, PREDICTED_FLOPS, PROBES_DIR,
+                                          REPLAYED_KEY, RUNNING, SEED_OF_PREFIX, SEED_STATS, SELECTED_SEED, TRIAL_NODE,
                                           seed_metric, seed_stat_metric)
 
 DONE_KEY = "trial/done"
@@ -98,6 +98,7 @@ def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggreg
         return final
     sampled = {k: v for k, v in config.items() if not k.startswith(BOOKKEEPING_PREFIX)}  # sweep bookkeeping
     plain = materialize(spec, sampled)
+    cost = _predicted_flops(plain, seeds)  # {trial/predicted_flops: ...} on every report ({} if it cannot say)
     base_seed = int(plain.get("seed", 0))
     held: list[dict] = []
     results, step_offset = [], 0
@@ -105,7 +106,7 @@ def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggreg
         def seed_report(metrics, i=i, offset=step_offset):
             if held:
                 report(held.pop())
-            held.append(_filled({**metrics, "seed_index": i, "step": offset + metrics.get("step", 0),
+            held.append(_filled({**metrics, **cost, "seed_index": i, "step": offset + metrics.get("step", 0),
                                  "trial/status": RUNNING, DONE_KEY: 0.0}, objectives))
 
         seed_config = {**plain, "seed": base_seed + i}
@@ -117,9 +118,20 @@ def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggreg
         results.append(result)
         step_offset += int(result.metrics.get("step", 0))
     last_step = held.pop().get("step", step_offset) if held else step_offset
-    final = {"step": last_step, **summarize_seeds(results, objectives, seed_aggregate)}
+    final = {"step": last_step, **summarize_seeds(results, objectives, seed_aggregate), **cost}
     report(final)
     return final
+
+
+def _predicted_flops(plain: dict, seeds: int) -> dict:
+    """{PREDICTED_FLOPS: the trial's analytic training cost} (orchestration/startup.py, what a grid is ordered by);
+    {} for a config it cannot estimate (the trial itself then says why)."""
+    from .startup import predicted_flops
+
+    try:
+        return {PREDICTED_FLOPS: predicted_flops(plain, seeds)}
+    except Exception:  # noqa: BLE001
+        return {}
 
 
 # Metrics of the architecture, not of a seed's training (the probe is cached per architecture): they never pick

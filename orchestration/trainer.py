@@ -80,8 +80,8 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return Batch(batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True), batch.slices)
 
 
-def train_step(model, optimizer, batch: Batch, cfg: TrainConfig, step: int, device) -> tuple[float, float]:
-    """One optimizer step; returns (loss, grad norm before clipping)."""
+def loss_and_grads(model, optimizer, batch: Batch, cfg: TrainConfig, step: int, device) -> torch.Tensor:
+    """The first half of an optimizer step: the learning rate of `step`, the loss (on the device) and its gradients."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     with autocast_for(device, cfg.precision):
@@ -89,6 +89,12 @@ def train_step(model, optimizer, batch: Batch, cfg: TrainConfig, step: int, devi
     loss = lm_loss(logits, batch.targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return loss
+
+
+def train_step(model, optimizer, batch: Batch, cfg: TrainConfig, step: int, device) -> tuple[float, float]:
+    """One optimizer step; returns (loss, grad norm before clipping)."""
+    loss = loss_and_grads(model, optimizer, batch, cfg, step, device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if cfg.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

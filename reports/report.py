@@ -344,7 +344,7 @@ def write_report(
             client = client_for(tracking_uri)
             _write_back(client, parent, df, objs, keys, groups, n_trials, counts)
             fault_point("report")  # tests: a kill during the report
-            for name in (n for n in (*ARTIFACTS, SEED_STATS_MD) if n in files):
+            for name in (n for n in ARTIFACTS if n in files):
                 client.log_artifact(parent.run_id, str(base / name))
                 logged.append(name)
             note = _description(df, objs, title, groups, grouped, parent.run_id, logged)

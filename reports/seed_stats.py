@@ -35,6 +35,7 @@ import pandas as pd
 
 from hqlt.search_space.labels import decode_arm, flatten, format_metric, is_task_key, run_name, short_value
 from hqlt.search_space.vocabulary import (ALL_GROUP, BOOKKEEPING_PREFIX, CHECKPOINT_TAG, COMPLETED, SEED_STATS,
+                                          SEED_STATS_MD,
                                           SEED_TAG, SELECTED_SEED, SELECTED_STEP, SLICE_METRIC_PREFIX, TEST_PREFIX,
                                           TEST_SLICE_METRIC_PREFIX, VAL_PREFIX, seed_metric, seed_stat_metric,
                                           to_mlflow_metric)
@@ -45,7 +46,6 @@ from .objectives import Objective
 __all__ = ["ArmStats", "SEED_STATS_MD", "arm_label", "compare", "ordering", "seed_stats", "seed_stats_markdown",
            "seed_stats_json", "slice_prefix"]
 
-SEED_STATS_MD = "seed_stats.md"  # the report's file (DIR/report/) and parent-run artifact
 NOT_RECORDED = "not recorded"
 _SEED_COL = re.compile(r"^metrics\.seed(\d+)/(.+)$")
 

@@ -11,7 +11,8 @@
 Modules, each depending only on those listed before it: `vocabulary` (metric names, statuses, tags, folder
 names), `errors`, `hooks`, `tree` (dotted paths, materialize), `yamlio` (the YAML + override reader, safety
 checks), `spec` (the dataclasses), `candidates` (enumeration, survey, space_size, describe), `checks`
-(`validate`: the hook-driven checks), `parse` (`load_spec`), `compile` (Optuna define-by-run, samplers).
+(`validate`: the hook-driven checks), `parse` (`load_spec`), `grid` (the order of a grid's points; it imports
+optuna, so `compile.make_sampler` imports it only for a grid), `compile` (Optuna define-by-run, samplers).
 
 This package imports neither torch nor ray.
 """

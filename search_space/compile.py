@@ -127,14 +127,17 @@ def grid_space(params: Iterable[Param]) -> dict:
     return out
 
 
-def make_sampler(settings: SweepSettings, params: Iterable[Param]):
+def make_sampler(settings: SweepSettings, params: Iterable[Param], cost=None):
     """The Optuna sampler of `sweep.sampler`, seeded with `sweep.sampler_seed`.
 
     - tpe: ``TPESampler(multivariate=True, group=True)`` — joint model per group of co-occurring parameters,
       right for conditional (tree-structured) spaces; multi-objective works too (MOTPE);
     - nsga2: ``NSGAIISampler(population_size=nsga2_population(num_samples))``;
-    - random: ``RandomSampler``; grid: ``GridSampler`` over choices, int step grids and stepped floats
-      (conditional parameters are in the grid; where inactive their grid value is simply not used).
+    - random: ``RandomSampler``; grid: a ``GridSampler`` over choices, int step grids and stepped floats
+      (conditional parameters are in the grid; where inactive their grid value is simply not used), its points
+      started in `sweep.order` (`grid.OrderedGridSampler`): longest_first ranks them by `cost` (the active
+      sampled assignment -> predicted cost, handed in by the sweep driver; without it they keep the spec's
+      order), as_listed keeps the spec's order, shuffled is Optuna's own seeded shuffle.
     Ray builds a plain ``TPESampler(seed=...)`` when given none, so always pass this one to OptunaSearch."""
     import optuna
 
@@ -149,7 +152,9 @@ def make_sampler(settings: SweepSettings, params: Iterable[Param]):
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_space(params), seed=seed)
+        from .grid import grid_sampler
+
+        return grid_sampler(grid_space(params), params, settings.grid_order, seed=seed, cost=cost)
     raise ValueError(f"unknown sampler {settings.sampler!r}")
 
 

@@ -20,7 +20,7 @@ from hqlt.blocks.validation import ConfigError, build, closest, join
 
 from .checks import validate
 from .errors import SpecError, one_line
-from .spec import Param, SweepSettings, SweepSpec, label, topological
+from .spec import ORDERS, Param, SweepSettings, SweepSpec, label, topological
 from .tree import has_path
 from .vocabulary import KNOWN_METRICS, SLICE_METRIC_PREFIXES, TEST_PREFIX
 from .yamlio import check_safe, dump_yaml, merge, read_overrides, read_yaml
@@ -203,6 +203,13 @@ def parse_sweep(raw: dict, file: str) -> SweepSettings:
     for key, v in s.budgets.items():
         if not math.isfinite(v) or v <= 0:
             bad(f"sweep.budgets.{key}", f"got {v}; allowed: a number > 0, or null (no budget)")
+    if s.order is not None:
+        if not isinstance(s.order, str) or s.order not in ORDERS:
+            bad("sweep.order", f"got {_short(s.order)}; allowed: {', '.join(ORDERS)}, or null (longest_first with "
+                               f"sampler grid){closest(s.order, ORDERS) if isinstance(s.order, str) else ''}")
+        if s.sampler != "grid":
+            bad("sweep.order", f"got {s.order!r} with sampler {s.sampler}, which picks each trial from the results so "
+                               "far (the order is the sampler's); allowed: null, or sampler grid")
     return s
 
 

@@ -69,6 +69,14 @@ class Budgets:
 
 BUDGET_METRIC = {"max_params": PARAMS, "max_fw_state_bytes": FW_STATE_BYTES, "max_kv_cache_bytes": KV_CACHE_BYTES}
 
+# `sweep.order`: the order in which a grid's points start (`search_space/grid.py`). longest_first: by descending
+# predicted training FLOPs (the analytic cost the driver hands in); as_listed: the spec's order (first parameter
+# slowest, values as listed); shuffled: Optuna's GridSampler, seeded with sampler_seed (hqlt before the key).
+# Only a grid's order is free to choose: tpe, nsga2 and random pick each trial from the results so far, so for
+# them the key must stay null.
+ORDERS = ("longest_first", "as_listed", "shuffled")
+DEFAULT_GRID_ORDER = "longest_first"
+
 
 @dataclass
 class SweepSettings:
@@ -84,6 +92,12 @@ class SweepSettings:
     resources: Resources = field(default_factory=Resources)
     max_concurrent: Optional[int] = None  # null: as many as resources allow
     budgets: Budgets = field(default_factory=Budgets)
+    order: Any = None  # null | one of ORDERS (grid only); null: longest_first with sampler grid (checked by parse)
+
+    @property
+    def grid_order(self) -> Optional[str]:
+        """The order a grid sampler starts its points in (None: not a grid, the sampler's own order)."""
+        return (self.order or DEFAULT_GRID_ORDER) if self.sampler == "grid" else None
 
     @property
     def metrics(self) -> list[str]:
@@ -279,6 +293,8 @@ class SweepSpec:
         """The spec with defaults filled in, in a canonical form (what the hash covers, see `spec_hash`)."""
         s = asdict(self.sweep)
         s["name"] = self.name
+        if s.get("order") in (None, DEFAULT_GRID_ORDER):  # specs from before the key keep their hash
+            s.pop("order", None)
         return {"base": self.base, "space": {p.path: p.to_dict() for p in sorted(self.params, key=lambda p: p.path)},
                 "sweep": s}
 
@@ -300,5 +316,5 @@ def spec_hash(spec: SweepSpec, exclude: Iterable[str] = OPERATIONAL_KEYS) -> str
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-__all__ = ["AshaSettings", "BUDGET_METRIC", "Budgets", "OPERATIONAL_KEYS", "Objective", "Param", "Resources", "SCALAR",
+__all__ = ["AshaSettings", "BUDGET_METRIC", "Budgets", "DEFAULT_GRID_ORDER", "OPERATIONAL_KEYS", "ORDERS", "Objective", "Param", "Resources", "SCALAR",
            "SweepSettings", "SweepSpec", "label", "matches", "spec_hash", "topological"]

@@ -100,6 +100,10 @@ PROBE_DEVICE = "probe/device"        # text: the card's name ("NVIDIA H200") or 
 PROBE_NUMERIC = (PROBE_SEQ_LEN, PROBE_BATCH_SIZE, PROBE_D_MODEL, PROBE_N_LAYERS, PROBE_N_HEADS, PROBE_VOCAB_SIZE,
                  PROBE_PARAMS, PROBE_FLOPS_PER_TOKEN, PROBE_CACHED, PROBE_CONTENDED)
 
+# A trial's analytic training cost: model FLOPs per token at the training length x batch size x training length x
+# train.steps x seeds (orchestration/startup.py `predicted_flops`); what `sweep.order: longest_first` ranks a grid by.
+PREDICTED_FLOPS = "trial/predicted_flops"
+
 # The checkpoint whose weights were scored on the test set (`train.checkpoint: final | best_val`).
 CHECKPOINT = "trial/checkpoint"      # text: the policy
 SELECTED_STEP = "train/selected_step"  # the training step of those weights
@@ -174,9 +178,9 @@ EXPERIMENT_KIND_RUNS = "custom_model_development"
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # experiment tag + `viewStateShareKey` in the runs-page URL
 FRONT_VIEW_KEY = "hqlt-pareto-front"  # the shared view `hqlt ui` links to: the front's runs, objective columns
 
-# Trial metrics that do not change during a trial (sizes, the throughput probe): logged to MLflow when their value
-# changes, not at every evaluation (a flat line in the charts otherwise).
-CONSTANT_METRIC_PREFIXES = ("model/", "perf/", "probe/")
+# Trial metrics that do not change during a trial (sizes, the throughput probe, the predicted cost): logged to MLflow
+# when their value changes, not at every evaluation (a flat line in the charts otherwise).
+CONSTANT_METRIC_PREFIXES = ("model/", "perf/", "probe/", PREDICTED_FLOPS)
 # Searched keys under this prefix say which task a trial ran on: fronts are ranked per task (report grouping).
 TASK_PARAM_PREFIX = "task"
 # A choice of whole arms (`model: {choice: [...]}`) is logged flat (`model.mixer.kv.window`, ...) plus the arm's id
@@ -205,8 +209,10 @@ GPU_UTIL_CSV = "gpu_util.csv"  # GPU utilization sampled by the driver
 CACHE_DIR = "cache"            # Triton / Inductor compile caches shared by all trials (not needed to resume)
 REPORT_DIR = "report"          # the latest report's files
 DRIVER_LOCK = ".driver.lock"   # held (flock) by the driver running the sweep: one driver per folder
+SEED_STATS_MD = "seed_stats.md"  # the report's seed statistics
+# the report's files: on the parent run (artifacts, logged in this order: the last one marks a whole report) and in report/
 REPORT_ARTIFACTS = ("pareto.png", "pareto.html", "hypervolume.png", "front.md", "front.csv", "trials.csv",
-                    "report.json")  # the report's files: on the parent run (artifacts) and in report/
+                    SEED_STATS_MD, "report.json")
 PARETO_PNG = "pareto.png"
 
 # Progress phases of one trial (`run_trial(phase=...)` is called with each as it starts).

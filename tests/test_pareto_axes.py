@@ -118,6 +118,58 @@ def test_a_probe_at_another_size_is_labelled_and_leaves_training_alone(tmp_path)
 
 
 # ------------------------------------------------------------------------------------ 2. alone, once, cached
+def test_the_probe_times_the_engines_step(monkeypatch):
+    """Under the static / graph engine the probe's step reads nothing back to the host (as those engines train,
+    and as `hqlt bench model` times) and makes the same update as the trainer's step; eager probes eagerly."""
+    from hqlt.blocks import HybridLM
+
+    cfg = trial_config(tiny(train__engine="static", train__grad_clip=0.5))
+    task = make_task("parity", cfg.task_config)
+    cfg.model.vocab_size = task.vocab_size
+    torch.manual_seed(0)
+    a = HybridLM(cfg.model)
+    b = HybridLM(cfg.model)
+    b.load_state_dict(a.state_dict())
+    batch = next(iter(task.eval_batches(8)))
+    opt_a, opt_b = trainer.make_optimizer(a, cfg.train), trainer.make_optimizer(b, cfg.train)
+    trainer.train_step(a, opt_a, batch, cfg.train, 3, torch.device("cpu"))
+
+    # CPU's AdamW reads its step counter back (CUDA's fused, capturable one does not): only the optimizer may
+    in_optimizer = []
+    real_item, real_float, real_step = torch.Tensor.item, torch.Tensor.__float__, opt_b.step
+
+    def guarded(real):
+        def read(self, *args):
+            assert in_optimizer, "the probe's step read a value back to the host"
+            return real(self, *args)
+        return read
+
+    def optimizer_step(*args, **kwargs):
+        in_optimizer.append(1)
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            in_optimizer.pop()
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", guarded(real_item))
+        m.setattr(torch.Tensor, "__float__", guarded(real_float))
+        m.setattr(opt_b, "step", optimizer_step)
+        probe_mod.device_step(b, opt_b, batch, cfg.train, 3, torch.device("cpu"))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-7), name
+
+    timed = []
+    monkeypatch.setattr(probe_mod, "device_step", lambda *a, **k: timed.append("device"))
+    monkeypatch.setattr(probe_mod, "train_step", lambda *a, **k: timed.append("eager"))
+    for engine, expected in (("static", "device"), ("eager", "eager")):
+        timed.clear()
+        c = trial_config(tiny(train__engine=engine))
+        probe_mod.probe_throughput(a, c.probe, c.train, vocab_size=task.vocab_size, seq_len=16,
+                                   device=torch.device("cpu"), flops_per_token=1.0)
+        assert timed == [expected] * (c.probe.warmup_steps + c.probe.steps)
+
+
 def test_cache_key_is_the_architecture_not_the_training():
     device = torch.device("cpu")
 

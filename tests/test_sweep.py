@@ -69,7 +69,7 @@ def test_sweep_asha_logs_parent_children_and_prunes(tmp_path):
           asha: {max_t: 4, grace_period: 1, reduction_factor: 2}
           num_samples: 4
           max_concurrent: 1
-          sampler_seed: 0  # grid order: lr 0.02 first, so the later 1e-7 trials fall below the rung cutoff
+          order: as_listed  # lr 0.02 first (both windows), so the later 1e-7 trials fall below the rung cutoff
         """, steps=40, eval_every=10)
     out = hqlt("sweep", spec, "--dir", tmp_path / "sw", "--verbose", "0", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
