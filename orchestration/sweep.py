@@ -459,6 +459,11 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         tuner = build_tuner(spec, folder, cl, parent_id, verbose, gpu_mem_bytes=warm.get("gpu_mem_bytes"))
         fault_point("before-fit")
         fit(tuner, directory)
+        left = still_running(cl, parent_id)
+        if left:
+            print(f"hqlt sweep: interrupted with {left} trial(s) unfinished; run the same command (same spec, same "
+                  "--dir) to resume", file=sys.stderr)
+            return 130
         return finish(spec, folder, cl, parent_id, clock, report)
     except Exception:
         if not folder.embedded:
@@ -469,12 +474,21 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         ray.shutdown()
 
 
-def fit(tuner, directory: Path) -> float:
-    """Step 4: run the trials, sampling the GPUs meanwhile; returns the time it took."""
-    started = time.time()
+def fit(tuner, directory: Path):
+    """Step 4: run the trials, sampling the GPUs meanwhile; returns Tune's ResultGrid."""
     with GpuMonitor(directory):
-        tuner.fit()
-    return time.time() - started
+        return tuner.fit()
+
+
+def still_running(cl, parent_id: str) -> int:
+    """Trial runs of this sweep still `running` after Tune's `fit()` returned: the run was interrupted. Tune catches
+    SIGINT (Ctrl-C, `timeout -s INT`) and SIGUSR1 itself, saves its state and returns from `fit()` as if done,
+    with the trials it was running stopped (Ray calls them terminated) but never finished; the next run of the
+    sweep resumes them. A run that ended has written every trial's final status (orphans of a hard kill are
+    deleted at the resume), so the sweep is marked finished only then. (A signal in the instant between one
+    trial's end and the next one's start leaves no such trial: the sweep then counts as finished with fewer
+    trials, and a larger num_samples extends it.)"""
+    return sum(1 for run in _trial_runs(cl, parent_id) if run.data.tags.get(STATUS_TAG, RUNNING) == RUNNING)
 
 
 def show_finished(spec, folder: SweepFolder) -> int:

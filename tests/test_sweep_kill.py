@@ -9,13 +9,14 @@ writes a marker file and waits; the test then kills the whole run. Timing-based 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from killing import hqlt, run_until
+from killing import hqlt, kill_everything, run_until
 
 BASE = """
 base:
@@ -123,3 +124,47 @@ def test_kill_anywhere_then_rerun_ends_like_an_uninterrupted_sweep(tmp_path):
     assert fewer.returncode == 2 and "sweep.num_samples" in fewer.stderr
     assert len(fewer.stderr.strip().splitlines()) == 1
     print(f"kill-anywhere test: {time.time() - started:.0f} s")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_trials_run_leaves_the_sweep_open_and_a_rerun_ends_it(tmp_path):
+    """SIGINT to the driver (Ctrl-C, `timeout -s INT`): Tune catches it and returns from fit() as if done. The sweep
+    must not be marked finished then (it was, on an H200: `timeout -s INT` left "sweep finished: 2 trials (2
+    running)", and a rerun would have run nothing); the same command again resumes it to the end."""
+    import signal
+
+    from killing import start, wait_for  # noqa: I001
+
+    n = 3
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(BASE + textwrap.dedent(f"""
+        space:
+          model.mixer.kv.window: {{choice: [2, 4, 8]}}
+        sweep:
+          name: ctrlc
+          objectives: [{{metric: val/acc, mode: max}}]
+          sampler: grid
+          num_samples: {n}
+          max_concurrent: 1
+          resources: {{cpu: 1, gpu: 0}}
+        """))
+    sw, marker = tmp_path / "sw", tmp_path / "fault.json"
+    args = ["sweep", spec, "--dir", sw, "--verbose", "0"]
+    proc = start(args, tmp_path, HQLT_FAULT_AT="trial-report@2", HQLT_FAULT_FILE=str(marker))
+    try:
+        wait_for(marker, proc, "a trial's second report", 150)
+        os.kill(proc.pid, signal.SIGINT)  # the driver only, as `timeout -s INT` does
+        rc = proc.wait(timeout=120)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            kill_everything(proc)
+    assert rc == 130 and "interrupted with 1 trial(s) unfinished" in err, (rc, err[-3000:])
+    assert "finished" not in json.loads((sw / "sweep.json").read_text())
+    status = hqlt("status", sw, cwd=tmp_path)
+    assert "not finished" in status.stdout, status.stdout
+    done = hqlt(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"sweep finished: {n} trials ({n} completed)" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert json.loads((sw / "sweep.json").read_text())["finished"]["num_samples"] == n
+    assert duplicate_rows(sw / "mlflow.db") == []
