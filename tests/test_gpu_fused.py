@@ -572,3 +572,64 @@ def test_interpreter_compiled_fused_call_is_fullgraph_and_matches_reference():
     g_ref = torch.autograd.grad(o_ref, ref, [x.double() for x in gout])
     assert all(rel_rms(a, b) <= 1e-5 for a, b in zip(g, g_ref))
     torch._dynamo.reset()
+
+
+# ============================================================ bounds check in the interpreter (FUSED_NOTES.md)
+# ``hqlt.kernels.fused.boundscheck.check_bounds``: every active lane of every load/store/atomic must address an
+# element inside one tensor argument of its launch (the interpreter itself reads and writes any host address).
+
+@interp
+def test_interpreter_bounds_checker_self_test():
+    import boundscheck_kernels as K
+    from hqlt.kernels.fused.boundscheck import OutOfBounds, check_bounds
+    x, y = torch.arange(16, dtype=torch.float32), torch.zeros(16)
+    with check_bounds() as rep:
+        K.shifted_copy_kernel[(1,)](x, y, 16, SHIFT=0, BLOCK=16, MASKED=False)
+    assert rep.total_lanes == 32 and torch.equal(x, y)
+    # one element past the end, unmasked: caught, named (kernel, pointer argument, offset)
+    with pytest.raises(OutOfBounds, match=r"shifted_copy_kernel.*\n.*offset \+16 elements from the start of x_ptr"):
+        with check_bounds():
+            K.shifted_copy_kernel[(1,)](x, y, 16, SHIFT=1, BLOCK=16, MASKED=False)
+    # the same access masked: passes, and the masked-off lane is not checked
+    with check_bounds() as rep:
+        K.shifted_copy_kernel[(1,)](x, y, 16, SHIFT=1, BLOCK=16, MASKED=True)
+    assert rep.kernels["shifted_copy_kernel"].masked_off == 1 and rep.total_lanes == 31
+    # a tile that runs from one buffer into its neighbour (two views of one storage): caught although mapped
+    buf = torch.zeros(64)
+    with pytest.raises(OutOfBounds, match="spans several allocations"):
+        with check_bounds():
+            K.shifted_copy_kernel[(1,)](buf[:32], buf[32:], 40, SHIFT=0, BLOCK=64, MASKED=True)
+    # atomics, and a tensor handed to check_bounds is an allocation of every launch
+    z = torch.zeros(8)
+    with check_bounds([z]):
+        K.atomic_add_kernel[(1,)](z, 8, BLOCK=16, MASKED=True)
+    with pytest.raises(OutOfBounds, match="atomic_rmw"):
+        with check_bounds():
+            K.atomic_add_kernel[(1,)](z, 8, BLOCK=16, MASKED=False)
+    # one checker at a time
+    with check_bounds():
+        with pytest.raises(RuntimeError):
+            with check_bounds():
+                pass
+
+
+@interp
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("sms", [1, 132], ids=["cpu-config", "h200-config"])
+@pytest.mark.parametrize("variant", ["single", "split"])
+@pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+def test_interpreter_fused_in_bounds_h200_failing_shape(featurize, variant, sms, monkeypatch):
+    # The shape whose bf16 backward made an illegal memory access on an H200 with the features given (B1 T77
+    # H3 dk24 dv40 W5): forward, backward with kept and recomputed states, poisoned buffers, under the bounds
+    # checker, with the CPU launch configuration and the H200's (132 SMs: scan value blocks of 16, so a
+    # partial last block at dv 40). No access leaves its tensor (FUSED_NOTES.md "Bounds check").
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.fused.boundscheck import check_bounds
+    monkeypatch.setenv("HQLT_FUSED_FW_BWD", variant)
+    monkeypatch.setattr(FL, "_sm_count", lambda device: sms)
+    with check_bounds() as rep:
+        grads = poisoned_backward_check(1, 77, 3, 24, 40, 5, torch.float32, "cpu", featurize=featurize, seed=77)
+    assert all(g.isfinite().all() for g in grads)
+    fw = ("fw_bwd_kernel",) if variant == "single" else ("fw_bwd_dq_kernel", "fw_bwd_wy_kernel", "fw_bwd_dk_kernel")
+    want = {"wy_kernel", "scan_kernel", "out_kernel", "kv_bwd_dq_kernel", "kv_bwd_dkdv_kernel", "bwd_scan_kernel", *fw}
+    assert set(rep.kernels) == want and all(s.lanes > 0 for s in rep.kernels.values())
