@@ -459,12 +459,18 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         tuner = build_tuner(spec, folder, cl, parent_id, verbose, gpu_mem_bytes=warm.get("gpu_mem_bytes"))
         fault_point("before-fit")
         fit(tuner, directory)
-        left = still_running(cl, parent_id)
+        summary = summarize(cl, spec.name, folder.objectives, parent_id)
+        left = summary["counts"].get(RUNNING, 0)
+        # Trials still `running` after fit(): interrupted. Tune catches SIGINT (Ctrl-C, `timeout -s INT`) and SIGUSR1
+        # itself, saves its state and returns as if done, the trials it ran stopped (Ray calls them terminated) but
+        # never finished; the next run resumes them. A run that ended has written every trial's final status
+        # (orphans of a hard kill are deleted at the resume). A signal in the instant between one trial's end and
+        # the next one's start leaves no such trial: the sweep then counts as finished with fewer trials.
         if left:
             print(f"hqlt sweep: interrupted with {left} trial(s) unfinished; run the same command (same spec, same "
                   "--dir) to resume", file=sys.stderr)
             return 130
-        return finish(spec, folder, cl, parent_id, clock, report)
+        return finish(spec, folder, cl, parent_id, clock, report, summary)
     except Exception:
         if not folder.embedded:
             tracking.check_server(folder.tracking_uri)  # the server went away: one line, not three tracebacks
@@ -474,21 +480,10 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         ray.shutdown()
 
 
-def fit(tuner, directory: Path):
-    """Step 4: run the trials, sampling the GPUs meanwhile; returns Tune's ResultGrid."""
+def fit(tuner, directory: Path) -> None:
+    """Step 4: run the trials, sampling the GPUs meanwhile."""
     with GpuMonitor(directory):
-        return tuner.fit()
-
-
-def still_running(cl, parent_id: str) -> int:
-    """Trial runs of this sweep still `running` after Tune's `fit()` returned: the run was interrupted. Tune catches
-    SIGINT (Ctrl-C, `timeout -s INT`) and SIGUSR1 itself, saves its state and returns from `fit()` as if done,
-    with the trials it was running stopped (Ray calls them terminated) but never finished; the next run of the
-    sweep resumes them. A run that ended has written every trial's final status (orphans of a hard kill are
-    deleted at the resume), so the sweep is marked finished only then. (A signal in the instant between one
-    trial's end and the next one's start leaves no such trial: the sweep then counts as finished with fewer
-    trials, and a larger num_samples extends it.)"""
-    return sum(1 for run in _trial_runs(cl, parent_id) if run.data.tags.get(STATUS_TAG, RUNNING) == RUNNING)
+        tuner.fit()
 
 
 def show_finished(spec, folder: SweepFolder) -> int:
@@ -512,12 +507,12 @@ def exit_code(summary: dict) -> int:
     return 1
 
 
-def finish(spec, folder: SweepFolder, cl, parent_id: str, clock: RunClock, report: Optional[FinalReport]) -> int:
+def finish(spec, folder: SweepFolder, cl, parent_id: str, clock: RunClock, report: Optional[FinalReport],
+           summary: dict) -> int:
     """Step 5: wall time, counts and GPU use on the parent run, the report, the parent closed, `finished` in
-    sweep.json, a summary. Returns the exit status (1: no trial completed)."""
+    sweep.json, a summary (`summary`: `summarize` of the trials). Returns the exit status (1: no trial completed)."""
     name, directory, objectives = spec.name, folder.directory, folder.objectives
     total_wall = clock.update()["wall_s"]
-    summary = summarize(cl, name, objectives, parent_id)
     summary["gpu"] = gpu_monitor.summarize(directory)
     # every status is logged (0 when none), at the step of this run of the sweep: a resumed (or re-run) sweep
     # adds a point after the last run's, never a second value at one step
