@@ -13,7 +13,8 @@
 #   compile_bench    `hqlt bench model --compile on` (custom ops: no graph breaks in the HQLT blocks)
 #
 # One Triton cache for all stages (OUT_DIR/triton): fla autotunes every new kernel shape for minutes on a fresh
-# machine, so later stages reuse what earlier ones compiled. Sweeps keep their own cache in their folder.
+# machine, so later stages reuse what earlier ones compiled; the sweeps use it too (a TRITON_CACHE_DIR set in the
+# environment replaces the sweep folder's cache/), so the bench after the probe sweep loads the probe's autotuning.
 set -u
 OUT=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR [STAGE ...]}
 shift
@@ -45,7 +46,7 @@ for stage in $STAGES; do
         --out "$OUT/bench_fused.json" | tail -40 ;;
     probe_sweep)
       timeout -s INT "$(cap $stage 600)" hqlt sweep search_space/presets/probe_340m.yaml --dir "$OUT/sweeps/probe_340m" \
-        --fresh --verbose 0 | tail -20
+        --fresh --verbose 0 2>&1 | tee "$OUT/probe_sweep.log" | tail -20
       hqlt report "$OUT/sweeps/probe_340m" --no-log | tail -20
       timeout "$(cap bench_model 400)" hqlt bench model --compile off --out "$OUT/bench_model_eager.json" | tail -6 ;;
     engine_sweep)
@@ -53,7 +54,7 @@ for stage in $STAGES; do
         timeout -s INT "$(cap $stage 400)" hqlt sweep search_space/presets/paper_expressivity.yaml \
           --dir "$OUT/sweeps/expr_$engine" --fresh --verbose 0 sweep.name="expr_engine_$engine" sweep.seeds=1 \
           base.train.engine=$engine base.train.steps=300 base.train.warmup_steps=30 base.train.eval_every=300 \
-          base.task.eval_size=2048 | tail -8
+          base.task.eval_size=2048 2>&1 | tee "$OUT/engine_sweep_$engine.log" | tail -8
       done ;;
     compile_bench)
       timeout "$(cap $stage 600)" hqlt bench model --compile on --out "$OUT/bench_model_compiled.json" | tail -6 ;;

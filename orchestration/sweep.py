@@ -246,13 +246,21 @@ def prepare_folder(spec, directory: Path, tracking_uri: Optional[str], address: 
     return folder
 
 
+def compile_cache_env(directory: Path) -> dict:
+    """Where trials keep Triton's and Inductor's compile caches: the sweep folder's `cache/` (shared by all its
+    trials, on every node of a cluster), unless the driver's environment names a cache itself, as Triton and
+    torch users do to share one cache between sweeps and benchmarks (fla autotunes each new shape for minutes)."""
+    cache = (directory / CACHE_DIR).resolve()
+    return {name: os.environ.get(name) or str(cache / sub)
+            for name, sub in (("TRITON_CACHE_DIR", "triton"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"))}
+
+
 def _init_ray(s, directory: Path, address: Optional[str], verbose: int) -> None:
     """Start (or join) Ray with the environment every trial worker gets: shared compile caches, threads."""
     import ray
 
-    cache = (directory / CACHE_DIR).resolve()
     threads = max(1, int(s.resources.cpu))
-    env = {"TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+    env = {**compile_cache_env(directory),
            "HQLT_TRIAL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
            "TRITON_CACHE_AUTOTUNING": "1"}  # Triton >= 3.4: autotuning results in the cache too (startup.warm_sweep)

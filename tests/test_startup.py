@@ -206,3 +206,17 @@ def test_numeric_gpu_resources_are_passed_through_and_cpu_sweeps_skip_the_warm_u
     assert not startup.uses_gpus(spec) and startup.warm_sweep(spec) == {}  # no Ray call at all
     with pytest.raises(SpecError, match="sweep.resources.gpu"):
         load_spec(spec_file(tmp_path, "most"), hooks=HOOKS)
+
+
+def test_compile_caches_live_in_the_sweep_folder_unless_the_environment_names_them(tmp_path, monkeypatch):
+    from hqlt.orchestration.sweep import compile_cache_env
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    env = compile_cache_env(tmp_path)
+    assert env == {"TRITON_CACHE_DIR": str(tmp_path.resolve() / "cache" / "triton"),
+                   "TORCHINDUCTOR_CACHE_DIR": str(tmp_path.resolve() / "cache" / "inductor")}
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/shared/triton")
+    env = compile_cache_env(tmp_path)
+    assert env["TRITON_CACHE_DIR"] == "/shared/triton"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path.resolve() / "cache" / "inductor")
