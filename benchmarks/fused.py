@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -66,13 +67,22 @@ def _time(fn, args) -> dict:
     except Exception as exc:  # a backend error: report it and go on
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        msg = str(exc).splitlines()[0][:300] if str(exc) else ""
-        return {"ms": None, "error": f"{type(exc).__name__}: {msg}"}
+        return {"ms": None, **_error(exc)}
+
+
+def _error(exc: Exception) -> dict:
+    """The error's first line and where it was raised (the innermost frames: an error such as "ValueError:
+    vector::reserve", seen on the H200 in the autograd path only, says nothing about its origin otherwise)."""
+    msg = str(exc).splitlines()[0][:300] if str(exc) else ""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    return {"error": f"{type(exc).__name__}: {msg}",
+            "where": [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames]}
 
 
 def _show(label: str, r: dict, extra: str = "") -> None:
     if r.get("ms") is None:
-        print(f"  {label:<44} failed: {r.get('error')}", flush=True)
+        where = f" (at {' <- '.join(reversed(r['where']))})" if r.get("where") else ""
+        print(f"  {label:<44} failed: {r.get('error')}{where}", flush=True)
     else:
         print(f"  {label:<44} {r['ms']:9.3f} ms {extra}", flush=True)
 
@@ -199,7 +209,7 @@ def bench_shape(B: int, T: int, args) -> dict:
                 err[f"{name}_rel_rms"] = ((a - b).norm() / b.norm()).item()
                 err[f"{name}_finite"] = bool(torch.isfinite(a).all())
     except Exception as exc:
-        err = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+        err = _error(exc)
     row["fused_vs_fla"] = err
     print(f"  fused vs fla: {json.dumps(err)}", flush=True)
 
@@ -263,7 +273,7 @@ def _fw_bwd_variants(fused_fb, fused_bwd, FL, q, k, v, beta, o_kv, aux, grads, W
             err[f"{name}_rel_rms"] = ((a - b).norm() / b.norm()).item()
             err[f"{name}_finite"] = bool(torch.isfinite(a).all())
     except Exception as exc:
-        err = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+        err = _error(exc)
     out["split_vs_single"] = err
     print(f"  split vs single gradients: {json.dumps(err)}", flush=True)
     return out

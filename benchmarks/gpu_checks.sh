@@ -25,6 +25,11 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$OUT/triton} TRITON_CACHE_AUTOTUNING
 T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 
+keep() {  # keep DIR: the sweep folder's small files as one archive in OUT (Ray's nested state and the compile
+  # cache left out: results, MLflow database, study journal, report, GPU samples; `hqlt report` reads it unpacked)
+  tar czf "$OUT/$(basename "$1").tgz" -C "$1" --exclude=./ray --exclude=./cache . 2>/dev/null
+}
+
 cap() {  # cap STAGE DEFAULT: the stage's time cap
   local var="CAP_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
   echo "${!var:-$2}"
@@ -48,6 +53,7 @@ for stage in $STAGES; do
       timeout -s INT "$(cap $stage 600)" hqlt sweep search_space/presets/probe_340m.yaml --dir "$OUT/sweeps/probe_340m" \
         --fresh --verbose 0 2>&1 | tee "$OUT/probe_sweep.log" | tail -20
       hqlt report "$OUT/sweeps/probe_340m" --no-log | tail -20
+      keep "$OUT/sweeps/probe_340m"
       timeout "$(cap bench_model 400)" hqlt bench model --compile off --out "$OUT/bench_model_eager.json" | tail -6 ;;
     engine_sweep)
       for engine in eager graph; do
@@ -55,6 +61,7 @@ for stage in $STAGES; do
           --dir "$OUT/sweeps/expr_$engine" --fresh --verbose 0 sweep.name="expr_engine_$engine" sweep.seeds=1 \
           base.train.engine=$engine base.train.steps=300 base.train.warmup_steps=30 base.train.eval_every=300 \
           base.task.eval_size=2048 2>&1 | tee "$OUT/engine_sweep_$engine.log" | tail -8
+        keep "$OUT/sweeps/expr_$engine"
       done ;;
     compile_bench)
       timeout "$(cap $stage 600)" hqlt bench model --compile on --out "$OUT/bench_model_compiled.json" | tail -6 ;;

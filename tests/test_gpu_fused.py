@@ -411,7 +411,8 @@ def test_interpreter_fw_bwd_split_float16(featurize, monkeypatch):
 def test_fw_bwd_switch_is_read_per_launch(monkeypatch):
     from hqlt.kernels.fused import settings as S
     monkeypatch.delenv("HQLT_FUSED_FW_BWD", raising=False)
-    assert S.fw_bwd_variant() == "single" and S.default_config(8, 8, 128, 128, 132)["fw_bwd"] == "single"
+    assert S.fw_bwd_variant() == "split" and S.default_config(8, 8, 128, 128, 132)["fw_bwd"] == "split"
+    monkeypatch.setenv("HQLT_FUSED_FW_BWD", "single")
     assert S.backward_kernels() == S.BACKWARD_KERNELS
     monkeypatch.setenv("HQLT_FUSED_FW_BWD", "split")
     cfg = S.default_config(8, 8, 128, 128, 132)

@@ -57,15 +57,16 @@ FW_BWD_VARIANTS = ("single", "split")
 
 
 def fw_bwd_variant() -> str:
-    """``HQLT_FUSED_FW_BWD`` (default "single"): which FW-backward kernels ``launch.fused_backward`` runs.
+    """``HQLT_FUSED_FW_BWD`` (default "split"): which FW-backward kernels ``launch.fused_backward`` runs.
     "single": ``fw_bwd_kernel``, one program per chunk for dq, dk, dv, dbeta (spills 1.9 KB per thread at
     d = 128 on sm_90), after the reverse scan that computes the chunk-local term itself. "split"
     (FUSED_NOTES.md "Round 3"): ``fw_bwd_dq_kernel`` (dq, the features, and the reverse scan's chunk-local
     term, chunk-parallel, before the scan), the scan without that term (``LOCAL_IN``), then
     ``fw_bwd_wy_kernel`` (dv, dbeta, the WY part of dk) and ``fw_bwd_dk_kernel`` (dk). Same gradients; the
     benchmark (``python -m hqlt.benchmarks.fused``) times both; a launch config's ``"fw_bwd"`` entry
-    overrides the switch."""
-    value = os.environ.get("HQLT_FUSED_FW_BWD", "single").strip().lower() or "single"
+    overrides the switch. "split" is the default since its H200 A/B (FUSED_NOTES.md "Round 3 A/B"): backward
+    1.74 vs 2.54 ms at B 8, T 2048 and 4.33 vs 7.16 ms at B 1, T 32768 (8 heads x 128), same gradients."""
+    value = os.environ.get("HQLT_FUSED_FW_BWD", "split").strip().lower() or "split"
     if value not in FW_BWD_VARIANTS:
         raise ValueError(f"HQLT_FUSED_FW_BWD must be one of {FW_BWD_VARIANTS}; got {value!r}")
     return value
