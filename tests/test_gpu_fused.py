@@ -408,6 +408,32 @@ def test_interpreter_fw_bwd_split_float16(featurize, monkeypatch):
     assert max(errs.values()) <= 5e-3, errs
 
 
+@interp
+@pytest.mark.parametrize("dims", [(32, 32), (24, 40)], ids=["dk32", "dk24-dv40"])
+def test_interpreter_scan_reads_kf_transposed_alike(dims, monkeypatch):
+    # scan_kernel's KT_LOAD path (Kf^T read from memory, used where the transposed register tile faulted on
+    # sm_90) gives bit-identical states and outputs to the default path, at any Dk (here forced on and off)
+    from hqlt.kernels.fused import launch as FL
+    dk, dv = dims
+    low, _ = make_inputs(1, 150, 2, dk, dv, torch.float32, "cpu", seed=dk)
+    kw = dict(window=7, kv_scale=dk ** -0.5, fw_scale=dk ** -0.5, q_fw=feat64(low["q"]).float(),
+              k_fw=feat64(low["k"]).float(), return_aux=True)
+    outs = {}
+    for forced in (False, True):
+        monkeypatch.setattr(FL, "kt_load", lambda featurize, dk_, forced=forced: forced)
+        o_kv, o_fw, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], **kw)
+        outs[forced] = (o_kv, o_fw, aux["states"], aux["v_new"])
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.equal(a, b)
+
+
+def test_scan_reads_kf_transposed_only_where_needed():
+    pytest.importorskip("triton")
+    from hqlt.kernels.fused.launch import kt_load
+    assert kt_load(False, 24) and kt_load(False, 40) and kt_load(False, 8)
+    assert not kt_load(False, 16) and not kt_load(False, 128) and not kt_load(True, 24)
+
+
 def test_fw_bwd_switch_is_read_per_launch(monkeypatch):
     from hqlt.kernels.fused import settings as S
     monkeypatch.delenv("HQLT_FUSED_FW_BWD", raising=False)

@@ -41,6 +41,12 @@ def check_shared_memory(cfg: dict, elem_bytes: int, dk: int, dv: int, featurize:
                          f"or the backend 'fused', which routes such calls to its fallback")
 
 
+def kt_load(featurize: bool, dk: int) -> bool:
+    """Whether ``scan_kernel`` reads Kf^T from memory transposed (its ``KT_LOAD``): features given and Dk not a
+    multiple of 16, the one specialisation whose transposed operand faulted on sm_90."""
+    return not featurize and dk % 16 != 0
+
+
 def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *, window: int,
                   kv_scale: float, fw_scale: float, q_fw: torch.Tensor | None = None,
                   k_fw: torch.Tensor | None = None, poison: bool = False, config: dict | None = None,
@@ -111,7 +117,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
             return result()
         scan_kernel[(triton.cdiv(dv, cfg["scan_bv"]), B * H)](
             k, k_fw, w, u, v_new, states, T, H, NC, dk, dv, BK=cfg["BK"], BV=cfg["scan_bv"],
-            num_warps=cfg["scan_warps"], num_stages=cfg["num_stages"], **common)
+            num_warps=cfg["scan_warps"], num_stages=cfg["num_stages"], KT_LOAD=kt_load(featurize, dk), **common)
         if stages < 3:
             return result()
         out_kernel[(NC, B * H, triton.cdiv(dv, cfg["out_bv"]))](
