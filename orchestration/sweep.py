@@ -11,7 +11,8 @@ Sweep folder layout (everything a resume needs):
     gpu_util.csv    GPU utilization sampled by the driver (gpu_monitor), one segment per run
     cache/          Triton / Inductor compile caches shared by all trials (not needed to resume)
 Parent-run metrics (step k: the k-th run of the sweep): sweep/wall_s (all runs), sweep/run_wall_s, sweep/n_<status>,
-sweep/trial_overhead_s, sweep/trial_setup_s, sweep/gpu_busy_frac[_gpu<i>], sweep/gpu_hours, sweep/trials_per_gpu_hour.
+sweep/trial_overhead_s, sweep/trial_setup_s, sweep/trial_{build,probe,train,trial}_s (means over completed trials,
+TRIAL_PHASES), sweep/gpu_busy_frac[_gpu<i>], sweep/gpu_hours, sweep/trials_per_gpu_hour.
 Re-running the same command on the same folder resumes, from a kill at any point; a changed spec is refused
 unless --fresh; a larger sweep.num_samples extends the sweep; a finished sweep is only summarised again.
 A sweep is its sweep id (sweep.json, and the `hqlt.sweep_id` tag of its parent run): two sweeps of one name
@@ -528,6 +529,7 @@ def finish(spec, folder: SweepFolder, cl, parent_id: str, clock: RunClock, repor
     tracking.log_metrics(cl, parent_id, {
         "sweep/wall_s": total_wall, "sweep/run_wall_s": clock.wall_s, "sweep/n_trials": summary["n"],
         "sweep/trial_overhead_s": summary["overhead_s"], "sweep/trial_setup_s": summary["setup_s"], **counts,
+        **{f"sweep/trial_{name}_s": value for name, value in summary.get("phases_s", {}).items()},
         **gpu_metrics(summary)}, step=clock.index)
     if summary["gpu"]:
         cl.log_artifact(parent_id, str(directory / GPU_UTIL_CSV))
@@ -622,6 +624,13 @@ def _reset_partial(cl, parent_id: str, directory: Path) -> None:
         cl.delete_run(run.info.run_id)
 
 
+# Where a completed trial's time goes, from the time/* metrics of its final record: one seed's build, probe and
+# training loop (the recorded seed's, or the mean over seeds), and the whole trial function over all its seeds.
+TRIAL_PHASES = {"build": "time/setup_s", "probe": "time/probe_s", "train": "time/train_s", "trial": "time/trainable_s"}
+PHASE_LABELS = {"build": "task and model build", "probe": "throughput probe (compiles and waiting for the card)",
+                "train": "training loop (with its evaluations)"}
+
+
 def summarize(cl, experiment: str, objectives: list, parent_id: Optional[str] = None) -> dict:
     """Counts by status, the best trials and start-up means of the trials of the sweep under `parent_id`
     (without: every trial run of the experiment — a folder from before sweep ids)."""
@@ -633,11 +642,17 @@ def summarize(cl, experiment: str, objectives: list, parent_id: Optional[str] = 
                               max_results=50000) if exp else []
     counts: dict = {}
     rows, overheads, setups = [], [], []
+    phases: dict = {name: [] for name in TRIAL_PHASES}
     for run in runs:
-        if "trial/overhead_s" in run.data.metrics:
-            overheads.append(run.data.metrics["trial/overhead_s"])
-        if "time/setup_s" in run.data.metrics:
-            setups.append(run.data.metrics["time/setup_s"] + run.data.metrics.get("time/probe_s", 0.0))
+        m = run.data.metrics
+        if "trial/overhead_s" in m:
+            overheads.append(m["trial/overhead_s"])
+        if "time/setup_s" in m:
+            setups.append(m["time/setup_s"] + m.get("time/probe_s", 0.0))
+        if run.data.tags.get(STATUS_TAG) == COMPLETED:
+            for name, metric in TRIAL_PHASES.items():
+                if metric in m:
+                    phases[name].append(m[metric])
         status = run.data.tags.get(STATUS_TAG, RUNNING)
         counts[status] = counts.get(status, 0) + 1
         if status == COMPLETED:
@@ -650,7 +665,7 @@ def summarize(cl, experiment: str, objectives: list, parent_id: Optional[str] = 
     best = [r for t in tasks for r in [r for r in rows if r["task"] == t][:5 if len(tasks) == 1 else 3]]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"counts": counts, "n": len(runs), "best": best, "overhead_s": mean(overheads),
-            "setup_s": mean(setups)}
+            "setup_s": mean(setups), "phases_s": {name: mean(v) for name, v in phases.items() if v}}
 
 
 def gpu_metrics(summary: dict) -> dict:
@@ -689,6 +704,11 @@ def print_summary(summary: dict, objectives: list, directory: Path, tracking_uri
         print(f"per-trial start-up: {summary['overhead_s']:.2f} s outside the trial function (Ray scheduling, "
               f"process start/reuse) + {summary['setup_s'] or 0:.2f} s inside (build model, throughput probe "
               f"incl. compilation), means over trials")
+    phases = summary.get("phases_s") or {}
+    if phases:
+        parts = [f"{PHASE_LABELS[name]} {phases[name]:.2f} s" for name in ("build", "probe", "train") if name in phases]
+        whole = f"; the whole trial function {phases['trial']:.2f} s (all its seeds)" if "trial" in phases else ""
+        print("per completed trial, means: " + ", ".join(parts) + " (one seed's)" * bool(parts) + whole)
     if summary["best"]:
         print("best trials by " + objectives[0][0] + ":")
         print_best_trials(summary["best"], objectives)

@@ -193,6 +193,9 @@ def test_sigkill_then_rerun_resumes_without_loss_or_duplicates(tmp_path):
     pm = parent.data.metrics
     assert pm["sweep/n_completed"] == 6 and pm["sweep/n_running"] == 0 and pm["sweep/n_failed"] == 0
     assert pm["sweep/wall_s"] >= pm["sweep/run_wall_s"] > 0
+    # where the trials' time went: means over the completed trials of their own time/* metrics
+    assert pm["sweep/trial_trial_s"] >= pm["sweep/trial_train_s"] > 0 and pm["sweep/trial_build_s"] > 0
+    assert "per completed trial, means: task and model build" in again.stdout
 
     changed = spec.read_text().replace("num_samples: 6", "num_samples: 6\n  seeds: 2")
     spec.write_text(changed)
