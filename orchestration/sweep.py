@@ -644,21 +644,20 @@ def summarize(cl, experiment: str, objectives: list, parent_id: Optional[str] = 
     rows, overheads, setups = [], [], []
     phases: dict = {name: [] for name in TRIAL_PHASES}
     for run in runs:
-        m = run.data.metrics
-        if "trial/overhead_s" in m:
-            overheads.append(m["trial/overhead_s"])
-        if "time/setup_s" in m:
-            setups.append(m["time/setup_s"] + m.get("time/probe_s", 0.0))
-        if run.data.tags.get(STATUS_TAG) == COMPLETED:
-            for name, metric in TRIAL_PHASES.items():
-                if metric in m:
-                    phases[name].append(m[metric])
+        metrics = run.data.metrics
+        if "trial/overhead_s" in metrics:
+            overheads.append(metrics["trial/overhead_s"])
+        if "time/setup_s" in metrics:
+            setups.append(metrics["time/setup_s"] + metrics.get("time/probe_s", 0.0))
         status = run.data.tags.get(STATUS_TAG, RUNNING)
         counts[status] = counts.get(status, 0) + 1
         if status == COMPLETED:
+            for name, metric in TRIAL_PHASES.items():
+                if metric in metrics:
+                    phases[name].append(metrics[metric])
             rows.append({"arch": run.data.tags.get(ARCH_TAG, "?"), "trial_id": run.data.tags.get(TRIAL_ID_TAG),
                          "task": labels.task_label(run.data.params),
-                         **{m: run.data.metrics.get(m) for m, _ in objectives}})
+                         **{m: metrics.get(m) for m, _ in objectives}})
     metric, mode = objectives[0]
     rows.sort(key=lambda r: (r[metric] is None, -(r[metric] or 0) if mode == "max" else (r[metric] or 0)))
     tasks = sorted({r["task"] for r in rows})  # the best of each task (accuracies of two tasks do not compare)
