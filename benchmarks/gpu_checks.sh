@@ -10,6 +10,8 @@
 #   fused_bench      fused (single vs split FW backward) vs the fla composition vs SDPA, 8x2048 and 1x32768
 #   probe_sweep      probe_340m preset (cost probe at 340M, measured alone) + `hqlt bench model --compile off`
 #   engine_sweep     paper_expressivity at 300 steps, 1 seed, eager vs graph: trials per GPU-hour, GPU busy
+#   mps_sweep        the same graph sweep with an MPS control daemon running for it (own pipe folder, stopped
+#                    after): the 4 trials sharing the card run their kernels side by side instead of in turns
 #   compile_bench    `hqlt bench model --compile on` (custom ops: no graph breaks in the HQLT blocks)
 #
 # One Triton cache for all stages (OUT_DIR/triton): fla autotunes every new kernel shape for minutes on a fresh
@@ -20,7 +22,7 @@ OUT=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR [STAGE ...]}
 shift
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-STAGES=${*:-fused_sanitizer gpu_tests fused_bench probe_sweep engine_sweep compile_bench}
+STAGES=${*:-fused_sanitizer gpu_tests fused_bench probe_sweep engine_sweep mps_sweep compile_bench}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$OUT/triton} TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1
 T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
@@ -28,6 +30,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 keep() {  # keep DIR: the sweep folder's small files as one archive in OUT (Ray's nested state and the compile
   # cache left out: results, MLflow database, study journal, report, GPU samples; `hqlt report` reads it unpacked)
   tar czf "$OUT/$(basename "$1").tgz" -C "$1" --exclude=./ray --exclude=./cache . 2>/dev/null
+}
+
+expr_sweep() {  # expr_sweep ENGINE CAP NAME: paper_expressivity, 300 steps, 1 seed, with train.engine ENGINE
+  timeout -s INT "$2" hqlt sweep search_space/presets/paper_expressivity.yaml \
+    --dir "$OUT/sweeps/expr_$3" --fresh --verbose 0 sweep.name="expr_engine_$3" sweep.seeds=1 \
+    base.train.engine=$1 base.train.steps=300 base.train.warmup_steps=30 base.train.eval_every=300 \
+    base.task.eval_size=2048 2>&1 | tee "$OUT/engine_sweep_$3.log" | tail -12
+  keep "$OUT/sweeps/expr_$3"
 }
 
 cap() {  # cap STAGE DEFAULT: the stage's time cap
@@ -56,16 +66,18 @@ for stage in $STAGES; do
       keep "$OUT/sweeps/probe_340m"
       timeout "$(cap bench_model 400)" hqlt bench model --compile off --out "$OUT/bench_model_eager.json" | tail -6 ;;
     engine_sweep)
-      for engine in eager graph; do
-        timeout -s INT "$(cap $stage 400)" hqlt sweep search_space/presets/paper_expressivity.yaml \
-          --dir "$OUT/sweeps/expr_$engine" --fresh --verbose 0 sweep.name="expr_engine_$engine" sweep.seeds=1 \
-          base.train.engine=$engine base.train.steps=300 base.train.warmup_steps=30 base.train.eval_every=300 \
-          base.task.eval_size=2048 2>&1 | tee "$OUT/engine_sweep_$engine.log" | tail -8
-        keep "$OUT/sweeps/expr_$engine"
-      done ;;
+      for engine in ${ENGINES:-eager graph}; do expr_sweep $engine "$(cap $stage 400)" "$engine"; done ;;
+    mps_sweep)
+      if ! command -v nvidia-cuda-mps-control >/dev/null; then echo "no nvidia-cuda-mps-control here"; continue; fi
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/hqlt-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/hqlt-mps/log
+      mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+      nvidia-cuda-mps-control -d && echo "MPS control daemon started"
+      expr_sweep graph "$(cap $stage 300)" graph_mps
+      echo quit | nvidia-cuda-mps-control
+      unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
     compile_bench)
       timeout "$(cap $stage 600)" hqlt bench model --compile on --out "$OUT/bench_model_compiled.json" | tail -6 ;;
-    *) echo "unknown stage $stage; stages: fused_sanitizer gpu_tests fused_bench probe_sweep engine_sweep compile_bench"
+    *) echo "unknown stage $stage; stages: fused_sanitizer gpu_tests fused_bench probe_sweep engine_sweep mps_sweep compile_bench"
        exit 2 ;;
   esac
 done

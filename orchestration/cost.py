@@ -45,7 +45,7 @@ from hqlt.blocks import HybridLM, estimate
 from hqlt.blocks.sizes import resized, size_label
 from hqlt.search_space.vocabulary import (PROBE_BATCH_SIZE, PROBE_CACHED, PROBE_CONTENDED, PROBE_D_MODEL,
                                           PROBE_DEVICE, PROBE_FLOPS_PER_TOKEN, PROBE_N_HEADS, PROBE_N_LAYERS,
-                                          PROBE_PARAMS, PROBE_SEQ_LEN, PROBE_SIZE, PROBE_VOCAB_SIZE)
+                                          PROBE_PARAMS, PROBE_SEQ_LEN, PROBE_SIZE, PROBE_VOCAB_SIZE, TIME_PROBE_WAIT)
 
 from . import probe as probe_mod
 
@@ -153,14 +153,18 @@ class CardLock:
         self.card_path = Path(folder) / f"gpu-{card}.lock"
 
     @contextmanager
-    def probing(self, exclusive: bool, timeout: float):
-        """Hold the card for a probe. Yields True when it has the card to itself (no trial training on it)."""
+    def probing(self, exclusive: bool, timeout: float, waits: Optional[list] = None):
+        """Hold the card for a probe. Yields True when it has the card to itself (no trial training on it).
+        `waits`: the seconds spent waiting for the locks are appended to it."""
         turn = _open_lock(self.turnstile_path)
         card = _open_lock(self.card_path) if exclusive else None
         try:
+            t0 = time.perf_counter()
             alone = _flock(turn, fcntl.LOCK_EX, timeout)
             if card is not None and alone:
                 alone = _flock(card, fcntl.LOCK_EX, timeout)
+            if waits is not None:
+                waits.append(time.perf_counter() - t0)
             yield alone and exclusive
         finally:
             for fd in (card, turn):
@@ -179,11 +183,14 @@ class TrainerGate:
         self.lock, self.device = lock, device
         self.turn = self.card = None
         self.pauses = 0
+        self.waited_s = 0.0  # time spent waiting for probes (opening included): the trial's TIME_GATE_WAIT
 
     def _enter(self) -> None:
+        t0 = time.perf_counter()
         _flock(self.turn, fcntl.LOCK_SH)  # waits while a probe waits for or holds the card
         fcntl.flock(self.turn, fcntl.LOCK_UN)
         _flock(self.card, fcntl.LOCK_SH)
+        self.waited_s += time.perf_counter() - t0
 
     def open(self) -> "TrainerGate":
         self.turn, self.card = _open_lock(self.lock.turnstile_path), _open_lock(self.lock.card_path)
@@ -265,26 +272,32 @@ def run_probe(cfg, model, task_seq_len: int, device: torch.device, folder: Optio
     folder = Path(folder)
     identity, key = plan.identity(cfg.train), plan.key(cfg.train)
     use_cache = cfg.probe.cache
+    waits: list = []  # this trial's waits for locks (not cached: a later reader waits its own time)
 
     def measure() -> dict:
         if device.type != "cuda":
             return {**_measure(plan, cfg, model, device, flops), PROBE_CONTENDED: 1.0}
         lock = CardLock(folder, card_id(device))
-        with lock.probing(cfg.probe.exclusive, cfg.probe.lock_timeout_s) as alone:
+        with lock.probing(cfg.probe.exclusive, cfg.probe.lock_timeout_s, waits) as alone:
             return {**_measure(plan, cfg, model, device, flops), PROBE_CONTENDED: 0.0 if alone else 1.0}
 
+    def timed(metrics: dict) -> dict:
+        return {**metrics, TIME_PROBE_WAIT: sum(waits)}
+
     if not use_cache:
-        return {**out, **measure(), PROBE_CACHED: 0.0}
+        return timed({**out, **measure(), PROBE_CACHED: 0.0})
     fd = _open_lock(folder / f"{key}.lock")
     try:
+        t0 = time.perf_counter()
         _flock(fd, fcntl.LOCK_EX)  # one measurement per architecture: a second trial waits, then reads it
+        waits.append(time.perf_counter() - t0)
         hit = read_cached(folder, key, identity)
         if hit is not None:
-            return {**out, **hit, PROBE_CACHED: 1.0}
+            return timed({**out, **hit, PROBE_CACHED: 1.0})
         measured = measure()
         _write_atomic(folder / f"{key}.json", {"identity": identity, "metrics": measured, "host": socket.gethostname(),
                                                "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
-        return {**out, **measured, PROBE_CACHED: 0.0}
+        return timed({**out, **measured, PROBE_CACHED: 0.0})
     finally:
         os.close(fd)
 

@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from hqlt.blocks.validation import ConfigError
+from hqlt.search_space.vocabulary import TIME_GRAPH_CAPTURE
 
 from .tasks.base import IGNORE, Batch, concat_batches
 
@@ -236,7 +237,7 @@ class StaticStep:
     def metrics(self) -> dict:
         out = {"trial/engine": self.name, "train/cuda_graph": float(self.graph is not None)}
         if self.capture_s is not None:
-            out["time/graph_capture_s"] = self.capture_s
+            out[TIME_GRAPH_CAPTURE] = self.capture_s
         if self.note:
             out["trial/engine_note"] = self.note
         return out

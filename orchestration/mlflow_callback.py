@@ -16,7 +16,8 @@ from hqlt.search_space.vocabulary import (ARCH_TAG, BASELINE_TAG, COMPLETED, CON
                                           OBJECTIVES_TAG, PARENT_TAG, PRUNED, REASON_TAG, ROLE_SWEEP, ROLE_TAG,
                                           RESULT_TAGS, ROLE_TRIAL, RUNNING, SEED_TAG, SPEC_HASH_TAG,
                                           STATUS_TAG, REPLAYED_KEY, SWEEP_ID_TAG,
-                                          SWEEP_NAME_TAG, TRIAL_ID_TAG, CONSTANT_METRIC_PREFIXES)
+                                          SWEEP_NAME_TAG, TIME_TRAINABLE, TRIAL_ID_TAG,
+                                          CONSTANT_METRIC_PREFIXES)
 
 from . import tracking
 from .faults import fault_point
@@ -143,11 +144,11 @@ class MlflowSweepCallback(Callback):
         # Start-up overhead as the driver sees it: scheduling, process start / reuse, result delivery. Not for a
         # result replayed from results/ by a restarted trial (its time is the replay's), and never twice at a step
         # (a trial that ended just before a kill ends again on resume).
-        if (trial.trial_id in self._started and last.get("time/trainable_s") is not None
+        if (trial.trial_id in self._started and last.get(TIME_TRAINABLE) is not None
                 and not last.get(REPLAYED_KEY) and not tracking.metric_logged(self.cl, rid, "trial/wall_s", step)):
             wall = time.time() - self._started[trial.trial_id]
             tracking.log_metrics(self.cl, rid, {"trial/wall_s": wall,
-                                                "trial/overhead_s": max(0.0, wall - last["time/trainable_s"])},
+                                                "trial/overhead_s": max(0.0, wall - last[TIME_TRAINABLE])},
                                  step=step)
         self.cl.set_terminated(rid, TERMINAL.get(status, "FAILED"), end_time=int(time.time() * 1000))
 

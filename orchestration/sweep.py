@@ -33,7 +33,8 @@ from hqlt.blocks.validation import ConfigError
 from hqlt.search_space.vocabulary import (ARCH_TAG, ARTIFACTS_DIR, CACHE_DIR, COMPLETED, FAILED, GPU_UTIL_CSV,
                                           OPTUNA_LOG, OPTUNA_ORPHANED_ATTR, OPTUNA_REASON_ATTR, OPTUNA_STATUS_ATTR,
                                           PRUNED, RAY_DIR, RESULTS_DIR, ROLE_TRIAL, RUNNING, SPEC_YAML, STATUS_TAG, SWEEP_JSON,
-                                          TRIAL_ID_TAG, TRIAL_STATUSES, sqlite_uri)
+                                          TIME_GATE_WAIT, TIME_PROBE, TIME_PROBE_WAIT, TIME_SETUP, TIME_TRAIN,
+                                          TIME_TRAINABLE, TRIAL_ID_TAG, TRIAL_STATUSES, sqlite_uri)
 
 from hqlt.search_space import labels
 
@@ -626,9 +627,10 @@ def _reset_partial(cl, parent_id: str, directory: Path) -> None:
 
 # Where a completed trial's time goes, from the time/* metrics of its final record: one seed's build, probe and
 # training loop (the recorded seed's, or the mean over seeds), and the whole trial function over all its seeds.
-TRIAL_PHASES = {"build": "time/setup_s", "probe": "time/probe_s", "train": "time/train_s", "trial": "time/trainable_s"}
-PHASE_LABELS = {"build": "task and model build", "probe": "throughput probe (compiles and waiting for the card)",
-                "train": "training loop (with its evaluations)"}
+TRIAL_PHASES = {"build": TIME_SETUP, "probe": TIME_PROBE, "probe_wait": TIME_PROBE_WAIT, "train": TIME_TRAIN,
+                "gate_wait": TIME_GATE_WAIT, "trial": TIME_TRAINABLE}
+PHASE_LABELS = {"build": "task and model build", "probe": "throughput probe", "probe_wait": "waiting for the card",
+                "train": "training loop (with its evaluations)", "gate_wait": "paused for other trials' probes"}
 
 
 def summarize(cl, experiment: str, objectives: list, parent_id: Optional[str] = None) -> dict:
@@ -647,8 +649,8 @@ def summarize(cl, experiment: str, objectives: list, parent_id: Optional[str] = 
         metrics = run.data.metrics
         if "trial/overhead_s" in metrics:
             overheads.append(metrics["trial/overhead_s"])
-        if "time/setup_s" in metrics:
-            setups.append(metrics["time/setup_s"] + metrics.get("time/probe_s", 0.0))
+        if TIME_SETUP in metrics:
+            setups.append(metrics[TIME_SETUP] + metrics.get(TIME_PROBE, 0.0))
         status = run.data.tags.get(STATUS_TAG, RUNNING)
         counts[status] = counts.get(status, 0) + 1
         if status == COMPLETED:
@@ -705,7 +707,12 @@ def print_summary(summary: dict, objectives: list, directory: Path, tracking_uri
               f"incl. compilation), means over trials")
     phases = summary.get("phases_s") or {}
     if phases:
-        parts = [f"{PHASE_LABELS[name]} {phases[name]:.2f} s" for name in ("build", "probe", "train") if name in phases]
+        def part(name: str, within: str) -> str:  # "probe 3.10 s (of which waiting for the card 2.50 s)"
+            inner = f" (of which {PHASE_LABELS[within]} {phases[within]:.2f} s)" if within in phases else ""
+            return f"{PHASE_LABELS[name]} {phases[name]:.2f} s{inner}"
+
+        parts = [part(name, within) for name, within in (("build", ""), ("probe", "probe_wait"), ("train", "gate_wait"))
+                 if name in phases]
         whole = f"; the whole trial function {phases['trial']:.2f} s (all its seeds)" if "trial" in phases else ""
         print("per completed trial, means: " + ", ".join(parts) + " (one seed's)" * bool(parts) + whole)
     if summary["best"]:

@@ -16,8 +16,8 @@ from typing import Optional
 
 from hqlt.search_space import INFEASIBLE_KEY
 from hqlt.search_space.vocabulary import (BOOKKEEPING_PREFIX, COMPLETED, INFEASIBLE, PREDICTED_FLOPS, PROBES_DIR,
-                                          REPLAYED_KEY, RUNNING, SEED_OF_PREFIX, SEED_STATS, SELECTED_SEED, TRIAL_NODE,
-                                          seed_metric, seed_stat_metric)
+                                          REPLAYED_KEY, RUNNING, SEED_OF_PREFIX, SEED_STATS, SELECTED_SEED, TIME_TRAINABLE,
+                                          TRIAL_NODE, seed_metric, seed_stat_metric)
 
 DONE_KEY = "trial/done"
 # Pure-KV full attention and pure DeltaNet arms are drawn as baselines in the Pareto plots.
@@ -259,7 +259,7 @@ def tune_trainable(config: dict, spec=None, objectives: list = None, seeds: int 
 
         torch.set_num_threads(int(threads))
     def report(metrics: dict) -> None:
-        metrics["time/trainable_s"] = time.time() - t_enter  # the driver subtracts it from the trial's wall time
+        metrics[TIME_TRAINABLE] = time.time() - t_enter  # the driver subtracts it from the trial's wall time
         metrics[TRIAL_NODE] = node
         if record is not None and metrics.get(DONE_KEY):  # recorded before Ray (and Optuna) hear of it
             write_json_atomic(record, metrics)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hqlt.search_space.vocabulary import NAN, as_test_metric
+from hqlt.search_space.vocabulary import NAN, TIME_TRAIN, as_test_metric
 
 from .engine import EagerStep, StaticStep, resolve_engine
 from .prefetch import BatchStream
@@ -189,7 +189,7 @@ def train(model, task: Task, cfg: TrainConfig, *, device, data_seed: int, order_
                 last_eval = evaluate(model, task, cfg.eval_batch_size, device, cfg.precision)
                 metrics = {**constant_metrics, **engine.metrics(), **last_eval,
                            "train/loss": float(np.mean(losses[-cfg.log_every:])), "train/grad_norm": grad_norm,
-                           "train/lr": lr_at(step, cfg), "step": step + 1, "time/train_s": time.perf_counter() - start}
+                           "train/lr": lr_at(step, cfg), "step": step + 1, TIME_TRAIN: time.perf_counter() - start}
                 stop = target is not None and metrics.get(metric, -math.inf) >= target
                 metrics["trial/stopped_early"] = float(stop and not done)
                 if report is not None:

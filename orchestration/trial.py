@@ -16,7 +16,7 @@ import torch
 
 from hqlt.blocks import HybridLM, estimate
 from hqlt.search_space.vocabulary import (COMPLETED, FAILED, OOM, PHASE_PROBE, PHASE_TEST, PHASE_TRAIN,
-                                          RUNNING)
+                                          RUNNING, TIME_GATE_WAIT, TIME_PROBE, TIME_SETUP)
 
 from . import trainer
 from .cost import run_probe, trainer_gate
@@ -97,12 +97,12 @@ def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None
         torch.manual_seed(seeds["model"])
         np.random.seed(seeds["data"])
         model = HybridLM(cfg.model).to(device)
-        constant["time/setup_s"] = time.perf_counter() - t_start  # config, task, model: before any step
+        constant[TIME_SETUP] = time.perf_counter() - t_start  # config, task, model: before any step
         if cfg.probe.enabled:
             _phase(phase, PHASE_PROBE)
             t0 = time.perf_counter()
             constant.update(run_probe(cfg, model, task.seq_len, device, probe_dir))
-            constant["time/probe_s"] = time.perf_counter() - t0
+            constant[TIME_PROBE] = time.perf_counter() - t0
         gate = trainer_gate(cfg, device, probe_dir)
         checkpoints = Checkpoints(model, cfg.train, task, report)
         _phase(phase, PHASE_TRAIN)
@@ -126,6 +126,7 @@ def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None
         metrics = {**constant, **metrics}
     finally:
         if gate is not None:
+            metrics = {**metrics, TIME_GATE_WAIT: gate.waited_s}
             gate.close()
         del model
         if device.type == "cuda":

@@ -100,6 +100,16 @@ PROBE_DEVICE = "probe/device"        # text: the card's name ("NVIDIA H200") or 
 PROBE_NUMERIC = (PROBE_SEQ_LEN, PROBE_BATCH_SIZE, PROBE_D_MODEL, PROBE_N_LAYERS, PROBE_N_HEADS, PROBE_VOCAB_SIZE,
                  PROBE_PARAMS, PROBE_FLOPS_PER_TOKEN, PROBE_CACHED, PROBE_CONTENDED)
 
+# Where a trial's wall time goes (seconds, each seed's record; the sweep summary averages them, sweep.py).
+TIME_SETUP = "time/setup_s"              # config, task, model: before any step
+TIME_PROBE = "time/probe_s"              # the throughput probe, its waits for the card included
+TIME_PROBE_WAIT = "time/probe_wait_s"    # ... of which waiting: for another trial's probe of the architecture, or
+                                         # for the card (other probes, trainers reaching a step boundary)
+TIME_TRAIN = "time/train_s"              # the training loop (evaluations and graph capture included)
+TIME_GATE_WAIT = "time/gate_wait_s"      # ... of which paused while other trials' probes held the card
+TIME_GRAPH_CAPTURE = "time/graph_capture_s"  # the CUDA-graph engine's capture
+TIME_TRAINABLE = "time/trainable_s"      # the whole trial function in the Ray worker (all its seeds)
+
 # A trial's analytic training cost: model FLOPs per token at the training length x batch size x training length x
 # train.steps x seeds (orchestration/startup.py `predicted_flops`); what `sweep.order: longest_first` ranks a grid by.
 PREDICTED_FLOPS = "trial/predicted_flops"

@@ -242,12 +242,15 @@ def test_a_probe_waits_for_training_trials_to_reach_a_step_boundary(tmp_path):
     assert gate.pauses == 0
     seen = {}
 
+    waits = []
+
     def probe():
-        with lock.probing(exclusive=True, timeout=30) as alone:
+        with lock.probing(exclusive=True, timeout=30, waits=waits) as alone:
             seen["alone"], seen["at"] = alone, time.monotonic()
             time.sleep(0.2)
         seen["done"] = time.monotonic()
 
+    waited_before = gate.waited_s
     t = threading.Thread(target=probe)
     t.start()
     time.sleep(0.3)
@@ -256,6 +259,9 @@ def test_a_probe_waits_for_training_trials_to_reach_a_step_boundary(tmp_path):
     t.join(10)
     assert seen["alone"] is True and gate.pauses == 1
     assert time.monotonic() >= seen["done"]  # the trainer went on only after the probe let go
+    # both sides count their waits: the probe waited >= 0.3 s for the boundary, the trainer ~0.2 s for the probe
+    assert len(waits) == 1 and waits[0] >= 0.25
+    assert 0.1 <= gate.waited_s - waited_before < 5
     # without the boundary the probe gives up waiting and says so
     with lock.probing(exclusive=True, timeout=0.2) as alone:
         assert alone is False

@@ -195,6 +195,8 @@ def test_sigkill_then_rerun_resumes_without_loss_or_duplicates(tmp_path):
     assert pm["sweep/wall_s"] >= pm["sweep/run_wall_s"] > 0
     # where the trials' time went: means over the completed trials of their own time/* metrics
     assert pm["sweep/trial_trial_s"] >= pm["sweep/trial_train_s"] > 0 and pm["sweep/trial_build_s"] > 0
+    if "sweep/trial_probe_s" in pm:  # the probe's waits are part of its time
+        assert pm["sweep/trial_probe_s"] >= pm["sweep/trial_probe_wait_s"] >= 0
     assert "per completed trial, means: task and model build" in again.stdout
 
     changed = spec.read_text().replace("num_samples: 6", "num_samples: 6\n  seeds: 2")
