@@ -27,9 +27,10 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$OUT/triton} TRITON_CACHE_AUTOTUNING
 T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 
-keep() {  # keep DIR: the sweep folder's small files as one archive in OUT (Ray's nested state and the compile
-  # cache left out: results, MLflow database, study journal, report, GPU samples; `hqlt report` reads it unpacked)
-  tar czf "$OUT/$(basename "$1").tgz" -C "$1" --exclude=./ray --exclude=./cache . 2>/dev/null
+keep() {  # keep DIR: the sweep folder as one archive in OUT, its compile cache left out (results, MLflow database,
+  # study journal, Ray's state, report, GPU samples): unpacked, `hqlt report` reads it and `hqlt sweep` resumes it.
+  # One file, because the device tool returns no folder nested as deep as Ray's trial folders.
+  tar czf "$OUT/$(basename "$1").tgz" -C "$1" --exclude=./cache . 2>/dev/null
 }
 
 expr_sweep() {  # expr_sweep ENGINE CAP NAME: paper_expressivity, 300 steps, 1 seed, with train.engine ENGINE

@@ -24,6 +24,11 @@ clipping, card, torch version — and of nothing else: learning rate, seeds, tra
 data do not enter, so the seeds of a trial, its learning-rate variants and a resumed trial read the value
 measured first (`probe/cached` = 1). A per-key lock makes a second trial of the same architecture wait for
 the first one's measurement rather than measure again.
+
+Before the trials. A GPU sweep whose candidates are its whole space measures every probe in its warm-up task,
+before any trial starts (`startup.measure_probes`): alone on the card with nothing to wait for, so the trials
+only read the cache, and no training trial pauses. The card lock above is for the probes left to the trials
+(sampled spaces, a warm-up past its time budget).
 """
 from __future__ import annotations
 

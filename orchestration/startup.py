@@ -419,21 +419,98 @@ def warm_report(result: dict) -> list[str]:
                  + (f" ({workers} workers; {total:.0f}s of shape time)" if workers > 1 else "")
                  + (f" ({result['skipped']} left to the trials)" if result["skipped"] else "")
                  + (f"; {len(result['errors'])} failed: {result['errors'][0]}" if result["errors"] else ""))
+    probes = result.get("probes")
+    if probes:
+        lines.append(f"throughput probes measured before the trials: {probes['measured']} in {probes['seconds']:.0f}s"
+                     + (f", {probes['cached']} already cached" if probes["cached"] else "")
+                     + (f" ({probes['skipped']} left to the trials)" if probes["skipped"] else "")
+                     + (f"; {len(probes['errors'])} failed: {probes['errors'][0]}" if probes["errors"] else ""))
     return lines
 
 
-def sweep_candidates(spec, limit: int = 2000) -> list[dict]:
+def sweep_candidates(spec, limit: int = 2000, with_complete: bool = False):
     """Plain trial configs of the space's candidates (`hqlt.search_space` enumeration: the whole grid when it
-    has at most `limit` points, else corners and seeded samples); those that do not materialise are left out."""
+    has at most `limit` points, else corners and seeded samples); those that do not materialise are left out.
+    `with_complete`: return (configs, whether they are the whole space)."""
     from hqlt.search_space import materialize
     from hqlt.search_space.candidates import candidates
 
     out = []
-    for sampled in candidates(spec.params, limit, seed=spec.sweep.sampler_seed)[0]:
+    sampled_all, complete = candidates(spec.params, limit, seed=spec.sweep.sampler_seed)
+    for sampled in sampled_all:
         try:
             out.append(materialize(spec, sampled))
         except Exception:  # noqa: BLE001
             continue
+    return (out, complete) if with_complete else out
+
+
+# ---- probes before the trials -----------------------------------------------------------------------
+MAX_WARM_PROBES = 64  # distinct probe keys the warm-up measures at most (more: left to the trials)
+
+
+def probe_plans(configs: Iterable[dict], device) -> list[tuple[str, dict]]:
+    """(probe cache key, plain config) for each distinct probe (`cost.plan_probe`: architecture at the probe's size,
+    length, batch, precision, card) among `configs`, in order; configs without a cached probe are left out."""
+    from .cost import plan_probe
+
+    device, out, seen = torch.device(device), [], set()
+    for plain in configs:
+        try:
+            cfg = trial_config(plain)
+            if not (cfg.probe.enabled and cfg.probe.cache):
+                continue
+            task = make_task(cfg.task["name"], cfg.task_config, "task")
+            if not cfg.model.vocab_size:
+                cfg.model.vocab_size = task.vocab_size
+            key = plan_probe(cfg, task.seq_len, device).key(cfg.train)
+        except Exception:  # noqa: BLE001 — a config that does not build is the trial's to report
+            continue
+        if key not in seen:
+            seen.add(key)
+            out.append((key, plain))
+    return out
+
+
+def measure_probes(plans: list[tuple[str, dict]], device, folder, *, deadline: float) -> dict:
+    """Measure each planned probe (`probe_plans`) into the sweep's probe cache `folder` (probes/), one after
+    another, in this process: the way a trial measures it (`cost.run_probe`: its model, engine step and precision,
+    the card lock), but before any trial trains, so no trial pauses for it and no probe waits for a step boundary.
+    A probe already cached (a resumed sweep) is not measured again; none starts after `deadline`; one that fails is
+    left to its trial. Returns {"measured", "cached", "skipped", "errors", "seconds"}."""
+    from pathlib import Path
+
+    from .cost import plan_probe, read_cached, run_probe
+
+    device, folder = torch.device(device), Path(folder)
+    out = {"measured": 0, "cached": 0, "skipped": 0, "errors": [], "seconds": 0.0}
+    start = time.perf_counter()
+    for key, plain in plans:
+        if time.perf_counter() > deadline:
+            out["skipped"] += 1
+            continue
+        model = None
+        try:
+            cfg = trial_config(plain)
+            task = make_task(cfg.task["name"], cfg.task_config, "task")
+            if not cfg.model.vocab_size:
+                cfg.model.vocab_size = task.vocab_size
+            plan = plan_probe(cfg, task.seq_len, device)
+            if read_cached(folder, key, plan.identity(cfg.train)) is not None:
+                out["cached"] += 1
+                continue
+            if plan.own:  # the trial's own model (its weights do not matter to a timing)
+                torch.manual_seed(cfg.seeds()["model"])
+                model = HybridLM(cfg.model).to(device)
+            run_probe(cfg, model, task.seq_len, device, folder)
+            out["measured"] += 1
+        except Exception as exc:  # noqa: BLE001 — the trial measures it (and records a failure) itself
+            out["errors"].append(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+        finally:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    out["seconds"] = time.perf_counter() - start
     return out
 
 
@@ -442,17 +519,26 @@ def uses_gpus(spec) -> bool:
     return gpu == "auto" or (isinstance(gpu, (int, float)) and gpu > 0)
 
 
-def warm_sweep(spec, *, max_shapes: int = 32, time_budget_s: float = 1200.0) -> dict:
+def warm_sweep(spec, *, max_shapes: int = 32, time_budget_s: float = 1200.0, probe_dir=None,
+               probe_budget_s: float = 600.0) -> dict:
     """`warm_kernel_cache` over the sweep's candidates in a one-GPU Ray task (Ray initialised with the sweep's
     environment; its worker processes inherit it), `$HQLT_WARM_WORKERS` workers; adds "gpu_mem_bytes" (the GPU's
     memory). Prints `warm_report`. {} when the spec uses no GPU or Ray has none, or — said in one line, the
-    sweep goes on and its trials compile their own kernels — when the warm-up task itself fails."""
+    sweep goes on and its trials compile their own kernels — when the warm-up task itself fails.
+
+    Probes. With `probe_dir` (the sweep folder's probes/) the same task then measures the trials' throughput
+    probes (`measure_probes`, within `probe_budget_s`) when the candidates are the whole space and it has at most
+    min(sweep.num_samples, MAX_WARM_PROBES) distinct probes — every one of them a trial will need; the trials then
+    read their value from the cache. Otherwise each probe is measured by the first trial that needs it, which
+    takes the card from the trials training on it (cost.py)."""
     import ray
 
     if not uses_gpus(spec) or ray.cluster_resources().get("GPU", 0) < 1:
         return {}
     workers = warm_workers_setting()
-    configs = sweep_candidates(spec)
+    configs, complete = sweep_candidates(spec, with_complete=True)
+    probe_limit = min(spec.sweep.num_samples, MAX_WARM_PROBES)
+    measure_here = probe_dir is not None and complete
 
     @ray.remote(num_gpus=1, max_calls=1)
     def warm(configs, workers):
@@ -461,6 +547,10 @@ def warm_sweep(spec, *, max_shapes: int = 32, time_budget_s: float = 1200.0) -> 
                                    workers=workers)
         result["gpu_mem_bytes"] = torch.cuda.get_device_properties(device).total_memory
         result["gpu_name"] = torch.cuda.get_device_name(device)
+        plans = probe_plans(configs, device) if measure_here else []
+        if plans and len(plans) <= probe_limit:
+            result["probes"] = measure_probes(plans, device, probe_dir,
+                                              deadline=time.perf_counter() + probe_budget_s)
         return result
 
     try:
@@ -575,5 +665,5 @@ def trial_resources(spec, gpu_mem_bytes: Optional[float] = None):
 
 
 __all__ = ["TrialResources", "WarmJob", "default_warm_workers", "gpu_fraction", "grid_cost", "kernel_shape",
-           "memory_estimate", "plan_warm_up", "predicted_flops", "sweep_candidates", "trial_resources", "uses_gpus",
+           "measure_probes", "memory_estimate", "plan_warm_up", "predicted_flops", "probe_plans", "sweep_candidates", "trial_resources", "uses_gpus",
            "warm_jobs", "warm_kernel_cache", "warm_one", "warm_report", "warm_sweep", "warm_workers_setting"]

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 from hqlt.blocks.validation import ConfigError
 from hqlt.search_space.vocabulary import (ARCH_TAG, ARTIFACTS_DIR, CACHE_DIR, COMPLETED, FAILED, GPU_UTIL_CSV,
                                           OPTUNA_LOG, OPTUNA_ORPHANED_ATTR, OPTUNA_REASON_ATTR, OPTUNA_STATUS_ATTR,
-                                          PRUNED, RAY_DIR, RESULTS_DIR, ROLE_TRIAL, RUNNING, SPEC_YAML, STATUS_TAG, SWEEP_JSON,
+                                          PROBES_DIR, PRUNED, RAY_DIR, RESULTS_DIR, ROLE_TRIAL, RUNNING, SPEC_YAML, STATUS_TAG, SWEEP_JSON,
                                           TIME_GATE_WAIT, TIME_PROBE, TIME_PROBE_WAIT, TIME_SETUP, TIME_TRAIN,
                                           TIME_TRAINABLE, TRIAL_ID_TAG, TRIAL_STATUSES, sqlite_uri)
 
@@ -465,7 +465,8 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
             _check_cluster(directory, folder.tracking_uri)
         cl = tracking.client(folder.tracking_uri)
         parent_id = _open_parent_run(cl, spec, folder)
-        warm = warm_sweep(spec)  # GPU sweeps: compile/tune each kernel shape once before the trials fan out
+        # GPU sweeps: compile/tune each kernel shape once, and measure the probes, before the trials fan out
+        warm = warm_sweep(spec, probe_dir=(directory / PROBES_DIR).resolve())
         tuner = build_tuner(spec, folder, cl, parent_id, verbose, gpu_mem_bytes=warm.get("gpu_mem_bytes"))
         fault_point("before-fit")
         fit(tuner, directory)

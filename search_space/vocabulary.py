@@ -93,7 +93,8 @@ PROBE_N_HEADS = "probe/n_heads"
 PROBE_VOCAB_SIZE = "probe/vocab_size"
 PROBE_PARAMS = "probe/params"
 PROBE_FLOPS_PER_TOKEN = "probe/flops_per_token"
-PROBE_CACHED = "probe/cached"        # 1: the value came from the sweep's probe cache (measured by an earlier trial)
+PROBE_CACHED = "probe/cached"        # 1: the value came from the sweep's probe cache (measured by an earlier trial
+                                     # or by the sweep's warm-up)
 PROBE_CONTENDED = "probe/contended"  # 1: other work may have shared the device (CPU, or a GPU without the card lock)
 PROBE_SIZE = "probe/size"            # text: the size preset ("340M") or "d<D>-L<n>-H<h>-V<v>"
 PROBE_DEVICE = "probe/device"        # text: the card's name ("NVIDIA H200") or "cpu"

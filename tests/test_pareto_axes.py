@@ -235,6 +235,36 @@ def test_a_cached_probe_is_reused_across_seeds_learning_rates_and_a_resume(spec,
     assert len(measured) == 2 and len(list(probes.glob("*.json"))) == 2
 
 
+def test_probes_measured_before_the_trials_are_read_from_the_cache_by_them(spec, tmp_path, monkeypatch):
+    """The warm-up's probe pass (startup.measure_probes): one measurement per architecture of the whole grid (the
+    learning rates share it), written where the trials look; the trials then measure nothing themselves."""
+    from hqlt.orchestration import startup
+
+    configs, complete = startup.sweep_candidates(spec, with_complete=True)
+    assert complete and len(configs) == 4  # 2 windows x 2 learning rates
+    plans = startup.probe_plans(configs, "cpu")
+    assert len(plans) == 2 and len({key for key, _ in plans}) == 2
+    probes = tmp_path / "probes"
+    measured = []
+    real = probe_mod.probe_throughput
+    monkeypatch.setattr(probe_mod, "probe_throughput", lambda *a, **k: measured.append(1) or real(*a, **k))
+    none = startup.measure_probes(plans, "cpu", probes, deadline=time.perf_counter() - 1)
+    assert none["skipped"] == 2 and none["measured"] == 0 and not measured
+    done = startup.measure_probes(plans, "cpu", probes, deadline=time.perf_counter() + 600)
+    assert done["measured"] == 2 and not done["errors"] and len(measured) == 2
+    assert len(list(probes.glob("*.json"))) == 2
+    again = startup.measure_probes(plans, "cpu", probes, deadline=time.perf_counter() + 600)  # a resumed sweep
+    assert again["cached"] == 2 and again["measured"] == 0 and len(measured) == 2
+    objectives = [("test/acc", "max"), ("perf/train_tok_s", "max")]
+    for window in (2, 4):
+        final = run_sampled({"model.mixer.kv.window": window, "train.lr": 3e-3}, spec=spec, objectives=objectives,
+                            seeds=1, seed_aggregate="max", report=lambda m: None, probe_dir=probes)
+        assert final["probe/cached"] == 1.0 and final["perf/train_tok_s"] > 0
+    assert len(measured) == 2  # the trials measured nothing
+    lines = startup.warm_report({"shapes": 0, "seconds": 0.0, "skipped": 0, "errors": [], "probes": done})
+    assert lines[-1].startswith("throughput probes measured before the trials: 2 in ")
+
+
 def test_a_probe_waits_for_training_trials_to_reach_a_step_boundary(tmp_path):
     lock = cost.CardLock(tmp_path, "GPU-test")
     gate = lock.trainer(torch.device("cpu")).open()
