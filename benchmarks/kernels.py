@@ -287,18 +287,29 @@ def _write_auto_table(where: str, meta: dict, results: list) -> Path:
                                      "heads": r["heads"], "head_dim": r["head_dim"], "batch": r["batch"],
                                      "fw": meta.get("fw", "delta"), "ms": {}})
         e["ms"][r["backend"]] = r["ms"]
-    for e in entries.values():
-        timed = {n: t for n, t in e["ms"].items() if t is not None}
-        e["winner"] = min(timed, key=timed.get) if timed else None
-    table = {"device": meta["device"], "torch": meta["torch"], "fla": meta["fla"], "dtype": meta["dtype"],
-             "date": meta["date"], "source": "hqlt bench kernels --write-auto-table",
-             "entries": list(entries.values())}
-    # the parity gate ("verified": backends whose GPU tests passed on the card) is kept from the table this
-    # one replaces: a benchmark measures speed, not correctness
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = {}
+    source = "hqlt bench kernels --write-auto-table"
+    # A run that measured part of the table (some blends, shapes or backends) updates it rather than dropping the
+    # rest: on the same card, dtype and library versions, the rows and backends it did not time are kept.
+    same = all(old.get(k) == meta[k] for k in ("device", "dtype", "torch", "fla"))
+    if same:
+        for old_entry in old.get("entries", []):
+            key = tuple(old_entry.get(k) for k in ("blend", "window", "seq_len", "heads", "head_dim"))
+            if key in entries:
+                entries[key]["ms"] = {**old_entry.get("ms", {}), **entries[key]["ms"]}
+            else:
+                entries[key] = old_entry
+        source += f" (merged into the table of {old.get('date')}: rows and backends not timed again are kept)"
+    for e in entries.values():
+        timed = {n: t for n, t in e["ms"].items() if t is not None}
+        e["winner"] = min(timed, key=timed.get) if timed else None
+    table = {"device": meta["device"], "torch": meta["torch"], "fla": meta["fla"], "dtype": meta["dtype"],
+             "date": meta["date"], "source": source, "entries": list(entries.values())}
+    # the parity gate ("verified": backends whose GPU tests passed on the card) is kept from the table this
+    # one replaces: a benchmark measures speed, not correctness
     for k in ("verified", "verified_note"):
         if k in old:
             table[k] = old[k]
