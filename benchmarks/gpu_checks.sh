@@ -13,6 +13,10 @@
 #   mps_sweep        the same graph sweep with an MPS control daemon running for it (own pipe folder, stopped
 #                    after): the 4 trials sharing the card run their kernels side by side instead of in turns
 #   compile_bench    `hqlt bench model --compile on` (custom ops: no graph breaks in the HQLT blocks)
+#   recipe           the published-budget preset $RECIPE (e.g. hqlt_recipe_parity), resumed from the committed
+#                    folder reports/results/$RECIPE when there is one, stopped by SIGINT at its cap (it stays
+#                    resumable); its archive is $RECIPE.tgz: unpack it into reports/results/$RECIPE and commit it.
+#                    $RECIPE_ARGS are passed on (e.g. sweep.resources.gpu=1)
 #
 # One Triton cache for all stages (OUT_DIR/triton): fla autotunes every new kernel shape for minutes on a fresh
 # machine, so later stages reuse what earlier ones compiled; the sweeps use it too (a TRITON_CACHE_DIR set in the
@@ -76,9 +80,19 @@ for stage in $STAGES; do
       expr_sweep graph "$(cap $stage 300)" graph_mps
       echo quit | nvidia-cuda-mps-control
       unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+    recipe)
+      name=${RECIPE:?set RECIPE to a preset name, e.g. RECIPE=hqlt_recipe_parity}
+      mkdir -p "$OUT/sweeps"
+      if [ -f "reports/results/$name/sweep.json" ]; then
+        cp -r "reports/results/$name" "$OUT/sweeps/$name" && echo "resuming reports/results/$name"
+      fi
+      timeout -s INT "$(cap $stage 540)" hqlt sweep "search_space/presets/$name.yaml" --dir "$OUT/sweeps/$name" \
+        --verbose 0 ${RECIPE_ARGS:-} 2>&1 | tee "$OUT/recipe_$name.log" | tail -25
+      hqlt status "$OUT/sweeps/$name" 2>&1 | tail -15
+      keep "$OUT/sweeps/$name" ;;
     compile_bench)
       timeout "$(cap $stage 600)" hqlt bench model --compile on --out "$OUT/bench_model_compiled.json" | tail -6 ;;
-    *) echo "unknown stage $stage; stages: fused_sanitizer gpu_tests fused_bench probe_sweep engine_sweep mps_sweep compile_bench"
+    *) echo "unknown stage $stage; stages: fused_sanitizer gpu_tests fused_bench probe_sweep engine_sweep mps_sweep compile_bench recipe"
        exit 2 ;;
   esac
 done
