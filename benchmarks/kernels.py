@@ -223,6 +223,12 @@ def run(args) -> int:
                         break
                     fl = hybrid_flops(B, T, H, d, W, blend, args.fw)
                     for backend in backends:
+                        if backend == "fused" and not _fused_runs(blend, W, B, H, d, args.fw):
+                            # it would time its fallback (the fla composition) under its own name
+                            results.append({"blend": blend, "window": W, "seq_len": T, "heads": H, "head_dim": d,
+                                            "batch": B, "backend": backend, "ms": None,
+                                            "error": "not covered: the fused kernels do not run this call"})
+                            continue
                         r = _measure(_fwd_bwd(lambda: hybrid_memory(
                             x["q_kv"], x["k_kv"], x["q_fw"], x["k_fw"], x["v"], x["beta"], g=x["g"], blend=blend,
                             window=W, fw=args.fw, backend=backend), leaves, grads), args)
@@ -277,6 +283,13 @@ def _row(T, H, d, B, W, blend, backend, ms, tflops, ratio, error=None):
           f"{tflops:>8.1f} {ratio:>6.2f}x", flush=True)
 
 
+def _fused_runs(blend: str, window: int, batch: int, heads: int, head_dim: int, fw: str) -> bool:
+    """Whether backend "fused" runs its own kernels for this benchmark call (bf16, q/k shared by both memories)."""
+    from hqlt.kernels.dispatch import eligible
+    return eligible("fused", {"op": "hybrid_memory", "blend": blend, "fw": fw, "window": window, "batch": batch,
+                              "heads": heads, "head_dim": head_dim, "dtype": "bfloat16"})
+
+
 def _write_auto_table(where: str, meta: dict, results: list) -> Path:
     from hqlt.kernels.auto_table import TABLE_PATH
     path = TABLE_PATH if where == "default" else Path(where)
@@ -292,17 +305,15 @@ def _write_auto_table(where: str, meta: dict, results: list) -> Path:
     except (OSError, ValueError):
         old = {}
     source = "hqlt bench kernels --write-auto-table"
-    # A run that measured part of the table (some blends, shapes or backends) updates it rather than dropping the
-    # rest: on the same card, dtype and library versions, the rows and backends it did not time are kept.
+    # A run that measured part of the table (some blends or shapes) updates it rather than dropping the rest: on
+    # the same card, dtype and library versions, the rows it did not time are kept.
+    # A row's backends are always compared within one run: a row timed again is replaced whole.
     same = all(old.get(k) == meta[k] for k in ("device", "dtype", "torch", "fla"))
     if same:
         for old_entry in old.get("entries", []):
             key = tuple(old_entry.get(k) for k in ("blend", "window", "seq_len", "heads", "head_dim"))
-            if key in entries:
-                entries[key]["ms"] = {**old_entry.get("ms", {}), **entries[key]["ms"]}
-            else:
-                entries[key] = old_entry
-        source += f" (merged into the table of {old.get('date')}: rows and backends not timed again are kept)"
+            entries.setdefault(key, old_entry)
+        source += f" (merged into the table of {old.get('date')}: the rows not timed again are kept)"
     for e in entries.values():
         timed = {n: t for n, t in e["ms"].items() if t is not None}
         e["winner"] = min(timed, key=timed.get) if timed else None
