@@ -68,9 +68,10 @@ def fused_covers(*, blend: str, fw: str, window: int, batch: int, heads: int, dk
     if device_type == "cuda":
         if kernel_dtype not in LOW_PRECISION_NAMES:
             return False
-        # Head dims that are not powers of two (dk 24, dv 40) made an illegal memory access in the backward on
-        # an H200 with the FW features given, which is how models call it (kernels/FUSED_NOTES.md, "Round 3 on
-        # the H200"); until that is found, such calls take the fallback.
+        # Head dims that are not powers of two (dk 24, dv 40) made scan_kernel read shared memory out of range on
+        # an H200 with the FW features given, which is how models call it (kernels/FUSED_NOTES.md, "Round 4").
+        # The launchers now zero-pad them to power-of-two dims (launch.kernel_dim), checked on CPU only: until a
+        # GPU run of those cases passes, such calls take the fallback.
         if not (_pow2(dk) and _pow2(dv)):
             return False
         sms = None

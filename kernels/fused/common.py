@@ -45,16 +45,6 @@ def load_rows(ptr, base, row0, T, stride_t, D, ROWS: tl.constexpr, BD: tl.conste
 
 
 @triton.jit
-def load_rows_t(ptr, base, row0, T, stride_t, D, ROWS: tl.constexpr, BD: tl.constexpr):
-    """``load_rows`` transposed: a ``[BD, ROWS]`` tile (columns x time) read from memory in that order, for a
-    tl.dot operand that would otherwise be the transposed view of a register tile (see ``scan_kernel``)."""
-    rows = row0 + tl.arange(0, ROWS)
-    cols = tl.arange(0, BD)
-    mask = (cols[:, None] < D) & (rows[None, :] < T)
-    return tl.load(ptr + base + cols[:, None] + rows[None, :] * stride_t, mask=mask, other=0.0)
-
-
-@triton.jit
 def store_rows(ptr, base, row0, T, stride_t, D, x, ROWS: tl.constexpr, BD: tl.constexpr):
     rows = row0 + tl.arange(0, ROWS)
     cols = tl.arange(0, BD)

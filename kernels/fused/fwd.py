@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import featurize_rows, fw_rows, inv4_unit_lower16, load_beta, load_rows, load_rows_t, solve4, store_rows
+from .common import featurize_rows, fw_rows, inv4_unit_lower16, load_beta, load_rows, solve4, store_rows
 
 
 # ==================================================================================================
@@ -94,13 +94,7 @@ def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, T, H, DK, DV,
 
 @triton.jit
 def scan_kernel(k_ptr, kf_ptr, w_ptr, u_ptr, vnew_ptr, h_ptr, T, H, NC, DK, DV,
-                BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
-                KT_LOAD: tl.constexpr = False):
-    """KT_LOAD (features given, Dk not a multiple of 16; ``launch.kt_load``): the state update's Kf^T operand is
-    read from memory already transposed. Otherwise, at such a Dk, Kf cannot be copied asynchronously (no 16-byte
-    alignment), is stored to shared memory from registers, and its transposed view is the warp-group MMA's A
-    operand: that read shared memory out of range on sm_90 (compute-sanitizer, triton 3.6, Dk 24 Dv 40;
-    FUSED_NOTES.md "Round 3 A/B on the H200")."""
+                BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr):
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -124,10 +118,7 @@ def scan_kernel(k_ptr, kf_ptr, w_ptr, u_ptr, vnew_ptr, h_ptr, T, H, NC, DK, DV,
         tl.store(h_ptr + hbase + c * DK * DV + h_off, m.to(h_ptr.dtype.element_ty), mask=h_mask)
         w = load_rows(w_ptr, kbase, t0, T, skt, DK, 64, BK)
         u = load_rows(u_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32)
-        if KT_LOAD:
-            kft = load_rows_t(kf_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
-        else:
-            kft = tl.trans(fw_rows(k_ptr, kf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT))
+        kft = tl.trans(fw_rows(k_ptr, kf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT))
         v_new = u - tl.dot(w.to(DT), m.to(DT))
         store_rows(vnew_ptr, vbase, t0, T, svt, dv_left, v_new, 64, BV)
         m += tl.dot(kft, v_new.to(DT))

@@ -41,10 +41,30 @@ def check_shared_memory(cfg: dict, elem_bytes: int, dk: int, dv: int, featurize:
                          f"or the backend 'fused', which routes such calls to its fallback")
 
 
-def kt_load(featurize: bool, dk: int) -> bool:
-    """Whether ``scan_kernel`` reads Kf^T from memory transposed (its ``KT_LOAD``): features given and Dk not a
-    multiple of 16, the one specialisation whose transposed operand faulted on sm_90."""
-    return not featurize and dk % 16 != 0
+def kernel_dim(d: int) -> int:
+    """The head dim the kernels run at for a head dim ``d``: ``d`` when it is a power of two >= 16, else the next
+    such one. The launchers zero-pad other dims up to it and slice the results: with the FW features given and
+    Dk 24 / Dv 40, ``scan_kernel``'s state update read shared memory out of range on sm_90 (compute-sanitizer,
+    FUSED_NOTES.md "Round 4"), while every power-of-two dim passed. Zero columns change nothing: q.k and the
+    features' norms are the same, the state's extra rows and columns stay zero, the outputs' extra columns are
+    zero and dropped."""
+    return max(16, 1 << (int(d) - 1).bit_length())
+
+
+def _padded(t: torch.Tensor | None, *dims: int) -> torch.Tensor | None:
+    """``t`` zero-padded in its last ``len(dims)`` dimensions to ``dims`` (None stays None)."""
+    if t is None or tuple(t.shape[-len(dims):]) == dims:
+        return t
+    pad = []
+    for have, want in zip(reversed(t.shape[-len(dims):]), reversed(dims)):
+        pad += [0, want - have]
+    return torch.nn.functional.pad(t, pad)
+
+
+def _cut(t: torch.Tensor, *dims: int) -> torch.Tensor:
+    """``t`` cut back to ``dims`` in its last dimensions, contiguous (the op's fake shapes and strides)."""
+    index = (Ellipsis, *(slice(0, d) for d in dims))
+    return t[index].contiguous()
 
 
 def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *, window: int,
@@ -84,6 +104,15 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
         raise ValueError(f"window must be >= 1; got {window}")
     if not interpreting() and not q.is_cuda:
         raise ValueError("the fused kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    pk, pv = kernel_dim(dk), kernel_dim(dv)
+    if (pk, pv) != (dk, dv):   # the kernels run at power-of-two head dims (kernel_dim)
+        out = fused_forward(_padded(q, pk), _padded(k, pk), _padded(v, pv), beta, window=window, kv_scale=kv_scale,
+                            fw_scale=fw_scale, q_fw=_padded(q_fw, pk), k_fw=_padded(k_fw, pk), poison=poison,
+                            config=config, stages=stages, return_aux=True)
+        o_kv, o_fw, aux = _cut(out[0], dv), _cut(out[1], dv), out[2]
+        aux = dict(lse=aux["lse"], w=_cut(aux["w"], dk), v_new=_cut(aux["v_new"], dv),
+                   states=_cut(aux["states"], dk, dv))
+        return (o_kv, o_fw, aux) if return_aux else (o_kv, o_fw)
     q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
     cfg = dict(default_config(B, H, dk, dv, q.device), **(config or {}))
@@ -117,7 +146,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
             return result()
         scan_kernel[(triton.cdiv(dv, cfg["scan_bv"]), B * H)](
             k, k_fw, w, u, v_new, states, T, H, NC, dk, dv, BK=cfg["BK"], BV=cfg["scan_bv"],
-            num_warps=cfg["scan_warps"], num_stages=cfg["num_stages"], KT_LOAD=kt_load(featurize, dk), **common)
+            num_warps=cfg["scan_warps"], num_stages=cfg["num_stages"], **common)
         if stages < 3:
             return result()
         out_kernel[(NC, B * H, triton.cdiv(dv, cfg["out_bv"]))](
@@ -145,6 +174,15 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     featurize = q_fw is None
     B, T, H, dk_ = q.shape
     dv_ = v.shape[-1]
+    pk, pv = kernel_dim(dk_), kernel_dim(dv_)
+    if (pk, pv) != (dk_, dv_):   # the kernels run at power-of-two head dims (kernel_dim); zero columns stay zero
+        g = fused_backward(_padded(q, pk), _padded(k, pk), _padded(v, pv), beta, _padded(o_kv, pv), lse,
+                           _padded(do_kv, pv), _padded(do_fw, pv), window=window, kv_scale=kv_scale,
+                           fw_scale=fw_scale, q_fw=_padded(q_fw, pk), k_fw=_padded(k_fw, pk), w=_padded(w, pk),
+                           v_new=_padded(v_new, pv), states=_padded(states, pk, pv), poison=poison, config=config,
+                           stages=stages)
+        dims = (dk_, dk_, dv_) if featurize else (dk_, dk_, dk_, dk_, dv_)
+        return (*(_cut(x, d) for x, d in zip(g, dims)), g[-1])
     q, k, v, beta, o_kv = (t.contiguous() for t in (q, k, v, beta, o_kv))
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
     do_kv = do_kv.to(v.dtype).contiguous()
