@@ -146,7 +146,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
             return result()
         scan_kernel[(triton.cdiv(dv, cfg["scan_bv"]), B * H)](
             k, k_fw, w, u, v_new, states, T, H, NC, dk, dv, BK=cfg["BK"], BV=cfg["scan_bv"],
-            num_warps=cfg["scan_warps"], num_stages=cfg["num_stages"], **common)
+            num_warps=cfg["scan_warps"], num_stages=cfg["scan_stages"], **common)
         if stages < 3:
             return result()
         out_kernel[(NC, B * H, triton.cdiv(dv, cfg["out_bv"]))](
@@ -227,7 +227,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
             launches += [
                 lambda: bwd_scan_kernel[(triton.cdiv(dv_, cfg["bwd_scan_bv"]), B * H)](
                     q, k, q_fw, k_fw, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
-                    BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["num_stages"],
+                    BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["bwd_scan_stages"],
                     LOCAL_IN=False, **common),
                 lambda: fw_bwd_kernel[(NC, B * H)](
                     q, k, q_fw, k_fw, v, beta, v_new, states, dh, dvn, do_fw, dq_kv, dk_kv, dv_kv, dq, dk, dv,
@@ -244,7 +244,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                     BK=cfg["BK"], BV=bv, num_warps=cfg["fw_bwd_dq_warps"], num_stages=cfg["num_stages"], **common),
                 lambda: bwd_scan_kernel[(triton.cdiv(dv_, cfg["bwd_scan_bv"]), B * H)](
                     q, k, qf_b, kf_b, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
-                    BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["num_stages"],
+                    BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["bwd_scan_stages"],
                     FEATURIZE=False, EPS=FEATURE_EPS, LOCAL_IN=True),
                 lambda: fw_bwd_wy_kernel[(NC, B * H)](
                     kf_b, v, beta, w, states, dvn, dv_kv, dkw, dv, dbeta, T, H, NC, dk_, dv_, BK=cfg["BK"], BV=bv,

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from .settings import (BACKWARD_KERNELS, FORWARD_KERNELS, SMEM_TABLE, _key, default_config, kernel_tiles, pow2,
-                       smem_terms)
+from .settings import (BACKWARD_KERNELS, FORWARD_KERNELS, SMEM_TABLE, _key, default_config, kernel_stages,
+                       kernel_tiles, pow2, smem_terms)
 
 HEAD_DIMS = (16, 32, 64, 128)
 F32_POINTERS = {  # pointers whose buffers are float32 whatever the input dtype (launch.py)
@@ -50,7 +50,7 @@ def configurations():
                     for sms in (1, 2, 3, 4, 8, 16, 1 << 20):   # B*H = 1: every value-block width of the scans
                         cfg = default_config(1, 1, dk, dv, sms)
                         for kernel, (bv, warps) in kernel_tiles(cfg).items():
-                            stages = 3 if kernel == "wy" else cfg["num_stages"]
+                            stages = kernel_stages(cfg, kernel)
                             key = _key(kernel, elem, feat, cfg["BK"], bv, warps)
                             if key not in seen:
                                 seen.add(key)
@@ -149,7 +149,7 @@ def spill_configurations(dims=(64, 128), fw_bwd: str = "both", batch: int = 8, h
         cfg = default_config(batch, heads, d, d, sms)
         for feat in (True, False):
             for kernel, (bv, warps) in kernel_tiles_all(cfg).items():
-                stages = 3 if kernel == "wy" else cfg["num_stages"]
+                stages = kernel_stages(cfg, kernel)
                 if kernel in ("kv_dq", "kv_dkdv", "fw_bwd_wy") and not feat:
                     continue   # no FEATURIZE switch: one compile serves both modes
                 if (kernel == "fw_bwd" and "single" not in want) or (kernel in SPLIT_FW_BWD_KERNELS

@@ -121,6 +121,9 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1) -> dict:
             "scan_bv": scan_bv, "scan_warps": 8 if (BK > 64 or BK * scan_bv >= 64 * 64) else 4,
             "out_bv": min(BVW, 64), "out_warps": 8 if big else 4,
             "num_stages": 2,
+            # software-pipelining depth of the two sequential scans' chunk loops (their loads of chunk c + 1 do
+            # not depend on the state): the same as the others until measured (FUSED_NOTES.md "Round 4")
+            "scan_stages": 2, "bwd_scan_stages": 2,
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
             "bwd_scan_bv": scan_bv, "bwd_scan_warps": 8 if BK >= 64 else 4,
@@ -130,6 +133,11 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1) -> dict:
             # 8 warps where 4 spill (sm_90, bf16: the dq and dk kernels from Dk = 64, the WY kernel always)
             "fw_bwd": fw_bwd_variant(), "fw_bwd_split_bv": 16,
             "fw_bwd_dq_warps": 8 if BK >= 64 else 4, "fw_bwd_wy_warps": 8, "fw_bwd_dk_warps": 8 if BK >= 64 else 4}
+
+
+def kernel_stages(cfg: dict, kernel: str) -> int:
+    """Software-pipelining stages a kernel is launched with under ``cfg`` (wy: Triton's default, 3)."""
+    return {"wy": 3, "scan": cfg["scan_stages"], "bwd_scan": cfg["bwd_scan_stages"]}.get(kernel, cfg["num_stages"])
 
 
 def kernel_tiles(cfg: dict) -> dict[str, tuple[int, int]]:
