@@ -5,7 +5,8 @@
 #   benchmarks/gpu_checks.sh OUT_DIR [STAGE ...]        (default: every stage, in the order below)
 #
 # Stages (results under OUT_DIR; caps in seconds can be changed with CAP_<STAGE>=..., e.g. CAP_PROBE_SWEEP=600):
-#   fused_sanitizer  compute-sanitizer on the one fused case that still fails (features given, dk 24, dv 40)
+#   fused_sanitizer  compute-sanitizer on the fused cases at head dims 24 / 40 (the ones that faulted), both FW
+#                    backward variants, features given and computed in the kernel
 #   gpu_tests        the GPU suites (engine, fused, backends), several isolated pytest processes at once
 #   fused_bench      fused (single vs split FW backward) vs the fla composition vs SDPA, 8x2048 and 1x32768
 #   probe_sweep      probe_340m preset (cost probe at 340M, measured alone) + `hqlt bench model --compile off`
@@ -55,7 +56,7 @@ for stage in $STAGES; do
   case $stage in
     fused_sanitizer)
       timeout "$(cap $stage 150)" compute-sanitizer --tool memcheck --print-limit 20 python -m pytest -q -m gpu \
-        -p no:cacheprovider tests/test_gpu_fused.py -k "TestGPUFwBwdVariants and case2-given-features-split" \
+        -p no:cacheprovider tests/test_gpu_fused.py -k "TestGPUFwBwdVariants and case2" \
         > "$OUT/sanitizer.log" 2>&1
       grep -E "Invalid|Out-of-range|at .*\.py:[0-9]+|passed|failed" "$OUT/sanitizer.log" | head -20 ;;
     gpu_tests)
