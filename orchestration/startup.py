@@ -47,7 +47,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 
@@ -449,9 +449,18 @@ def sweep_candidates(spec, limit: int = 2000, with_complete: bool = False):
 MAX_WARM_PROBES = 64  # distinct probe keys the warm-up measures at most (more: left to the trials)
 
 
-def probe_plans(configs: Iterable[dict], device) -> list[tuple[str, dict]]:
-    """(probe cache key, plain config) for each distinct probe (`cost.plan_probe`: architecture at the probe's size,
-    length, batch, precision, card) among `configs`, in order; configs without a cached probe are left out."""
+class ProbeJob(NamedTuple):
+    """One distinct probe of a sweep: its cache key, a trial config that needs it, that config's task length and
+    the probe's plan (`cost.plan_probe`, on the measuring device)."""
+    key: str
+    cfg: object
+    task_seq_len: int
+    plan: object
+
+
+def probe_plans(configs: Iterable[dict], device) -> list[ProbeJob]:
+    """A `ProbeJob` for each distinct probe (architecture at the probe's size, length, batch, precision, card)
+    among `configs`, in order; configs without a cached probe are left out."""
     from .cost import plan_probe
 
     device, out, seen = torch.device(device), [], set()
@@ -461,18 +470,19 @@ def probe_plans(configs: Iterable[dict], device) -> list[tuple[str, dict]]:
             if not (cfg.probe.enabled and cfg.probe.cache):
                 continue
             task = make_task(cfg.task["name"], cfg.task_config, "task")
-            if not cfg.model.vocab_size:
+            if not cfg.model.vocab_size:  # as the trial does before it plans its probe
                 cfg.model.vocab_size = task.vocab_size
-            key = plan_probe(cfg, task.seq_len, device).key(cfg.train)
+            plan = plan_probe(cfg, task.seq_len, device)
+            key = plan.key(cfg.train)
         except Exception:  # noqa: BLE001 — a config that does not build is the trial's to report
             continue
         if key not in seen:
             seen.add(key)
-            out.append((key, plain))
+            out.append(ProbeJob(key, cfg, task.seq_len, plan))
     return out
 
 
-def measure_probes(plans: list[tuple[str, dict]], device, folder, *, deadline: float) -> dict:
+def measure_probes(plans: list[ProbeJob], device, folder, *, deadline: float) -> dict:
     """Measure each planned probe (`probe_plans`) into the sweep's probe cache `folder` (probes/), one after
     another, in this process: the way a trial measures it (`cost.run_probe`: its model, engine step and precision,
     the card lock), but before any trial trains, so no trial pauses for it and no probe waits for a step boundary.
@@ -480,29 +490,24 @@ def measure_probes(plans: list[tuple[str, dict]], device, folder, *, deadline: f
     left to its trial. Returns {"measured", "cached", "skipped", "errors", "seconds"}."""
     from pathlib import Path
 
-    from .cost import plan_probe, read_cached, run_probe
+    from .cost import read_cached, run_probe
 
     device, folder = torch.device(device), Path(folder)
     out = {"measured": 0, "cached": 0, "skipped": 0, "errors": [], "seconds": 0.0}
     start = time.perf_counter()
-    for key, plain in plans:
+    for key, cfg, task_seq_len, plan in plans:
         if time.perf_counter() > deadline:
             out["skipped"] += 1
             continue
         model = None
         try:
-            cfg = trial_config(plain)
-            task = make_task(cfg.task["name"], cfg.task_config, "task")
-            if not cfg.model.vocab_size:
-                cfg.model.vocab_size = task.vocab_size
-            plan = plan_probe(cfg, task.seq_len, device)
             if read_cached(folder, key, plan.identity(cfg.train)) is not None:
                 out["cached"] += 1
                 continue
             if plan.own:  # the trial's own model (its weights do not matter to a timing)
                 torch.manual_seed(cfg.seeds()["model"])
                 model = HybridLM(cfg.model).to(device)
-            run_probe(cfg, model, task.seq_len, device, folder)
+            run_probe(cfg, model, task_seq_len, device, folder)
             out["measured"] += 1
         except Exception as exc:  # noqa: BLE001 — the trial measures it (and records a failure) itself
             out["errors"].append(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
@@ -664,6 +669,7 @@ def trial_resources(spec, gpu_mem_bytes: Optional[float] = None):
     return TrialResources(spec, gpu_mem_bytes)
 
 
-__all__ = ["TrialResources", "WarmJob", "default_warm_workers", "gpu_fraction", "grid_cost", "kernel_shape",
-           "measure_probes", "memory_estimate", "plan_warm_up", "predicted_flops", "probe_plans", "sweep_candidates", "trial_resources", "uses_gpus",
-           "warm_jobs", "warm_kernel_cache", "warm_one", "warm_report", "warm_sweep", "warm_workers_setting"]
+__all__ = ["ProbeJob", "TrialResources", "WarmJob", "default_warm_workers", "gpu_fraction", "grid_cost",
+           "kernel_shape", "measure_probes", "memory_estimate", "plan_warm_up", "predicted_flops", "probe_plans",
+           "sweep_candidates", "trial_resources", "uses_gpus", "warm_jobs", "warm_kernel_cache", "warm_one",
+           "warm_report", "warm_sweep", "warm_workers_setting"]

@@ -243,7 +243,7 @@ def test_probes_measured_before_the_trials_are_read_from_the_cache_by_them(spec,
     configs, complete = startup.sweep_candidates(spec, with_complete=True)
     assert complete and len(configs) == 4  # 2 windows x 2 learning rates
     plans = startup.probe_plans(configs, "cpu")
-    assert len(plans) == 2 and len({key for key, _ in plans}) == 2
+    assert len(plans) == 2 and len({job.key for job in plans}) == 2
     probes = tmp_path / "probes"
     measured = []
     real = probe_mod.probe_throughput
