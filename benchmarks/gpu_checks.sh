@@ -7,7 +7,11 @@
 # Stages (results under OUT_DIR; caps in seconds can be changed with CAP_<STAGE>=..., e.g. CAP_PROBE_SWEEP=600):
 #   fused_sanitizer  compute-sanitizer on the fused cases at head dims 24 / 40 (the ones that faulted), both FW
 #                    backward variants, features given and computed in the kernel
-#   gpu_tests        the GPU suites (engine, fused, backends), several isolated pytest processes at once
+#   op_watch         the fused op called in eager mode after the other fused paths, and the fused-backward cases
+#                    where the dispatcher failed, in one pytest process, with every redefinition or destruction of
+#                    an hqlt:: op logged with its stack (op_watch.log; kernels/FUSED_NOTES.md "Round 5")
+#   gpu_tests        the GPU suites (engine, fused, backends), several isolated pytest processes at once (the op
+#                    watch on: gpu_tests_op_watch.log)
 #   fused_bench      fused (single vs split FW backward) vs the fla composition vs SDPA, 8x2048 and 1x32768
 #   probe_sweep      probe_340m preset (cost probe at 340M, measured alone) + `hqlt bench model --compile off`
 #   engine_sweep     paper_expressivity at 300 steps, 1 seed, eager vs graph: trials per GPU-hour, GPU busy
@@ -27,7 +31,7 @@ OUT=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR [STAGE ...]}
 shift
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-STAGES=${*:-fused_sanitizer gpu_tests fused_bench probe_sweep engine_sweep mps_sweep compile_bench}
+STAGES=${*:-fused_sanitizer op_watch gpu_tests fused_bench probe_sweep engine_sweep mps_sweep compile_bench}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$OUT/triton} TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1
 T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
@@ -59,8 +63,12 @@ for stage in $STAGES; do
         -p no:cacheprovider tests/test_gpu_fused.py -k "TestGPUFwBwdVariants and case2" \
         > "$OUT/sanitizer.log" 2>&1
       grep -E "Invalid|Out-of-range|at .*\.py:[0-9]+|passed|failed" "$OUT/sanitizer.log" | head -20 ;;
+    op_watch)
+      HQLT_OP_WATCH="$OUT/op_watch.log" timeout "$(cap $stage 400)" python -m pytest -q -m gpu -p no:cacheprovider \
+        tests/test_gpu_fused.py -k "TestGPUOpAfterOtherPaths or (TestGPUFusedBackward and T130)" 2>&1 | tail -8
+      grep -E "^== |NOT LIVE" "$OUT/op_watch.log" | head -20 ;;
     gpu_tests)
-      timeout "$(cap $stage 900)" python tests/run_gpu_isolated.py tests/test_gpu_engine.py tests/test_gpu_fused.py \
+      HQLT_OP_WATCH="$OUT/gpu_tests_op_watch.log" timeout "$(cap $stage 900)" python tests/run_gpu_isolated.py tests/test_gpu_engine.py tests/test_gpu_fused.py \
         tests/test_gpu_backends.py --out "$OUT/gpu_suite.json" --jobs 8 --shard-size 6 --case-timeout 150 | tail -40 ;;
     fused_bench)
       timeout "$(cap $stage 300)" python -m hqlt.benchmarks.fused --shapes 8x2048 1x32768 --no-sweep \
@@ -93,7 +101,7 @@ for stage in $STAGES; do
       keep "$OUT/sweeps/$name" ;;
     compile_bench)
       timeout "$(cap $stage 600)" hqlt bench model --compile on --out "$OUT/bench_model_compiled.json" | tail -6 ;;
-    *) echo "unknown stage $stage; stages: fused_sanitizer gpu_tests fused_bench probe_sweep engine_sweep mps_sweep compile_bench recipe"
+    *) echo "unknown stage $stage; stages: fused_sanitizer op_watch gpu_tests fused_bench probe_sweep engine_sweep mps_sweep compile_bench recipe"
        exit 2 ;;
   esac
 done

@@ -23,8 +23,8 @@ autocast itself is traced away.
 When each path runs (``hqlt.kernels.api``): while ``torch.compile`` traces (``torch.compiler.is_compiling()``)
 every call becomes one of these ops, with the backend chosen at trace time (``dispatch.plan``: "auto" per
 shape from the measured table, the fused kernel where it applies). Eager calls run the backend directly with
-its own autograd — no dispatcher overhead and no recomputation — except the fused kernel, which goes through
-its op in both modes. The many tiny CPU trainings of the test suite and of sweeps are therefore unchanged.
+its own autograd — no dispatcher overhead and no recomputation — the fused kernel included (its
+``autograd.Function``, ``hqlt.kernels.fused.autograd``). The many tiny CPU trainings of the test suite and of sweeps are therefore unchanged.
 """
 from __future__ import annotations
 

@@ -51,3 +51,60 @@ def assert_opcheck(op, args) -> None:
     result = torch.library.opcheck(op, args)
     failed = {name: outcome for name, outcome in result.items() if outcome != "SUCCESS"}
     assert result and not failed, failed
+
+
+# ------------------------------------------------------------------------------ op registry watch
+def hqlt_op_libraries() -> dict[str, bool]:
+    """Per ``hqlt::`` custom op: whether the registration its module holds is still the live one. False: the op
+    was defined again (``torch.library.custom_op`` then destroys the first registration, and calls through the
+    first module's op object read freed memory) or its library was destroyed."""
+    from torch._library import custom_ops
+
+    from . import ops as kernel_ops
+    from .fused import autograd as fused_autograd
+    from .fused import ops as fused_ops
+    # the op objects the callers hold (a module executed again rebinds its own names, not its importers')
+    held = [fused_autograd.fused_sync_hybrid, fused_ops.fused_sync_hybrid_backward, kernel_ops.hybrid_memory_op,
+            kernel_ops.hybrid_memory_backward_op, kernel_ops.kv_memory_op, kernel_ops.kv_memory_backward_op,
+            kernel_ops.fw_memory_op, kernel_ops.fw_memory_backward_op]
+    return {op._qualname: custom_ops.OPDEF_TO_LIB.get(op._qualname) is op._lib and op._lib.m is not None
+            for op in held}
+
+
+def watch_op_registry(log) -> None:
+    """Log every redefinition or destruction of an ``hqlt::`` op's registration, with the Python stack that
+    caused it, to the text file ``log``. Install before ``hqlt.kernels`` is imported (a library's finalizer is
+    bound when the library is made). For the GPU runs where eager calls of ``hqlt::fused_sync_hybrid`` failed
+    inside the dispatcher (kernels/FUSED_NOTES.md, "Round 5")."""
+    import traceback
+    from pathlib import Path
+
+    import torch.library as library
+    from torch._library import custom_ops
+
+    def record(event: str, names) -> None:
+        names = sorted(n for n in names if str(n).startswith("hqlt::"))
+        if names:
+            with Path(log).open("a") as fh:
+                fh.write(f"== {event} {' '.join(names)}\n{''.join(traceback.format_stack(limit=30)[:-2])}\n")
+
+    allow_overwrite = custom_ops.get_library_allowing_overwrite
+
+    def get_library_allowing_overwrite(namespace, name):
+        if f"{namespace}::{name}" in custom_ops.OPDEF_TO_LIB:
+            record("redefined", [f"{namespace}::{name}"])
+        return allow_overwrite(namespace, name)
+
+    destroy, del_library = library.Library._destroy, library._del_library
+
+    def _destroy(self):
+        record("destroyed", self._op_defs)
+        return destroy(self)
+
+    def _del_library(captured_impls, op_impls, captured_defs, op_defs, *rest):
+        record("finalized", op_defs)
+        return del_library(captured_impls, op_impls, captured_defs, op_defs, *rest)
+
+    custom_ops.get_library_allowing_overwrite = get_library_allowing_overwrite
+    library.Library._destroy = _destroy
+    library._del_library = _del_library

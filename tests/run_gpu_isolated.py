@@ -11,7 +11,7 @@ process at a time. ``--jobs N`` runs N such processes at once on the same card, 
 re-run case by case), and the compiles of different shards overlap.
 
     python tests/run_gpu_isolated.py tests/test_gpu_fused.py tests/test_gpu_backends.py \
-        --out kernels/results/gpu_tests_h200.json [-k EXPR] [--jobs 8 --shard-size 12] [--skip-passed EARLIER.json]
+        --out kernels/results/gpu_tests_h200.json [-k EXPR] [--jobs 8 --shard-size 12] [--skip-passed EARLIER.json ...]
 """
 from __future__ import annotations
 
@@ -103,9 +103,9 @@ def main(argv=None) -> int:
     ap.add_argument("--case-timeout", type=float, default=300)
     ap.add_argument("--jobs", type=int, default=1, help="pytest processes at once (default 1)")
     ap.add_argument("--shard-size", type=int, default=10**9, help="most cases per process (default: a whole group)")
-    ap.add_argument("--skip-passed", metavar="JSON",
-                    help="leave out the cases this earlier record (an --out file, or a merged one with the same "
-                         "'cases' map) has as passed: a later call runs what is left")
+    ap.add_argument("--skip-passed", metavar="JSON", nargs="+", default=[],
+                    help="leave out the cases any of these earlier records (--out files, or merged ones with the "
+                         "same 'cases' map, e.g. one per card) has as passed: a later call runs what is left")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -120,9 +120,11 @@ def main(argv=None) -> int:
         card, versions = "unknown", {}
     nodes = collect(args.files, args.kexpr)
     if args.skip_passed:
-        with open(args.skip_passed) as f:
-            before = json.load(f).get("cases", {})
-        kept = [n for n in nodes if before.get(n, {}).get("outcome") != "passed"]
+        passed = set()
+        for path in args.skip_passed:
+            with open(path) as f:
+                passed |= {n for n, c in json.load(f).get("cases", {}).items() if c.get("outcome") == "passed"}
+        kept = [n for n in nodes if n not in passed]
         print(f"--skip-passed: {len(nodes) - len(kept)} of {len(nodes)} cases passed before; running {len(kept)}",
               flush=True)
         nodes = kept

@@ -512,6 +512,55 @@ class TestGPUFusedBackward:
             assert max(errs.values()) <= 1e-2, errs
 
 
+class TestGPUOpAfterOtherPaths:
+    """The custom op ``hqlt::fused_sync_hybrid`` called in eager mode after the calls that preceded its failures on
+    GPUs ("vector::reserve", "basic_string::_M_create", "schema_.has_value()" raised by the dispatcher in a
+    later test of the same process, kernels/FUSED_NOTES.md "Round 5"): the fla-recompute backward, the poisoned
+    forward, the fused autograd.Function. The op's registration must stay live and its results unchanged.
+    With HQLT_OP_WATCH=FILE (tests/conftest.py) a redefinition or destruction is logged with its stack."""
+    pytestmark = gpu
+
+    @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+    def test_op_survives_the_other_paths(self, featurize):
+        from hqlt.kernels.backends import fused as fused_backend
+        from hqlt.kernels.fused import autograd as FA
+        from hqlt.kernels.fused import launch as FL
+        from hqlt.kernels.fused import ops as fused_ops
+        from hqlt.kernels.testing import hqlt_op_libraries
+        B, T, H, d, W = 1, 130, 2, 16, 256
+        low, gout = make_inputs(B, T, H, d, d, torch.bfloat16, "cuda", seed=7)
+        scale = d ** -0.5
+        qf, kf = ((feat64(low["q"]).to(torch.bfloat16), feat64(low["k"]).to(torch.bfloat16)) if not featurize
+                  else (None, None))
+
+        def op_call():
+            leaves = [t.detach().requires_grad_() for t in (low["q"], low["k"], low["v"], low["beta"])]
+            o_kv, o_fw, *_ = fused_ops.fused_sync_hybrid(leaves[0], leaves[1], qf, kf, leaves[2], leaves[3], W,
+                                                         scale, scale, True)
+            return (o_kv, o_fw, *torch.autograd.grad((o_kv, o_fw), leaves, gout))
+
+        def function_call(fused_bwd):
+            leaves = [t.detach().requires_grad_() for t in (low["q"], low["k"], low["v"], low["beta"])]
+            o = FA.FusedSyncHybrid.apply(leaves[0], leaves[1], qf, kf, leaves[2], leaves[3], W, scale, scale,
+                                         fused_bwd, True, fused_backend.unfused_hybrid_memory)
+            torch.autograd.grad(o, leaves, gout)
+
+        first = op_call()
+        steps = {"fla recompute backward": lambda: function_call(False),
+                 "poisoned forward": lambda: FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=W,
+                                                              kv_scale=scale, fw_scale=scale, q_fw=qf, k_fw=kf,
+                                                              poison=True),
+                 "fused autograd.Function": lambda: function_call(True),
+                 "op again": op_call}
+        for name, step in steps.items():
+            step()
+            torch.cuda.synchronize()
+            assert all(hqlt_op_libraries().values()), (name, hqlt_op_libraries())
+        again = op_call()
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+        assert all(rel_rms(a, b) <= 1e-3 for a, b in zip(first[2:], again[2:]))   # gradients: atomics' order
+
+
 # ====================================================================================== registration
 def test_fused_backend_registered_lazily():
     assert "fused" in backend_names()

@@ -196,3 +196,24 @@ def test_compiled_language_model_fullgraph_matches_eager():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- op registry watch
+def test_op_registry_intact_and_the_watch_sees_a_redefinition(tmp_path):
+    from hqlt.kernels.testing import hqlt_op_libraries
+    assert hqlt_op_libraries() and all(hqlt_op_libraries().values())
+    # defining an op again destroys the registration its callers hold: the watch logs it and says which op
+    # (in a child process: this one keeps its ops)
+    import subprocess
+    import sys
+    log = tmp_path / "ops.log"
+    code = ("import importlib, sys; from hqlt.kernels.testing import watch_op_registry, hqlt_op_libraries; "
+            f"watch_op_registry({str(log)!r}); import hqlt.kernels.ops, hqlt.kernels.fused.ops as m; "
+            "before = all(hqlt_op_libraries().values()); importlib.reload(m); "
+            "print(before, sorted(n for n, ok in hqlt_op_libraries().items() if not ok))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "True ['hqlt::fused_sync_hybrid']"
+    text = log.read_text()
+    assert "== redefined hqlt::fused_sync_hybrid\n" in text and "== destroyed hqlt::fused_sync_hybrid\n" in text
+    assert "kernels/fused/ops.py" in text      # the stack names the module that defined it again

@@ -79,7 +79,7 @@ BASE = dict(blend="sync", fw="delta", window=64, batch=8, heads=8, dk=128, dv=12
     ({"kernel_dtype": "float32", "dk": 64, "dv": 64}, False),
     ({"window": 256}, True), ({"window": 257}, False),
     ({"dk": 32, "dv": 64}, True), ({"dk": 160}, False), ({"dk": 16, "dv": 16}, True),
-    ({"dk": 24, "dv": 40}, False), ({"dk": 64, "dv": 40}, False), ({"dk": 96}, False),  # GPU-unverified dims
+    ({"dk": 24, "dv": 40}, True), ({"dk": 64, "dv": 40}, True), ({"dk": 96}, True),  # zero-padded to 32/64/128
     ({"blend": "delayed_stream"}, False), ({"fw": "gated_delta", "has_g": True}, False), ({"fw": "linear"}, False),
     ({"has_beta": False}, False), ({"same_qk": False}, False),
     ({"batch": 10000, "heads": 8}, False),       # B*H over a CUDA grid axis

@@ -12,9 +12,10 @@ a GPU, short of the contract's float32 accuracy), W > 256, larger heads, too lit
 ``kv_memory`` / ``fw_memory`` ops go to the fla backend's ops (``make_ops`` over fla's sliding-window
 attention and FW kernels), or, without fla, to the same glue over the reference forms.
 
-Training: forward and backward are fused, through the custom op pair ``hqlt::fused_sync_hybrid``
-(``hqlt.kernels.fused.ops``: the forward keeps the LSE and, by default, the chunk states for the backward
-kernels), in eager mode and under torch.compile alike. ``HQLT_FUSED_BACKWARD=0`` switches back to the old
+Training: forward and backward are fused (the forward keeps the LSE and, by default, the chunk states for the
+backward kernels): in eager mode through ``FusedSyncHybrid`` (``hqlt.kernels.fused.autograd``), under
+torch.compile through the custom op pair ``hqlt::fused_sync_hybrid`` (``hqlt.kernels.fused.ops``, called from
+``hqlt.kernels.ops``), the same kernels and residuals. ``HQLT_FUSED_BACKWARD=0`` switches back to the old
 backward, which recomputes the outputs with the fla composition (or the reference) under autograd
 (``FusedSyncHybrid`` with ``unfused_hybrid_memory``, composed here and handed to the kernel package);
 ``HQLT_FUSED_SAVE_STATES=0`` recomputes the chunk states in the backward instead of keeping them.
@@ -30,9 +31,7 @@ import functools
 import torch
 
 from ..contract import MAX_GRID_ROWS, KernelOps
-from ..fused import ops as fused_ops
-from ..fused.settings import (DTYPE_BYTES, MAX_HEAD_DIM, fits_shared_memory, fused_backward_default, interpreting,
-                              save_states_default)
+from ..fused.settings import DTYPE_BYTES, MAX_HEAD_DIM, fits_shared_memory, interpreting, pow2
 from ..reference import chunked_hybrid_memory
 from . import cuda_available, has_module
 from .blend_compose import dtype_name, fla_available, kernel_dtype, make_ops, reference_kv, same_dtype
@@ -44,10 +43,6 @@ NO_LIMIT = 1 << 62   # smem_limit of a shape known to run (a measured auto-table
 
 def is_available() -> bool:
     return has_module("triton") and cuda_available()
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def fused_covers(*, blend: str, fw: str, window: int, batch: int, heads: int, dk: int, dv: int, kernel_dtype: str,
@@ -68,12 +63,6 @@ def fused_covers(*, blend: str, fw: str, window: int, batch: int, heads: int, dk
     if device_type == "cuda":
         if kernel_dtype not in LOW_PRECISION_NAMES:
             return False
-        # Head dims that are not powers of two (dk 24, dv 40) made scan_kernel read shared memory out of range on
-        # an H200 with the FW features given, which is how models call it (kernels/FUSED_NOTES.md, "Round 4").
-        # The launchers now zero-pad them to power-of-two dims (launch.kernel_dim), checked on CPU only: until a
-        # GPU run of those cases passes, such calls take the fallback.
-        if not (_pow2(dk) and _pow2(dv)):
-            return False
         sms = None
         if smem_limit is None:
             smem_limit, sms = cuda_smem_limit(), cuda_sm_count()
@@ -84,8 +73,9 @@ def fused_covers(*, blend: str, fw: str, window: int, batch: int, heads: int, dk
         sms = None
     else:
         return False
+    # the kernels run at power-of-two head dims (launch.kernel_dim zero-pads the others): their tiles are what fits
     return smem_limit is None or smem_limit >= NO_LIMIT or fits_shared_memory(
-        DTYPE_BYTES[kernel_dtype], dk, dv, smem_limit, featurize=False, batch=batch, heads=heads, sms=sms)
+        DTYPE_BYTES[kernel_dtype], pow2(dk), pow2(dv), smem_limit, featurize=False, batch=batch, heads=heads, sms=sms)
 
 
 def covers_shape(shape: dict) -> bool:
@@ -150,15 +140,10 @@ def hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, fw, kv_scal
     if not fused_applies(q_kv, k_kv, q_fw, k_fw, v, beta, blend=blend, window=window, fw=fw, g=g, dtype=dtype):
         return fallback_ops().hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, blend=blend, window=window, fw=fw,
                                             kv_scale=kv_scale, fw_scale=fw_scale, g=g, chunk_size=chunk_size)
-    if fused_backward_default():
-        return fused_ops.hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, dtype=dtype, window=int(window),
-                                       kv_scale=float(kv_scale), fw_scale=float(fw_scale),
-                                       save_states=save_states_default())
-    from ..fused import sync_hybrid_memory
+    from ..fused import sync_hybrid_memory   # eager calls (the compiled path is hqlt.kernels.ops)
     qk, kk, qf, kf, vv = same_dtype(dtype, q_kv, k_kv, q_fw, k_fw, v)
     o_kv, o_fw = sync_hybrid_memory(qk, kk, vv, beta.float(), window=int(window), kv_scale=float(kv_scale),
-                                    fw_scale=float(fw_scale), q_fw=qf, k_fw=kf, fused_backward=False,
-                                    unfused=unfused_hybrid_memory)
+                                    fw_scale=float(fw_scale), q_fw=qf, k_fw=kf, unfused=unfused_hybrid_memory)
     return o_kv.to(v.dtype), o_fw.to(v.dtype)
 
 

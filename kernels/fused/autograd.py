@@ -1,8 +1,9 @@
 """Autograd of the fused Synchronous-HQLT memories, and their public entry point ``sync_hybrid_memory``.
 
-``sync_hybrid_memory`` with the fused backward (the default) runs the custom op pair of ``ops``
-(``hqlt::fused_sync_hybrid``: forward kernels, residuals kept, backward kernels). ``FusedSyncHybrid`` (an
-``autograd.Function``) serves the other switch settings: forward = the fused kernels
+``sync_hybrid_memory`` runs ``FusedSyncHybrid`` (an ``autograd.Function``) in eager mode and, while
+torch.compile traces with the fused backward on (the default), the custom op pair of ``ops``
+(``hqlt::fused_sync_hybrid``: forward kernels, residuals kept, backward kernels). ``FusedSyncHybrid``:
+forward = the fused kernels
 (``launch.fused_forward``); backward = the fused backward kernels (``launch.fused_backward``) unless
 ``HQLT_FUSED_BACKWARD=0`` (or ``fused_backward=False``): then the backward recomputes both outputs with an
 unfused composition under autograd and back-propagates through that. The composition is the caller's (``unfused``, with the
@@ -101,8 +102,8 @@ def sync_hybrid_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     l2(silu(k)) are computed in the kernel unless q_fw, k_fw are given. beta ``[B, T, H]`` already in the
     caller's range (e.g. 2*sigmoid). Scales default to the contract's ``default_scale`` (Dk^-1/2).
     Trainable: ``fused_backward`` (default ``HQLT_FUSED_BACKWARD``, on) picks the fused backward kernels
-    (through the custom op ``hqlt::fused_sync_hybrid``, ``ops``) over the unfused recomputation
-    (``FusedSyncHybrid``); ``save_states`` (default ``HQLT_FUSED_SAVE_STATES``, on) keeps the forward's chunk
+    (under torch.compile through the custom op ``hqlt::fused_sync_hybrid``, ``ops``) over the unfused
+    recomputation; ``save_states`` (default ``HQLT_FUSED_SAVE_STATES``, on) keeps the forward's chunk
     states for it; ``unfused`` is the composition the recomputation runs (default: the chunked reference;
     ``hqlt.kernels.backends.fused.unfused_hybrid_memory`` is the fla one).
     """
@@ -113,12 +114,17 @@ def sync_hybrid_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
         check_shared_memory(cfg, q.element_size(), d, v.shape[-1], q_fw is None, q.device, backward_kernels(cfg))
     kv_scale = default_scale(d) if kv_scale is None else float(kv_scale)
     fw_scale = default_scale(d) if fw_scale is None else float(fw_scale)
-    if fused_backward_default() if fused_backward is None else fused_backward:
+    fused_bwd = fused_backward_default() if fused_backward is None else bool(fused_backward)
+    if fused_bwd and torch.compiler.is_compiling():
         # the custom op pair (hqlt.kernels.fused.ops): same kernels, and torch.compile holds it without a break
         save = save_states_default() if save_states is None else bool(save_states)
         o_kv, o_fw, *_ = fused_sync_hybrid(q, k, q_fw, k_fw, v, beta, int(window), kv_scale, fw_scale, save)
         return o_kv, o_fw
-    return FusedSyncHybrid.apply(q, k, q_fw, k_fw, v, beta, int(window), kv_scale, fw_scale, False,
+    # Eager: the same kernels and residuals through an autograd.Function, not the dispatcher. Eager calls of the op
+    # failed on GPUs after earlier calls in the same process with the op's own registration unreadable
+    # ("vector::reserve", "basic_string::_M_create", "schema_.has_value()"), while this path never did
+    # (kernels/FUSED_NOTES.md, "Round 5").
+    return FusedSyncHybrid.apply(q, k, q_fw, k_fw, v, beta, int(window), kv_scale, fw_scale, fused_bwd,
                                  save_states, unfused)
 
 

@@ -11,7 +11,8 @@ from ..contract import FEATURE_EPS, MAX_GRID_ROWS
 from .bwd import (bwd_scan_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel, fw_bwd_kernel, fw_bwd_wy_kernel,
                   kv_bwd_dkdv_kernel, kv_bwd_dq_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import CHUNK, FORWARD_KERNELS, FW_BWD_VARIANTS, MAX_HEAD_DIM, backward_kernels, interpreting, smem_needs
+from .settings import (CHUNK, FORWARD_KERNELS, FW_BWD_VARIANTS, MAX_HEAD_DIM, backward_kernels, interpreting, pow2,
+                       smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -48,7 +49,7 @@ def kernel_dim(d: int) -> int:
     FUSED_NOTES.md "Round 4"), while every power-of-two dim passed. Zero columns change nothing: q.k and the
     features' norms are the same, the state's extra rows and columns stay zero, the outputs' extra columns are
     zero and dropped."""
-    return max(16, 1 << (int(d) - 1).bit_length())
+    return pow2(d)
 
 
 def _padded(t: torch.Tensor | None, *dims: int) -> torch.Tensor | None:

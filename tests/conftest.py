@@ -1,0 +1,21 @@
+"""HQLT_OP_WATCH=FILE: log every redefinition or destruction of an ``hqlt::`` custom op with its stack, and after
+each test whether every op's registration is still the live one (``hqlt.kernels.testing.watch_op_registry``;
+for the GPU runs in kernels/FUSED_NOTES.md, "Round 5"). Unset: this file does nothing."""
+import os
+
+import pytest
+
+WATCH = os.environ.get("HQLT_OP_WATCH")
+if WATCH:
+    from hqlt.kernels.testing import watch_op_registry
+    watch_op_registry(WATCH)
+
+
+@pytest.fixture(autouse=True)
+def _op_registry_after_each_test(request):
+    yield
+    if WATCH:
+        from hqlt.kernels.testing import hqlt_op_libraries
+        broken = sorted(name for name, live in hqlt_op_libraries().items() if not live)
+        with open(WATCH, "a") as fh:
+            fh.write(f"after {request.node.nodeid}: {'ops intact' if not broken else 'NOT LIVE ' + ' '.join(broken)}\n")
