@@ -3,7 +3,8 @@
     python reports/results/make_tables.py            # rewrite the marked blocks of reports/results/README.md
     python reports/results/make_tables.py --print    # print them instead
 
-Each sweep folder under reports/results/ holds the sweep's mlflow.db and spec.yaml; arms are named from the
+Each sweep folder under reports/results/ holds the sweep's mlflow.db and spec.yaml; a published-budget sweep still
+in progress (``RECIPES``) is tabled from its per-seed records instead, one row per finished seed. Arms are named from the
 sampled model config (the ``model`` param), published numbers come from docs/tasks.md
 (§A1.6, §A2.3) and sit beside ours.
 """
@@ -19,8 +20,8 @@ from pathlib import Path
 import yaml
 
 from hqlt.orchestration.tracking import role_filter
-from hqlt.search_space.vocabulary import (ARCH_TAG, COMPLETED, MLFLOW_DB, ROLE_TRIAL, RUNNING, SPEC_YAML, STATUS_TAG,
-                                          TRIAL_ID_TAG, sqlite_uri)
+from hqlt.search_space.vocabulary import (ARCH_TAG, COMPLETED, MLFLOW_DB, RESULTS_DIR, ROLE_TRIAL, RUNNING, SPEC_YAML,
+                                          STATUS_TAG, TRIAL_ID_TAG, sqlite_uri)
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,9 +48,11 @@ def arm_name(model: dict) -> str:
     if layers == "F":
         lo = "0" if mixer["fw"].get("beta_range", 1) == 1 else "-1"
         return f"DeltaNet [{lo},1]"
-    blend = {"sync": "Sync-HQLT", "delayed_stream": "Delayed-Streaming HQLT",
-             "delayed_chunk": "Delayed-Chunk HQLT"}[mixer["blend"]]
-    return f"{blend} W={window}"
+    blend = mixer["blend"] if isinstance(mixer["blend"], dict) else {"name": mixer["blend"]}
+    name = {"sync": "Sync-HQLT", "delayed_stream": "Delayed-Streaming HQLT",
+            "delayed_chunk": "Delayed-Chunk HQLT"}[blend["name"]]
+    read = f" R={blend['fw_chunk']}" if blend.get("fw_chunk") is not None else ""   # a Delayed-Chunk FW read interval
+    return f"{name} W={window}{read}"
 
 
 def state_elements(model: dict, seq_len: int) -> int:
@@ -152,7 +155,39 @@ def mqar_table(folder: Path) -> str:
     return "\n".join(out)
 
 
+def recipe_progress_table(folder: Path) -> str:
+    """A published-budget sweep in progress: every finished seed-run from its per-seed records
+    (``results/<trial>.seed<i>.json``, which any MLflow version can read), per arm in the spec's order."""
+    spec = yaml.safe_load((folder / SPEC_YAML).read_text())
+    arms = [arm_name(m) for m in spec["space"]["model"]["choice"]]
+    seeds = spec["sweep"].get("seeds", 1)
+    done: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for path in sorted((folder / RESULTS_DIR).glob("*.seed*.json")):
+        result = json.loads(path.read_text())["result"]
+        m = result["metrics"]
+        done.setdefault(arm_name(result["config"]["model"]), []).append(
+            {"seed": result["config"]["seed"], "m": m, "status": result["status"]})
+    slices = sorted({k.removeprefix("test/acc@") for r in sum(done.values(), []) for k in r["m"]
+                     if k.startswith("test/acc@")}, key=lambda k: int(re.findall(r"\d+", k)[0]))
+    steps = spec["base"]["train"]["steps"]
+    out = [f"{sum(map(len, done.values()))} of {len(arms) * seeds} seed-runs finished ({len(arms)} arms × {seeds} "
+           f"seeds × {steps:,} steps). Scored checkpoint: `trial/checkpoint` at `train/selected_step`.", "",
+           "| arm | seed | checkpoint | test scaled acc | val scaled acc | " +
+           " | ".join(f"test {k}" for k in slices) + " |", "|---|---|---|---|---|" + "---|" * len(slices)]
+    for arm, runs in done.items():
+        if not runs:
+            out.append(f"| {arm} | not run yet | | | |" + " |" * len(slices))
+        for r in sorted(runs, key=lambda r: r["seed"]):
+            m = r["m"]
+            out.append("| " + " | ".join([arm, str(r["seed"]),
+                                          f"{m.get('trial/checkpoint', '?')} (step {int(m.get('train/selected_step', 0)):,})",
+                                          _fmt(m.get("test/acc_scaled")), _fmt(m.get("val/acc_scaled"))]
+                                         + [_fmt(m.get(f"test/acc@{k}")) for k in slices]) + " |")
+    return "\n".join(out)
+
+
 BLOCKS = {"paper_expressivity": expressivity_table, "mqar_windows": mqar_table}
+RECIPES = ("hqlt_recipe_parity", "hqlt_recipe_mod_arith", "zoology_fig2_mqar")   # in progress: per-seed records
 
 
 def main(argv=None) -> int:
@@ -162,6 +197,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     root = Path(args.root)
     tables = {name: fn(root / name) for name, fn in BLOCKS.items() if (root / name / MLFLOW_DB).exists()}
+    tables.update({name: recipe_progress_table(root / name) for name in RECIPES
+                   if (root / name / RESULTS_DIR).is_dir()})
     if args.print:
         for name, text in tables.items():
             print(f"## {name}\n\n{text}\n")
