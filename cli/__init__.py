@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from hqlt.blocks.validation import ConfigError
@@ -80,6 +81,30 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"hqlt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:   # an MLflow store or server problem: one line, not a traceback
+        line = mlflow_error_line(exc)
+        if line is None:
+            raise
+        print(f"hqlt {args.command}: error: {line}", file=sys.stderr)
+        return 2
 
 
-__all__ = ["build_parser", "main"]
+def mlflow_error_line(exc: BaseException) -> str | None:
+    """One line for an ``MlflowException`` (None for anything else). A database whose schema this MLflow does
+    not know is named as what it usually is here: a store written by another MLflow version (e.g. a sweep folder
+    from a GPU host), which ``mlflow db upgrade`` cannot open when that version is newer."""
+    errors = sys.modules.get("mlflow.exceptions")   # loaded when MLflow raised it; never imported here
+    if errors is None or not isinstance(exc, errors.MlflowException):
+        return None
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "out-of-date database schema" in text:
+        found = re.search(r"found version (\w+), but expected (\w+)", text)
+        schema = f" (schema {found.group(1)}, this MLflow expects {found.group(2)})" if found else ""
+        installed = getattr(sys.modules.get("mlflow"), "__version__", "")
+        return (f"MLflow {installed} cannot read this database{schema}: it was written by another MLflow version. "
+                "Open it with that version (pip install mlflow==<version>), or, if it is the older one, "
+                "`mlflow db upgrade` a copy")
+    return f"MLflow: {text}"
+
+
+__all__ = ["build_parser", "main", "mlflow_error_line"]

@@ -175,12 +175,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except (_InputError, ConfigError, ReportError, ObjectiveSpecError) as e:
         return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except Exception as e:  # MLflow store/server problems: one line, not a traceback
-        from mlflow.exceptions import MlflowException
-
-        if not isinstance(e, MlflowException):
-            raise
-        return fail(f"MLflow: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    # MLflow store/server problems: one line, from hqlt.cli.main
 
     print(result.table)
     print()

@@ -49,3 +49,26 @@ def test_callback_finds_the_folder_it_runs_in_after_unpickling(tmp_path, monkeyp
         assert sweep_folder.current_sweep_dir() == where.resolve()
         assert pickle.loads(saved).cl == f"sqlite:///{where.resolve() / 'mlflow.db'}"
     assert pickle.loads(pickle.dumps(MlflowSweepCallback("http://server:5000", "exp", "p"))).cl == "http://server:5000"
+
+
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_a_database_from_another_mlflow_version_is_one_line(tmp_path, command):
+    """A sweep folder whose mlflow.db has a schema this MLflow does not know (here: a made-up revision, as a
+    database from a newer MLflow on a GPU host has): one error line naming the versions, exit 2, no traceback."""
+    import shutil
+    import sqlite3
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "reports" / "results" / "paper_expressivity"
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    for name in ("mlflow.db", "spec.yaml", "sweep.json"):
+        shutil.copy(src / name, folder / name)
+    with sqlite3.connect(folder / "mlflow.db") as db:
+        db.execute("update alembic_version set version_num = 'ffffffffffff'")
+    args = [command, str(folder)] + (["--no-log"] if command == "report" else [])
+    proc = subprocess.run([sys.executable, "-m", "hqlt.cli", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"hqlt {command}: error: MLflow ") and "schema ffffffffffff" in lines[0]
