@@ -217,8 +217,9 @@ def bench_shape(B: int, T: int, args) -> dict:
     print(f"  fused vs fla: {json.dumps(err)}", flush=True)
 
     if args.sweep:
-        row["fused_fwd_sweep"] = _config_sweep("sweep", SWEEP, fused_fwd, row["fused_fwd"], args)
-        row["fused_bwd_sweep"] = _config_sweep("bwd sweep", BWD_SWEEP, fused_bwd, row["fused_bwd_only"], args)
+        n = args.sweep_first
+        row["fused_fwd_sweep"] = _config_sweep("sweep", SWEEP[:n], fused_fwd, row["fused_fwd"], args)
+        row["fused_bwd_sweep"] = _config_sweep("bwd sweep", BWD_SWEEP[:n], fused_bwd, row["fused_bwd_only"], args)
     del q, k, v, beta, leaves, grads, o_kv, aux
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -312,6 +313,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the fused config sweep")
+    p.add_argument("--sweep-first", type=int, default=None, metavar="N",
+                   help="time only the first N entries of each config sweep (the combined ones come first)")
     p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test under TRITON_INTERPRET=1
     args = p.parse_args(argv)
