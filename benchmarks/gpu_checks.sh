@@ -19,8 +19,9 @@
 #                    after): the 4 trials sharing the card run their kernels side by side instead of in turns
 #   compile_bench    `hqlt bench model --compile on` (custom ops: no graph breaks in the HQLT blocks)
 #   recipe           the published-budget preset $RECIPE (e.g. hqlt_recipe_parity), resumed from the committed
-#                    folder reports/results/$RECIPE when there is one, stopped by SIGINT at its cap (it stays
-#                    resumable); its archive is $RECIPE.tgz: unpack it into reports/results/$RECIPE and commit it.
+#                    folder reports/results/$RECIPE when there is one, stopped by SIGINT at its cap, or as soon
+#                    as a seed has finished and another would not finish before the cap (it stays resumable; the
+#                    rest of the call is handed back); its archive is $RECIPE.tgz: unpack it into reports/results/$RECIPE and commit it.
 #                    $RECIPE_ARGS are passed on (e.g. sweep.resources.gpu=1)
 #
 # One Triton cache for all stages (OUT_DIR/triton): fla autotunes every new kernel shape for minutes on a fresh
@@ -48,6 +49,33 @@ expr_sweep() {  # expr_sweep ENGINE CAP NAME: paper_expressivity, 300 steps, 1 s
     base.train.engine=$1 base.train.steps=300 base.train.warmup_steps=30 base.train.eval_every=300 \
     base.task.eval_size=2048 2>&1 | tee "$OUT/engine_sweep_$3.log" | tail -12
   keep "$OUT/sweeps/expr_$3"
+}
+
+sweep_until() {  # sweep_until CAP LOG SPEC --dir DIR [ARGS]: `hqlt sweep`, stopped resumably (SIGINT) at CAP seconds,
+  # or sooner: when a seed has just finished and another one as long (its time/train_s + 30 s) would not end before
+  # CAP, the sweep stops then and the rest of the call is handed back instead of spent on a seed that dies unfinished.
+  local cap=$1 log=$2 dir=$5 t0 pid seen n now need
+  shift 2
+  t0=$(date +%s)
+  hqlt sweep "$@" > "$log" 2>&1 &
+  pid=$!
+  seen=$(find "$dir/results" -name '*.seed*.json' 2>/dev/null | wc -l)
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 5
+    now=$(( $(date +%s) - t0 ))
+    if [ "$now" -ge "$cap" ]; then echo "cap of $cap s reached: stopping the sweep"; kill -INT "$pid"; break; fi
+    n=$(find "$dir/results" -name '*.seed*.json' 2>/dev/null | wc -l)
+    [ "$n" -gt "$seen" ] || continue
+    seen=$n
+    need=$(python -c "import glob, json, os; f = max(glob.glob('$dir/results/*.seed*.json'), key=os.path.getmtime); \
+print(int(json.load(open(f))['result']['metrics'].get('time/train_s', 0)) + 30)")
+    if [ $(( now + need )) -gt "$cap" ]; then
+      echo "seed record $n at $now s; another seed needs about $need s, past the $cap s cap: stopping the sweep now"
+      kill -INT "$pid"
+      break
+    fi
+  done
+  wait "$pid"
 }
 
 cap() {  # cap STAGE DEFAULT: the stage's time cap
@@ -95,8 +123,9 @@ for stage in $STAGES; do
       if [ -f "reports/results/$name/sweep.json" ]; then
         cp -r "reports/results/$name" "$OUT/sweeps/$name" && echo "resuming reports/results/$name"
       fi
-      timeout -s INT "$(cap $stage 540)" hqlt sweep "search_space/presets/$name.yaml" --dir "$OUT/sweeps/$name" \
-        --verbose 0 ${RECIPE_ARGS:-} 2>&1 | tee "$OUT/recipe_$name.log" | tail -25
+      sweep_until "$(cap $stage 540)" "$OUT/recipe_$name.log" "search_space/presets/$name.yaml" --dir "$OUT/sweeps/$name" \
+        --verbose 0 ${RECIPE_ARGS:-}
+      tail -25 "$OUT/recipe_$name.log"
       hqlt status "$OUT/sweeps/$name" 2>&1 | tail -15
       keep "$OUT/sweeps/$name" ;;
     compile_bench)

@@ -54,21 +54,30 @@ def assert_opcheck(op, args) -> None:
 
 
 # ------------------------------------------------------------------------------ op registry watch
-def hqlt_op_libraries() -> dict[str, bool]:
-    """Per ``hqlt::`` custom op: whether the registration its module holds is still the live one. False: the op
-    was defined again (``torch.library.custom_op`` then destroys the first registration, and calls through the
-    first module's op object read freed memory) or its library was destroyed."""
+def hqlt_op_libraries(ops=None) -> dict[str, bool]:
+    """Per ``hqlt::`` custom op: whether the registration held by ``ops`` (default: the op objects of
+    ``hqlt.kernels.ops`` and ``hqlt.kernels.fused.ops``, and the one ``hqlt.kernels.fused.autograd`` holds when it
+    is loaded) is still the live one. False: the op was defined again (``torch.library.custom_op`` then
+    destroys the first registration, and calls through an op object made before read freed memory) or its
+    library was destroyed."""
+    import sys
+
     from torch._library import custom_ops
 
-    from . import ops as kernel_ops
-    from .fused import autograd as fused_autograd
-    from .fused import ops as fused_ops
-    # the op objects the callers hold (a module executed again rebinds its own names, not its importers')
-    held = [fused_autograd.fused_sync_hybrid, fused_ops.fused_sync_hybrid_backward, kernel_ops.hybrid_memory_op,
-            kernel_ops.hybrid_memory_backward_op, kernel_ops.kv_memory_op, kernel_ops.kv_memory_backward_op,
-            kernel_ops.fw_memory_op, kernel_ops.fw_memory_backward_op]
-    return {op._qualname: custom_ops.OPDEF_TO_LIB.get(op._qualname) is op._lib and op._lib.m is not None
-            for op in held}
+    if ops is None:
+        from . import ops as kernel_ops
+        from .fused import ops as fused_ops
+        ops = [fused_ops.fused_sync_hybrid, fused_ops.fused_sync_hybrid_backward, kernel_ops.hybrid_memory_op,
+               kernel_ops.hybrid_memory_backward_op, kernel_ops.kv_memory_op, kernel_ops.kv_memory_backward_op,
+               kernel_ops.fw_memory_op, kernel_ops.fw_memory_backward_op]
+        autograd = sys.modules.get(f"{__package__}.fused.autograd")   # imports triton: only when already loaded
+        if autograd is not None:
+            ops.append(autograd.fused_sync_hybrid)
+    live: dict[str, bool] = {}
+    for op in ops:
+        ok = custom_ops.OPDEF_TO_LIB.get(op._qualname) is op._lib and op._lib.m is not None
+        live[op._qualname] = live.get(op._qualname, True) and ok
+    return live
 
 
 def watch_op_registry(log) -> None:
