@@ -33,6 +33,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -97,7 +98,8 @@ def _grad_step(forward, leaves, grads):
     return step
 
 
-def bench_shape(B: int, T: int, args) -> dict:
+def bench_shape(B: int, T: int, args, row: dict) -> dict:
+    """Fill ``row`` as each timing ends (a run stopped midway keeps what it measured) and return it."""
     import torch.nn.functional as F
 
     from hqlt.kernels import available_backends, hybrid_memory
@@ -116,8 +118,8 @@ def bench_shape(B: int, T: int, args) -> dict:
     beta = (2 * torch.sigmoid(randn(B, T, H).float())).to(torch.bfloat16)
     grads = [randn(B, T, H, d), randn(B, T, H, d)]
     leaves = [x.detach().requires_grad_() for x in (q, k, v, beta)]
-    row: dict = {"batch": B, "seq_len": T, "heads": H, "head_dim": d, "window": W,
-                 "config": FL.default_config(B, H, d, d, dev)}
+    row.update({"batch": B, "seq_len": T, "heads": H, "head_dim": d, "window": W,
+                "config": FL.default_config(B, H, d, d, dev)})
     print(f"B={B} T={T} H={H} d={d} W={W} bf16; fused config {row['config']}", flush=True)
 
     def fused_fwd(config=None, stages=3):
@@ -218,8 +220,9 @@ def bench_shape(B: int, T: int, args) -> dict:
 
     if args.sweep:
         n = args.sweep_first
-        row["fused_fwd_sweep"] = _config_sweep("sweep", SWEEP[:n], fused_fwd, row["fused_fwd"], args)
-        row["fused_bwd_sweep"] = _config_sweep("bwd sweep", BWD_SWEEP[:n], fused_bwd, row["fused_bwd_only"], args)
+        _config_sweep("sweep", SWEEP[:n], fused_fwd, row["fused_fwd"], args, row.setdefault("fused_fwd_sweep", []))
+        _config_sweep("bwd sweep", BWD_SWEEP[:n], fused_bwd, row["fused_bwd_only"], args,
+                      row.setdefault("fused_bwd_sweep", []))
     del q, k, v, beta, leaves, grads, o_kv, aux
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -283,9 +286,9 @@ def _fw_bwd_variants(fused_fb, fused_bwd, FL, q, k, v, beta, o_kv, aux, grads, W
     return out
 
 
-def _config_sweep(label: str, overrides, make, default: dict, args) -> list[dict]:
-    """Time make(config=override) for each override; print each and the best against the default."""
-    sweep = []
+def _config_sweep(label: str, overrides, make, default: dict, args, sweep: list) -> list[dict]:
+    """Time make(config=override) for each override, appending each to ``sweep`` as it ends; print each and
+    the best against the default."""
     for override in overrides:
         r = _time(make(config=override), args)
         sweep.append({"override": override, **r})
@@ -335,14 +338,25 @@ def main(argv=None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({**meta, "results": rows}, indent=1))
 
+    def stopped(signum, _frame):   # `timeout` (SIGTERM) or Ctrl-C: write what was measured, marked as stopped
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stopped)
     for B, T in args.shapes:
+        row: dict = {"batch": B, "seq_len": T}
+        rows.append(row)
         try:
-            rows.append(bench_shape(B, T, args))
+            bench_shape(B, T, args, row)
+        except KeyboardInterrupt as exc:
+            row["stopped"] = f"stopped midway ({exc or 'SIGINT'}): the keys present were measured"
+            save()
+            print(f"B={B} T={T}: {row['stopped']}", file=sys.stderr, flush=True)
+            return 130
         except Exception as exc:  # e.g. OOM while building inputs: report and go on
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            rows.append({"batch": B, "seq_len": T, "error": f"{type(exc).__name__}: {exc}"[:400]})
-            print(f"B={B} T={T}: failed: {rows[-1]['error']}", flush=True)
+            row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+            print(f"B={B} T={T}: failed: {row['error']}", flush=True)
         save()
     if args.out:
         print(f"# results: {args.out}")
