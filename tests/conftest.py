@@ -7,15 +7,12 @@ import pytest
 
 WATCH = os.environ.get("HQLT_OP_WATCH")
 if WATCH:
-    from hqlt.kernels.testing import watch_op_registry
+    from hqlt.kernels.testing import hqlt_op_libraries, watch_op_registry
     watch_op_registry(WATCH)
 
-
-@pytest.fixture(autouse=True)
-def _op_registry_after_each_test(request):
-    yield
-    if WATCH:
-        from hqlt.kernels.testing import hqlt_op_libraries
+    @pytest.fixture(autouse=True)
+    def _op_registry_after_each_test(request):
+        yield
         broken = sorted(name for name, live in hqlt_op_libraries().items() if not live)
         with open(WATCH, "a") as fh:
             fh.write(f"after {request.node.nodeid}: {'ops intact' if not broken else 'NOT LIVE ' + ' '.join(broken)}\n")

@@ -166,7 +166,7 @@ def recipe_progress_table(folder: Path) -> str:
         result = json.loads(path.read_text())["result"]
         m = result["metrics"]
         done.setdefault(arm_name(result["config"]["model"]), []).append(
-            {"seed": result["config"]["seed"], "m": m, "status": result["status"]})
+            {"seed": result["config"]["seed"], "m": m})
     slices = sorted({k.removeprefix("test/acc@") for r in sum(done.values(), []) for k in r["m"]
                      if k.startswith("test/acc@")}, key=lambda k: int(re.findall(r"\d+", k)[0]))
     steps = spec["base"]["train"]["steps"]
