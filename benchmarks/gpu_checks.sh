@@ -51,11 +51,15 @@ expr_sweep() {  # expr_sweep ENGINE CAP NAME: paper_expressivity, 300 steps, 1 s
   keep "$OUT/sweeps/expr_$3"
 }
 
-sweep_until() {  # sweep_until CAP LOG SPEC --dir DIR [ARGS]: `hqlt sweep`, stopped resumably (SIGINT) at CAP seconds,
-  # or sooner: when a seed has just finished and another one as long (its time/train_s + 30 s) would not end before
-  # CAP, the sweep stops then and the rest of the call is handed back instead of spent on a seed that dies unfinished.
-  local cap=$1 log=$2 dir=$5 t0 pid seen n now need
+sweep_until() {  # sweep_until CAP LOG SPEC --dir DIR [ARGS]: `hqlt sweep`, stopped resumably (SIGINT) at CAP seconds.
+  # A sweep without seed snapshots (sweep.snapshot_minutes null) loses an unfinished seed, so it stops sooner: when a
+  # seed has just finished and another one as long (its time/train_s + 30 s) would not end before CAP, the sweep stops
+  # then and the rest of the call is handed back. With snapshots the next run goes on from the last one.
+  local cap=$1 log=$2 dir=$5 t0 pid seen n now need snapshots
   shift 2
+  snapshots=$(python -c "import sys; from hqlt.search_space import load_spec; from hqlt.orchestration.space_hooks import HOOKS; \
+a = sys.argv[1:]; o = [x for x in a[1:] if '=' in x and not x.startswith('-')]; \
+print(int(load_spec(a[0], o, hooks=HOOKS).sweep.snapshot_minutes is not None))" "$@" 2>/dev/null || echo 0)
   t0=$(date +%s)
   hqlt sweep "$@" > "$log" 2>&1 &
   pid=$!
@@ -64,6 +68,7 @@ sweep_until() {  # sweep_until CAP LOG SPEC --dir DIR [ARGS]: `hqlt sweep`, stop
     sleep 5
     now=$(( $(date +%s) - t0 ))
     if [ "$now" -ge "$cap" ]; then echo "cap of $cap s reached: stopping the sweep"; kill -INT "$pid"; break; fi
+    [ "$snapshots" = 1 ] && continue
     n=$(find "$dir/results" -name '*.seed*.json' 2>/dev/null | wc -l)
     [ "$n" -gt "$seen" ] || continue
     seen=$n

@@ -20,7 +20,8 @@ eager at its step and by static/graph at the next log/eval point (the trainer re
 
 Both engines take host batches (from `prefetch.BatchStream`) and copy them to the device themselves. The
 interface the trainer uses: ``name``, ``sync_every_step``, ``step(batch, step)``, ``flush(step)`` ->
-(losses of the steps since the last flush, in order; grad norm of the last step) and ``metrics()``.
+(losses of the steps since the last flush, in order; grad norm of the last step) and ``metrics()``; a seed snapshot
+(seed_snapshot.py) adds ``state_dict()`` and ``resume(state, step)``, which goes on at `step` from a saved state.
 """
 from __future__ import annotations
 
@@ -83,6 +84,12 @@ class EagerStep:
         out, self._losses = self._losses, []
         return out, self._grad_norm
 
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def resume(self, state: dict, step: int) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
     def metrics(self) -> dict:
         return {"trial/engine": self.name, "train/cuda_graph": 0.0}
 
@@ -137,6 +144,7 @@ class StaticStep:
         self._side = None
         self._done = 0  # steps run (host count)
         self._read = 0  # steps already handed to the trainer by flush
+        self._first = 0  # the step this engine started at (a resumed seed's)
 
     # ---- the step -----------------------------------------------------------------------------------
     def _body(self) -> None:
@@ -177,7 +185,7 @@ class StaticStep:
         self.load(batch)
         if not self.capture:
             self._body()
-        elif self.graph is None and self._done < self.warmup_steps:
+        elif self.graph is None and self._done - self._first < self.warmup_steps:
             self._warmup_step()
         elif self.graph is not None or self._capture():
             self.graph.replay()
@@ -218,6 +226,23 @@ class StaticStep:
         self.graph = graph
         self.capture_s = time.perf_counter() - t0
         return True
+
+    # ---- seed snapshots ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def resume(self, state: dict, step: int) -> None:
+        """Go on at `step` (before any step of this engine): the optimizer state, the device step counter."""
+        if self._done or self.graph is not None:
+            raise RuntimeError(f"the {self.name} engine resumes only before its first step")
+        if not 0 <= step < len(self.schedule):
+            raise ValueError(f"resume at step {step}: the schedule has steps 0..{len(self.schedule) - 1}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # loading replaced it with the saved value: the schedule writes here
+            group["lr"] = self.lr
+        self.lr.copy_(self.schedule[step])
+        self.index.fill_(step)
+        self._done = self._read = self._first = step
 
     # ---- metrics --------------------------------------------------------------------------------------
     def flush(self, step: int) -> tuple[list[float], float]:

@@ -14,6 +14,10 @@ work instead of adding to the step. The consumer pins each batch (page-locked me
 host-to-device copy asynchronous); the producer never calls CUDA, because a CUDA call from another thread while
 the graph engine captures can invalidate the capture. On CPU the stream is synchronous by default (no thread
 competing with torch's intra-op threads).
+
+`position()` is where the stream stands after the batches taken so far (their count, the Generator's state and the
+task's `stream_state`), recorded as each batch is made, so a prefetching producer's lead does not show; a stream
+built with `start=` that position goes on with the very batches the first would have made next (seed snapshots).
 """
 from __future__ import annotations
 
@@ -34,12 +38,17 @@ class _Failed:
 
 class BatchStream:
     def __init__(self, task: Task, batch_size: int, rng: np.random.Generator, *, count: int, device,
-                 depth: Optional[int] = None):
+                 depth: Optional[int] = None, start: Optional[dict] = None):
         self.task, self.batch_size, self.rng, self.count = task, batch_size, rng, count
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
         self.depth = (3 if self.device.type == "cuda" else 0) if depth is None else depth
         self.taken = 0
+        if start is not None:
+            rng.bit_generator.state = start["rng"]
+            task.restore_stream_state(rng, start["task"])
+            self.taken = int(start["taken"])
+        self._position = self._made()
         self.closed = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -48,10 +57,18 @@ class BatchStream:
             self._thread = threading.Thread(target=self._produce, name="hqlt-batches", daemon=True)
             self._thread.start()
 
+    def _made(self) -> tuple:
+        """(Generator state, task stream state) after the batches made so far."""
+        return self.rng.bit_generator.state, self.task.stream_state(self.rng)
+
+    def _make(self) -> tuple:
+        batch = self.task.train_batch(self.batch_size, self.rng)
+        return batch, self._made()
+
     def _produce(self) -> None:
         try:
-            for _ in range(self.count):
-                item = self.task.train_batch(self.batch_size, self.rng)
+            for _ in range(self.count - self.taken):
+                item = self._make()
                 while not self._put(item):
                     if self._stop.is_set():
                         return
@@ -70,17 +87,22 @@ class BatchStream:
         if self.closed or self.taken >= self.count:
             raise StopIteration("the stream is closed" if self.closed else f"all {self.count} batches were taken")
         if self._thread is None:
-            batch = self.task.train_batch(self.batch_size, self.rng)
+            batch, self._position = self._make()
         else:
             item = self._queue.get()
             if isinstance(item, _Failed):
                 self.taken = self.count
                 raise item.exc
-            batch = item
+            batch, self._position = item
         self.taken += 1
         if self.pin:
             batch = Batch(batch.inputs.pin_memory(), batch.targets.pin_memory(), batch.slices)
         return batch
+
+    def position(self) -> dict:
+        """Where the stream stands after the batches taken so far (`start=` of a stream that goes on from there)."""
+        rng, task = self._position
+        return {"taken": self.taken, "rng": rng, "task": task}
 
     def __iter__(self):
         while self.taken < self.count:

@@ -43,6 +43,15 @@ class Checkpoints:
         if self.inner is not None:
             self.inner(metrics)
 
+    def state_dict(self) -> dict:
+        """What a seed snapshot keeps of the selection (the best evaluation so far and its weights)."""
+        return {"best": self.best, "best_step": self.best_step, "best_state": self.best_state,
+                "best_eval": self.best_eval}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.best_state, self.best_eval = state["best_state"], dict(state["best_eval"])
+
     def finish(self, final: dict, device) -> dict:
         """The final record: `final` (the trainer's last metrics), with the selected checkpoint's validation
         metrics and the test metrics of its weights."""

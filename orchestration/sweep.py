@@ -7,7 +7,8 @@ Sweep folder layout (everything a resume needs):
     optuna.log      Optuna journal (the study)
     mlflow.db       embedded MLflow store (unless --tracking-uri)
     ray/            Ray Tune experiment state (Tuner.restore)
-    results/        per trial: the final result (<trial_id>.json) and each completed seed (.seed<i>.json)
+    results/        per trial: the final result (<trial_id>.json), each completed seed (.seed<i>.json) and, with
+                    sweep.snapshot_minutes, the running seed's snapshot (.seed<i>.snapshot.pt, seed_snapshot.py)
     gpu_util.csv    GPU utilization sampled by the driver (gpu_monitor), one segment per run
     cache/          Triton / Inductor compile caches shared by all trials (not needed to resume)
 Parent-run metrics (step k: the k-th run of the sweep): sweep/wall_s (all runs), sweep/run_wall_s, sweep/n_<status>,

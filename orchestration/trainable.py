@@ -19,6 +19,9 @@ from hqlt.search_space.vocabulary import (BOOKKEEPING_PREFIX, COMPLETED, INFEASI
                                           REPLAYED_KEY, RUNNING, SEED_OF_PREFIX, SEED_STATS, SELECTED_SEED, TIME_TRAINABLE,
                                           TRIAL_NODE, seed_metric, seed_stat_metric)
 
+from .seed_snapshot import SeedSnapshot
+from .trial_config import config_hash
+
 DONE_KEY = "trial/done"
 # Pure-KV full attention and pure DeltaNet arms are drawn as baselines in the Pareto plots.
 BASELINES = {"T": "transformer", "dn": "deltanet"}
@@ -73,9 +76,16 @@ class SeedRecords:
         return TrialResult(**data["result"])
 
     def save(self, i: int, config: dict, result) -> None:
+        """Record a completed seed (and drop its snapshot: the record supersedes it)."""
         if result.status != COMPLETED:
             return
         write_json_atomic(self._path(i), {"input": config, "result": result.as_dict()})
+        self.snapshot(i, config, 0).remove()
+
+    def snapshot(self, i: int, config: dict, minutes: float) -> SeedSnapshot:
+        """Seed i's snapshot file (``<folder>/<trial_id>.seed<i>.snapshot.pt``), for exactly this seed config."""
+        return SeedSnapshot(self.folder / f"{self.trial_id}.seed{i}.snapshot.pt", minutes,
+                            config_hash(json.loads(json.dumps(config, default=str))))
 
 
 def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggregate: str, report,
@@ -86,7 +96,8 @@ def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggreg
     result are one report: a scheduler's `max_t` then counts evaluations (seeds × evaluations per seed);
     that report's metrics are the seed-aggregated ones only (`summarize_seeds`), never the last seed's.
     With `records`, seeds completed by an earlier run of this trial are taken from disk, not retrained.
-    `probe_dir`: the sweep folder's probe cache (orchestration/cost.py), shared by seeds and trials."""
+    `probe_dir`: the sweep folder's probe cache (orchestration/cost.py), shared by seeds and trials. With `records`
+    and `spec.sweep.snapshot_minutes` set, a seed stopped part-way goes on from its snapshot (seed_snapshot.py)."""
     from hqlt.search_space import materialize
 
     from .trial import run_trial
@@ -112,7 +123,9 @@ def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggreg
         seed_config = {**plain, "seed": base_seed + i}
         result = records.load(i, seed_config) if records is not None else None
         if result is None:
-            result = run_trial(seed_config, report=seed_report, probe_dir=probe_dir)
+            minutes = spec.sweep.snapshot_minutes
+            snapshot = records.snapshot(i, seed_config, minutes) if records is not None and minutes is not None else None
+            result = run_trial(seed_config, report=seed_report, probe_dir=probe_dir, snapshot=snapshot)
             if records is not None:
                 records.save(i, seed_config, result)
         results.append(result)

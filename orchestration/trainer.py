@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hqlt.search_space.vocabulary import NAN, TIME_TRAIN, as_test_metric
+from hqlt.search_space.vocabulary import NAN, RESUMED_STEP, TIME_TRAIN, as_test_metric
 
 from .engine import EagerStep, StaticStep, resolve_engine
 from .prefetch import BatchStream
+from .seed_snapshot import SeedSnapshot, rng_state, set_rng_state
 from .tasks.base import Batch, Task, per_example_accuracy, slice_metrics
 from .trial_config import TrainConfig
 
@@ -147,26 +148,43 @@ def make_engine(model, cfg: TrainConfig, device, *, seq_len: int, step_fn: Optio
 def train(model, task: Task, cfg: TrainConfig, *, device, data_seed: int, order_seed: int,
           report: Optional[Report] = None, constant_metrics: Optional[dict] = None,
           progress: Optional[Callable[[int, dict], None]] = None, step_fn: Optional[Callable] = None,
-          fault: Optional[tuple] = None, boundary: Optional[Callable[[int], None]] = None) -> dict:
+          fault: Optional[tuple] = None, boundary: Optional[Callable[[int], None]] = None,
+          snapshot: Optional[SeedSnapshot] = None, snapshot_parts: Optional[dict] = None) -> dict:
     """Train `model` on `task`; returns the last metrics. `constant_metrics` (throughput, sizes) are added
     to every report so that each one carries every objective key. `step_fn` replaces `train_step` (fault
     injection in tests; eager engine), `fault` = (kind, step) injects the same faults into the static/graph
     engines. The eager engine hands back each step's loss at once; the static/graph engines keep losses on the
     device and are read at log points (every `log_every` steps) and evaluation points, where a NaN/Inf loss is
     found with the range of steps it hides in. `boundary(step)` is called before each step (the card lock of
-    `cost.TrainerGate`: a pause while another trial's throughput probe measures)."""
+    `cost.TrainerGate`: a pause while another trial's throughput probe measures).
+
+    `snapshot` (seed_snapshot.py): go on from its saved state if it holds one for this config, and save the state at
+    evaluations as `snapshot.due()` says (not at the last one: the seed then ends). `snapshot_parts`: {name: object
+    with state_dict() / load_state_dict()} saved and restored with it (the checkpoint selection)."""
     constant_metrics = dict(constant_metrics or {})
+    device = torch.device(device)
+    parts = dict(snapshot_parts or {})
     engine = make_engine(model, cfg, device, seq_len=task.train_seq_len, step_fn=step_fn, fault=fault)
+    saved = snapshot.load() if snapshot is not None else None
+    first = int(saved["step"]) if saved is not None else 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        engine.resume(saved["engine"], first)
+        for name, part in parts.items():
+            part.load_state_dict(saved["parts"][name])
+        set_rng_state(saved["rng"], device)
+    if snapshot is not None:
+        constant_metrics[RESUMED_STEP] = float(first)
     batches = BatchStream(task, cfg.batch_size, np.random.default_rng([data_seed, order_seed]), count=cfg.steps,
-                          device=device)
+                          device=device, start=saved["stream"] if saved is not None else None)
     model.train()
-    last_eval: dict = {}
-    losses: list[float] = []
-    grad_norm, checked = float("nan"), 0
-    start = time.perf_counter()
+    last_eval: dict = dict(saved["last_eval"]) if saved is not None else {}
+    losses: list[float] = list(saved["losses"]) if saved is not None else []
+    grad_norm, checked = (float(saved["grad_norm"]), first) if saved is not None else (float("nan"), 0)
+    start = time.perf_counter() - (float(saved["train_s"]) if saved is not None else 0.0)
     metric, target = cfg.early_stop.metric, cfg.early_stop.value
     try:
-        for step in range(cfg.steps):
+        for step in range(first, cfg.steps):
             if boundary is not None:
                 boundary(step)
             engine.step(batches.next(), step)
@@ -198,6 +216,12 @@ def train(model, task: Task, cfg: TrainConfig, *, device, data_seed: int, order_
                     progress(step + 1, metrics)
                 if stop:
                     return metrics
+                if snapshot is not None and not done and snapshot.due():
+                    snapshot.save({"step": step + 1, "model": model.state_dict(), "engine": engine.state_dict(),
+                                   "stream": batches.position(), "losses": losses[-cfg.log_every:],
+                                   "last_eval": last_eval, "grad_norm": grad_norm,
+                                   "train_s": time.perf_counter() - start, "rng": rng_state(device),
+                                   "parts": {name: part.state_dict() for name, part in parts.items()}})
             elif progress is not None and at_log:
                 progress(step + 1, {"train/loss": float(np.mean(losses[-cfg.log_every:])), **last_eval})
     finally:

@@ -20,6 +20,7 @@ from hqlt.search_space.vocabulary import (COMPLETED, FAILED, OOM, PHASE_PROBE, P
 
 from . import trainer
 from .cost import run_probe, trainer_gate
+from .seed_snapshot import SeedSnapshot
 from .selection import Checkpoints
 from .space_hooks import model_metrics
 from .tasks import make_task
@@ -75,9 +76,10 @@ def _phase(phase: Optional[Callable[[str], None]], name: str) -> None:
 
 def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None]] = None,
               progress: Optional[Callable[[int, dict], None]] = None, probe_dir=None,
-              phase: Optional[Callable[[str], None]] = None) -> TrialResult:
+              phase: Optional[Callable[[str], None]] = None, snapshot: Optional[SeedSnapshot] = None) -> TrialResult:
     """`probe_dir`: the sweep folder's `probes/` (cost.py: the probe's cache and card locks); None outside a sweep.
-    `phase(name)`: called as each phase starts (vocabulary PHASE_PROBE, PHASE_TRAIN, PHASE_TEST), for a progress bar."""
+    `phase(name)`: called as each phase starts (vocabulary PHASE_PROBE, PHASE_TRAIN, PHASE_TEST), for a progress bar.
+    `snapshot`: the seed's snapshot file (seed_snapshot.py), resumed from and written during training; None: none."""
     t_start = time.perf_counter()
     cfg = config if isinstance(config, TrialConfig) else trial_config(config)
     seeds = cfg.seeds()
@@ -110,7 +112,8 @@ def run_trial(config: dict | TrialConfig, report: Optional[Callable[[dict], None
                                 order_seed=seeds["order"], report=checkpoints.report, constant_metrics=constant,
                                 progress=progress, step_fn=faulty_step(cfg) if cfg.fault else None,
                                 fault=(cfg.fault, cfg.fault_step) if cfg.fault else None,
-                                boundary=gate.open().boundary if gate is not None else None)
+                                boundary=gate.open().boundary if gate is not None else None,
+                                snapshot=snapshot, snapshot_parts={"checkpoints": checkpoints})
         _phase(phase, PHASE_TEST)
         metrics = checkpoints.finish(metrics, device)
         result.status = COMPLETED

@@ -188,6 +188,10 @@ def parse_sweep(raw: dict, file: str) -> SweepSettings:
         bad("sweep.seeds", f"got {s.seeds}; allowed: an integer >= 1")
     if s.max_concurrent is not None and s.max_concurrent < 1:
         bad("sweep.max_concurrent", f"got {s.max_concurrent}; allowed: an integer >= 1, or null (as many as resources allow)")
+    m = s.snapshot_minutes
+    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0):
+        bad("sweep.snapshot_minutes", f"got {m!r}; allowed: a number of minutes >= 0 (0: at every evaluation), or null "
+                                      "(no seed snapshots)")
     r = s.resources
     for key in ("cpu", "gpu"):
         v = getattr(r, key)

@@ -93,6 +93,10 @@ class SweepSettings:
     max_concurrent: Optional[int] = None  # null: as many as resources allow
     budgets: Budgets = field(default_factory=Budgets)
     order: Any = None  # null | one of ORDERS (grid only); null: longest_first with sampler grid (checked by parse)
+    # Seed snapshots (orchestration/seed_snapshot.py): a running seed saves its training state at the first evaluation
+    # at least this many minutes after its last snapshot (0: at every evaluation; null: never), into results/; a
+    # resumed sweep goes on from there instead of training the seed again from step 0.
+    snapshot_minutes: Optional[float] = None
 
     @property
     def grid_order(self) -> Optional[str]:
@@ -300,8 +304,9 @@ class SweepSpec:
 
 
 # Sweep keys that change how a sweep runs, not what it searches: changing them does not change the hash, so
-# a sweep can be resumed with more samples, other resources or another concurrency.
-OPERATIONAL_KEYS = ("num_samples", "resources", "max_concurrent")
+# a sweep can be resumed with more samples, other resources, another concurrency or another snapshot interval (a
+# resumed seed ends where an uninterrupted one would).
+OPERATIONAL_KEYS = ("num_samples", "resources", "max_concurrent", "snapshot_minutes")
 
 
 def spec_hash(spec: SweepSpec, exclude: Iterable[str] = OPERATIONAL_KEYS) -> str:

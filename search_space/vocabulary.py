@@ -119,6 +119,10 @@ PREDICTED_FLOPS = "trial/predicted_flops"
 CHECKPOINT = "trial/checkpoint"      # text: the policy
 SELECTED_STEP = "train/selected_step"  # the training step of those weights
 
+# A seed resumed from its seed snapshot (`sweep.snapshot_minutes`, orchestration/seed_snapshot.py): the step it went
+# on from (0: trained from the start). Only in the records of sweeps that take snapshots.
+RESUMED_STEP = "train/resumed_step"
+
 # Axis labels for plots and tables; a metric missing here is labelled by its name.
 METRIC_LABELS = {
     VAL_ACC: "validation accuracy",

@@ -194,6 +194,9 @@ def test_prefetch_thread_hands_errors_over_and_stops():
         def __init__(self):
             self.calls = 0
 
+        def stream_state(self, rng):
+            return {}
+
         def train_batch(self, batch_size, rng):
             self.calls += 1
             if self.calls == 3:

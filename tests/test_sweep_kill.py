@@ -130,7 +130,8 @@ def test_kill_anywhere_then_rerun_ends_like_an_uninterrupted_sweep(tmp_path):
 def test_ctrl_c_while_trials_run_leaves_the_sweep_open_and_a_rerun_ends_it(tmp_path):
     """SIGINT to the driver (Ctrl-C, `timeout -s INT`): Tune catches it and returns from fit() as if done. The sweep
     must not be marked finished then (it was, on an H200: `timeout -s INT` left "sweep finished: 2 trials (2
-    running)", and a rerun would have run nothing); the same command again resumes it to the end."""
+    running)", and a rerun would have run nothing); the same command again resumes it to the end. With seed snapshots
+    on (`sweep.snapshot_minutes: 0`), the interrupted seed goes on from its last snapshot, not from step 0."""
     import signal
 
     from killing import start, wait_for  # noqa: I001
@@ -147,6 +148,7 @@ def test_ctrl_c_while_trials_run_leaves_the_sweep_open_and_a_rerun_ends_it(tmp_p
           num_samples: {n}
           max_concurrent: 1
           resources: {{cpu: 1, gpu: 0}}
+          snapshot_minutes: 0
         """))
     sw, marker = tmp_path / "sw", tmp_path / "fault.json"
     args = ["sweep", spec, "--dir", sw, "--verbose", "0"]
@@ -168,3 +170,8 @@ def test_ctrl_c_while_trials_run_leaves_the_sweep_open_and_a_rerun_ends_it(tmp_p
     assert f"sweep finished: {n} trials ({n} completed)" in done.stdout, done.stdout + done.stderr[-3000:]
     assert json.loads((sw / "sweep.json").read_text())["finished"]["num_samples"] == n
     assert duplicate_rows(sw / "mlflow.db") == []
+    # Reports reach Ray one evaluation late: the second (step 20's) came at step 30, after step 20's snapshot.
+    resumed = sorted(json.loads(p.read_text())["result"]["metrics"]["train/resumed_step"]
+                     for p in (sw / "results").glob("*.seed0.json"))
+    assert resumed == [0.0] * (n - 1) + [20.0], resumed
+    assert not list((sw / "results").glob("*.snapshot.pt*"))

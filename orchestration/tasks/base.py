@@ -118,6 +118,15 @@ class Task(ABC):
     def train_batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
         """A fresh training batch of `batch_size` examples, T = self.train_seq_len."""
 
+    def stream_state(self, rng: np.random.Generator) -> dict:
+        """What, beyond `rng`'s own state, the next `train_batch(., rng)` depends on (a seed snapshot saves it after
+        each batch: keep it cheap, and replace arrays rather than change them in place). Most tasks draw each batch
+        from `rng` alone: {}."""
+        return {}
+
+    def restore_stream_state(self, rng: np.random.Generator, state: dict) -> None:
+        """Make `rng` (already holding its saved state) go on as the stream `state` was saved from."""
+
     @abstractmethod
     def _build_eval_sets(self) -> list[Batch]:
         """The whole validation set as one or more groups (batches never mix groups). Deterministic."""

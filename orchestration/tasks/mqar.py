@@ -237,6 +237,16 @@ class MQAR(Task):
         idx = np.concatenate(parts)
         return make_batch(x[idx], y[idx], {k: v[idx] for k, v in slices.items()})
 
+    def stream_state(self, rng: np.random.Generator) -> dict:
+        state = self._epochs.get(id(rng))
+        if self.config.num_train_examples is None or state is None or state[0] is not rng:
+            return {}
+        return {"order": state[1], "next": state[2]}  # `order` is replaced at each epoch, never changed in place
+
+    def restore_stream_state(self, rng: np.random.Generator, state: dict) -> None:
+        if state:
+            self._epochs[id(rng)] = [rng, np.asarray(state["order"], dtype=np.int64), int(state["next"])]
+
     def _build_eval_sets(self, seed: Optional[int] = None) -> list[Batch]:
         c = self.config
         out = []
