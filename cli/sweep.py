@@ -79,7 +79,7 @@ class status:  # noqa: N801
         from hqlt.orchestration import tracking
         from hqlt.orchestration.sweep import print_best_trials, summarize
         from hqlt.orchestration.sweep_folder import folder_in_use
-        from hqlt.search_space.vocabulary import REPORT_ARTIFACTS, REPORT_OBJECTIVES_TAG
+        from hqlt.search_space.vocabulary import REPORT_ARTIFACTS, REPORT_OBJECTIVES_TAG, RESULTS_DIR
 
         meta = _sweep_meta(args.dir)
         objectives = [tuple(o) for o in meta["objectives"]]
@@ -102,6 +102,12 @@ class status:  # noqa: N801
         elif meta.get("sweep_id") and not meta.get("finished"):  # (folders from before sweep ids: not known)
             print("not finished: its last run stopped before the end (killed or interrupted); run the same "
                   "`hqlt sweep` command (same spec, same --dir) to resume it")
+            results = Path(args.dir) / RESULTS_DIR
+            if any(results.glob("*.snapshot.pt")):  # torch only then
+                from hqlt.orchestration.seed_snapshot import snapshots_in
+
+                for trial, seed, step in snapshots_in(results):
+                    print(f"  trial {trial} seed {seed}: resumes at step {step:,} (seed snapshot)")
         # a whole report: its tags, and its last artifact (a report cut off by a kill has the tags at most)
         reported = parent is not None and REPORT_OBJECTIVES_TAG in parent.data.tags and REPORT_ARTIFACTS[-1] in {
             a.path for a in cl.list_artifacts(parent.info.run_id)}

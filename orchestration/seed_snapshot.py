@@ -74,6 +74,20 @@ class SeedSnapshot:
         self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
 
 
+def snapshots_in(results: Path) -> list[tuple[str, int, int]]:
+    """(trial id, seed index, step) of each seed snapshot in a sweep folder's results/ (memory-mapped: the weights
+    are not read), sorted; an unreadable file is left out."""
+    out = []
+    for path in sorted(Path(results).glob("*.seed*.snapshot.pt")):
+        trial, _, rest = path.name.partition(".seed")
+        try:
+            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+            out.append((trial, int(rest.split(".")[0]), step))
+        except Exception:  # noqa: BLE001
+            continue
+    return out
+
+
 def rng_state(device: torch.device) -> dict:
     out = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -87,4 +101,4 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-__all__ = ["FORMAT", "SeedSnapshot", "rng_state", "set_rng_state"]
+__all__ = ["FORMAT", "SeedSnapshot", "rng_state", "set_rng_state", "snapshots_in"]

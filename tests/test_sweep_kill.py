@@ -165,6 +165,7 @@ def test_ctrl_c_while_trials_run_leaves_the_sweep_open_and_a_rerun_ends_it(tmp_p
     assert "finished" not in json.loads((sw / "sweep.json").read_text())
     status = hqlt("status", sw, cwd=tmp_path)
     assert "not finished" in status.stdout, status.stdout
+    assert "seed 0: resumes at step 20 (seed snapshot)" in status.stdout, status.stdout
     done = hqlt(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"sweep finished: {n} trials ({n} completed)" in done.stdout, done.stdout + done.stderr[-3000:]
