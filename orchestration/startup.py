@@ -55,7 +55,7 @@ from hqlt.blocks import HybridLM, estimate, param_count
 from hqlt.blocks.validation import ConfigError
 
 from .tasks import make_task
-from .trial_config import trial_config
+from .trial_config import seed_config, trial_config
 
 MAX_PER_GPU = 8  # trials sharing one GPU at most under `gpu: auto`
 CONTEXT_BYTES = 600 * 2**20  # a CUDA context and the caching allocator's slack
@@ -445,6 +445,14 @@ def sweep_candidates(spec, limit: int = 2000, with_complete: bool = False):
     return (out, complete) if with_complete else out
 
 
+def remaining(configs: list[dict], finished: Iterable[str]) -> list[dict]:
+    """`configs` (plain trial configs) without those whose seed-0 config is in `finished` (labels)."""
+    from hqlt.search_space.spec import label
+
+    finished = set(finished)
+    return [c for c in configs if label(seed_config(c, 0)) not in finished] if finished else list(configs)
+
+
 # ---- probes before the trials -----------------------------------------------------------------------
 MAX_WARM_PROBES = 64  # distinct probe keys the warm-up measures at most (more: left to the trials)
 
@@ -525,7 +533,7 @@ def uses_gpus(spec) -> bool:
 
 
 def warm_sweep(spec, *, max_shapes: int = 32, time_budget_s: float = 1200.0, probe_dir=None,
-               probe_budget_s: float = 600.0) -> dict:
+               probe_budget_s: float = 600.0, finished: Iterable[str] = ()) -> dict:
     """`warm_kernel_cache` over the sweep's candidates in a one-GPU Ray task (Ray initialised with the sweep's
     environment; its worker processes inherit it), `$HQLT_WARM_WORKERS` workers; adds "gpu_mem_bytes" (the GPU's
     memory). Prints `warm_report`. {} when the spec uses no GPU or Ray has none, or — said in one line, the
@@ -535,13 +543,17 @@ def warm_sweep(spec, *, max_shapes: int = 32, time_budget_s: float = 1200.0, pro
     probes (`measure_probes`, within `probe_budget_s`) when the candidates are the whole space and it has at most
     min(sweep.num_samples, MAX_WARM_PROBES) distinct probes — every one of them a trial will need; the trials then
     read their value from the cache. Otherwise each probe is measured by the first trial that needs it, which
-    takes the card from the trials training on it (cost.py)."""
+    takes the card from the trials training on it (cost.py).
+
+    `finished`: labels of the seed-0 configs of trials a resumed sweep has finished (`trainable.finished_configs`);
+    those candidates are not warmed again (a shape they share with a remaining candidate still is)."""
     import ray
 
     if not uses_gpus(spec) or ray.cluster_resources().get("GPU", 0) < 1:
         return {}
     workers = warm_workers_setting()
     configs, complete = sweep_candidates(spec, with_complete=True)
+    configs = remaining(configs, finished)
     probe_limit = min(spec.sweep.num_samples, MAX_WARM_PROBES)
     measure_here = probe_dir is not None and complete
 

@@ -47,7 +47,7 @@ from .faults import fault_point
 from .sweep_folder import (RunClock, adopt_moved_folder, current_sweep_dir, hold_folder, new_sweep_id, read_meta,
                            repair_journal, update_meta, use_sweep_dir, write_meta)
 from .tracking import SERVER_URIS
-from .trainable import DONE_KEY, tune_trainable
+from .trainable import DONE_KEY, finished_configs, tune_trainable
 
 TRIAL_NUMBER_KEY = "hqlt.optuna_number"
 
@@ -467,7 +467,9 @@ def run_sweep(spec, *, directory: Path, tracking_uri: Optional[str], address: Op
         cl = tracking.client(folder.tracking_uri)
         parent_id = _open_parent_run(cl, spec, folder)
         # GPU sweeps: compile/tune each kernel shape once, and measure the probes, before the trials fan out
-        warm = warm_sweep(spec, probe_dir=(directory / PROBES_DIR).resolve())
+        # (a resumed sweep: the shapes of the trials still to run)
+        finished = finished_configs(directory / RESULTS_DIR) if folder.resuming else set()
+        warm = warm_sweep(spec, probe_dir=(directory / PROBES_DIR).resolve(), finished=finished)
         tuner = build_tuner(spec, folder, cl, parent_id, verbose, gpu_mem_bytes=warm.get("gpu_mem_bytes"))
         fault_point("before-fit")
         fit(tuner, directory)

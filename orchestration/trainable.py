@@ -20,7 +20,7 @@ from hqlt.search_space.vocabulary import (BOOKKEEPING_PREFIX, COMPLETED, INFEASI
                                           TRIAL_NODE, seed_metric, seed_stat_metric)
 
 from .seed_snapshot import SeedSnapshot
-from .trial_config import config_hash
+from .trial_config import config_hash, seed_config
 
 DONE_KEY = "trial/done"
 # Pure-KV full attention and pure DeltaNet arms are drawn as baselines in the Pareto plots.
@@ -88,6 +88,22 @@ class SeedRecords:
                             config_hash(json.loads(json.dumps(config, default=str))))
 
 
+def finished_configs(results: Path) -> set[str]:
+    """Labels (`search_space.label`) of the seed-0 configs of the trials that finished (their final result
+    `<trial_id>.json` is written) and recorded a seed 0: what a resumed sweep need not prepare again."""
+    from hqlt.search_space.spec import label
+
+    out = set()
+    for final in Path(results).glob("*.json"):
+        if ".seed" in final.name:
+            continue
+        try:
+            out.add(label(json.loads((final.parent / f"{final.stem}.seed0.json").read_text())["input"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
 def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggregate: str, report,
                 records: Optional[SeedRecords] = None, probe_dir: Optional[Path] = None) -> dict:
     """Train the sampled config for each seed; `report(metrics)` is tune.report or a test double.
@@ -110,7 +126,6 @@ def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggreg
     sampled = {k: v for k, v in config.items() if not k.startswith(BOOKKEEPING_PREFIX)}  # sweep bookkeeping
     plain = materialize(spec, sampled)
     cost = _predicted_flops(plain, seeds)  # {trial/predicted_flops: ...} on every report ({} if it cannot say)
-    base_seed = int(plain.get("seed", 0))
     held: list[dict] = []
     results, step_offset = [], 0
     for i in range(seeds):
@@ -120,14 +135,14 @@ def run_sampled(config: dict, *, spec, objectives: list, seeds: int, seed_aggreg
             held.append(_filled({**metrics, **cost, "seed_index": i, "step": offset + metrics.get("step", 0),
                                  "trial/status": RUNNING, DONE_KEY: 0.0}, objectives))
 
-        seed_config = {**plain, "seed": base_seed + i}
-        result = records.load(i, seed_config) if records is not None else None
+        config_i = seed_config(plain, i)
+        result = records.load(i, config_i) if records is not None else None
         if result is None:
             minutes = spec.sweep.snapshot_minutes
-            snapshot = records.snapshot(i, seed_config, minutes) if records is not None and minutes is not None else None
-            result = run_trial(seed_config, report=seed_report, probe_dir=probe_dir, snapshot=snapshot)
+            snapshot = records.snapshot(i, config_i, minutes) if records is not None and minutes is not None else None
+            result = run_trial(config_i, report=seed_report, probe_dir=probe_dir, snapshot=snapshot)
             if records is not None:
-                records.save(i, seed_config, result)
+                records.save(i, config_i, result)
         results.append(result)
         step_offset += int(result.metrics.get("step", 0))
     last_step = held.pop().get("step", step_offset) if held else step_offset

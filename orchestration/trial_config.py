@@ -148,6 +148,11 @@ def trial_config(data, path: str = "") -> TrialConfig:
     return build(TrialConfig, data, path)
 
 
+def seed_config(plain: dict, i: int) -> dict:
+    """The plain config of seed i of a plain trial config: a trial trains seeds `seed`, `seed`+1, ... in turn."""
+    return {**plain, "seed": int(plain.get("seed", 0)) + i}
+
+
 def config_hash(data: dict) -> str:
     """Stable short hash of a plain config mapping (identifies a trial's exact config)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]

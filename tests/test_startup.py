@@ -220,3 +220,31 @@ def test_compile_caches_live_in_the_sweep_folder_unless_the_environment_names_th
     env = compile_cache_env(tmp_path)
     assert env["TRITON_CACHE_DIR"] == "/shared/triton"
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path.resolve() / "cache" / "inductor")
+
+
+def test_a_resumed_sweep_warms_only_the_trials_still_to_run(tmp_path):
+    """`trainable.finished_configs` (trials with a final result and a seed-0 record) and `startup.remaining`: the
+    warm-up of a resumed grid leaves out the points already finished, and only those."""
+    from hqlt.orchestration.trainable import SeedRecords, finished_configs, run_sampled, write_json_atomic
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({"base": {**BASE, "seed": 5}, "space": {"model.mixer.kv.window": {"choice": [2, 4, 8]}},
+                                         "sweep": {"name": "g", "sampler": "grid", "num_samples": 3, "seeds": 2}}))
+    spec = load_spec(spec_file, hooks=HOOKS)
+    configs = startup.sweep_candidates(spec)
+    assert len(configs) == 3
+    results = tmp_path / "results"
+    assert finished_configs(results) == set() and startup.remaining(configs, set()) == configs
+    objectives = [("val/acc", "max")]
+    for trial_id, window, final in (("done", 4, True), ("halfway", 8, False)):  # halfway: no final result yet
+        records = SeedRecords(results, trial_id)
+        out = run_sampled({"model.mixer.kv.window": window}, spec=spec, objectives=objectives, seeds=2,
+                          seed_aggregate="max", report=lambda m: None, records=records)
+        if final:
+            write_json_atomic(results / f"{trial_id}.json", out)
+        else:
+            (results / f"{trial_id}.seed1.json").unlink()
+    finished = finished_configs(results)
+    assert len(finished) == 1
+    left = startup.remaining(configs, finished)
+    assert sorted(c["model"]["mixer"]["kv"]["window"] for c in left) == [2, 8]
