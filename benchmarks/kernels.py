@@ -17,7 +17,7 @@ chunk-local for delayed_chunk); FW per token and head 10·c·d + 6·d² + (2/3)�
 c = 64 (6·c·d + ... for delayed_chunk, which has no intra-chunk read-out); SDPA 4·d·T(T+1)/2.
 "x SDPA" is time / SDPA time (> 1: slower than full attention).
 
-``--write-auto-table`` stores, per (blend, W, T, d), every backend's time (and the FW kind timed) in the
+``--write-auto-table`` stores, per (card, blend, W, T, d), every backend's time (and the FW kind timed) in the
 table that ``backend="auto"`` reads on CUDA (kernels/results/auto_table.json), keeping the replaced table's
 "verified" list; "fused" is timed whenever it is available, and ``auto`` takes it only for calls of its
 shape class whose nearest measured row of the class has it fastest (``hqlt.kernels.auto_table``).
@@ -291,33 +291,36 @@ def _fused_runs(blend: str, window: int, batch: int, heads: int, head_dim: int, 
 
 
 def _write_auto_table(where: str, meta: dict, results: list) -> Path:
-    from hqlt.kernels.auto_table import TABLE_PATH
+    from hqlt.kernels.auto_table import TABLE_PATH, entry_device
     path = TABLE_PATH if where == "default" else Path(where)
+    card = meta["device"]
     entries: dict[tuple, dict] = {}
     for r in results:
-        key = (r["blend"], r["window"], r["seq_len"], r["heads"], r["head_dim"])
-        e = entries.setdefault(key, {"blend": r["blend"], "window": r["window"], "seq_len": r["seq_len"],
-                                     "heads": r["heads"], "head_dim": r["head_dim"], "batch": r["batch"],
-                                     "fw": meta.get("fw", "delta"), "ms": {}})
+        key = (card, r["blend"], r["window"], r["seq_len"], r["heads"], r["head_dim"])
+        e = entries.setdefault(key, {"device": card, "blend": r["blend"], "window": r["window"],
+                                     "seq_len": r["seq_len"], "heads": r["heads"], "head_dim": r["head_dim"],
+                                     "batch": r["batch"], "fw": meta.get("fw", "delta"), "ms": {}})
         e["ms"][r["backend"]] = r["ms"]
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = {}
     source = "hqlt bench kernels --write-auto-table"
-    # A run that measured part of the table (some blends or shapes) updates it rather than dropping the rest: on
-    # the same card, dtype and library versions, the rows it did not time are kept.
+    # A run that measured part of the table (some blends, shapes or one card) updates it rather than dropping the
+    # rest: with the same dtype and library versions, the rows it did not time are kept (each names its card).
     # A row's backends are always compared within one run: a row timed again is replaced whole.
-    same = all(old.get(k) == meta[k] for k in ("device", "dtype", "torch", "fla"))
+    same = all(old.get(k) == meta[k] for k in ("dtype", "torch", "fla"))
     if same:
         for old_entry in old.get("entries", []):
-            key = tuple(old_entry.get(k) for k in ("blend", "window", "seq_len", "heads", "head_dim"))
-            entries.setdefault(key, old_entry)
+            kept = {"device": entry_device(old, old_entry), **old_entry}
+            key = tuple(kept.get(k) for k in ("device", "blend", "window", "seq_len", "heads", "head_dim"))
+            entries.setdefault(key, kept)
         source += f" (merged into the table of {old.get('date')}: the rows not timed again are kept)"
     for e in entries.values():
         timed = {n: t for n, t in e["ms"].items() if t is not None}
         e["winner"] = min(timed, key=timed.get) if timed else None
-    table = {"device": meta["device"], "torch": meta["torch"], "fla": meta["fla"], "dtype": meta["dtype"],
+    devices = sorted({e["device"] for e in entries.values()})
+    table = {"device": card, "devices": devices, "torch": meta["torch"], "fla": meta["fla"], "dtype": meta["dtype"],
              "date": meta["date"], "source": source, "entries": list(entries.values())}
     # the parity gate ("verified": backends whose GPU tests passed on the card) is kept from the table this
     # one replaces: a benchmark measures speed, not correctness

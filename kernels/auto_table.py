@@ -1,10 +1,12 @@
 """``backend="auto"`` on CUDA: pick the backend by measurement, per (blend, window, length, head dim).
 
 The table is written by ``hqlt bench kernels --write-auto-table`` (kernels/results/auto_table.json, or the
-file named by ``$HQLT_AUTO_TABLE``): one entry per measured (blend, W, T, d) with the fwd+bwd time of
+file named by ``$HQLT_AUTO_TABLE``): one entry per measured (card, blend, W, T, d) with the fwd+bwd time of
 each backend (and the FW kind and dtype it was measured with: ``fw`` per entry, ``dtype`` for the table;
-"delta" and "bfloat16" when absent). A call uses the entry nearest to its own shape (same blend; distance =
-sum of |log2| ratios of W, T and d) and the fastest *available* backend in it; a table may restrict the
+"delta" and "bfloat16" when absent; ``device`` per entry, the table's ``device`` when absent). A call uses the
+entry nearest to its own shape (same blend; distance = sum of |log2| ratios of W, T and d, plus
+``OTHER_CARD_DISTANCE`` for a row measured on another card than the calling one) and the fastest *available*
+backend in it; a table may restrict the
 choice to the backends it lists under "verified" (those whose GPU parity tests passed on the measuring
 card).
 
@@ -32,6 +34,11 @@ from typing import Callable, Iterable
 
 log = logging.getLogger("hqlt.kernels")
 TABLE_PATH = Path(__file__).resolve().parent / "results" / "auto_table.json"
+# A row of another card counts as far away as a 2x different shape: the calling card's own rows win at the same
+# shape, but a row at the call's shape on a sibling card (H100 / H200: one architecture, other memory) beats a
+# same-card row 4x away in one dimension, whose winner often differs (the fused kernel wins at T 2048 and
+# loses at T 32768 on one H200).
+OTHER_CARD_DISTANCE = 1.0
 _CHOICES: dict[tuple, str] = {}
 
 
@@ -49,9 +56,14 @@ def load_table(path: str | None = None) -> dict | None:
     return table if isinstance(table.get("entries"), list) else None
 
 
-def _dist(entry: dict, window: int, seq_len: int, head_dim: int) -> float:
+def entry_device(table: dict, entry: dict) -> str | None:
+    return entry.get("device", table.get("device"))
+
+
+def _dist(entry: dict, window: int, seq_len: int, head_dim: int, other_card: bool = False) -> float:
     return sum(abs(math.log2(max(a, 1) / max(b, 1))) for a, b in
-               ((window, entry["window"]), (seq_len, entry["seq_len"]), (head_dim, entry["head_dim"])))
+               ((window, entry["window"]), (seq_len, entry["seq_len"]), (head_dim, entry["head_dim"]))) + (
+        OTHER_CARD_DISTANCE if other_card else 0.0)
 
 
 def _candidates(table: dict, available) -> set:
@@ -71,8 +83,9 @@ def entry_shape(table: dict, entry: dict) -> dict:
 
 
 def lookup(blend: str, window: int, seq_len: int, head_dim: int, available, *, shape: dict | None = None,
-           eligible: Callable[[str, dict], bool] | None = None) -> tuple[str, dict] | None:
-    """(fastest available backend, its table entry) for the nearest measured shape, or None.
+           eligible: Callable[[str, dict], bool] | None = None, device: str | None = None) -> tuple[str, dict] | None:
+    """(fastest available backend, its table entry) for the nearest measured shape, or None. ``device``: the
+    calling card's name (``torch.cuda.get_device_name``); None: every row counts as the card's own.
 
     ``shape``: the call's full shape (keys of ``entry_shape``); ``eligible(name, shape)``: whether backend
     ``name`` runs its own kernel at a shape (None: every backend everywhere). A backend is a candidate in an
@@ -93,21 +106,23 @@ def lookup(blend: str, window: int, seq_len: int, head_dim: int, available, *, s
             ms = {name: t for name, t in ms.items() if eligible(name, here)}
         if not ms:
             continue
-        d = _dist(entry, window, seq_len, head_dim)
+        d = _dist(entry, window, seq_len, head_dim, device is not None and entry_device(table, entry) != device)
         if best is None or d < best[0]:
             best = (d, min(ms, key=ms.get), entry)
     return None if best is None else (best[1], best[2])
 
 
-def majority_winner(available, restricted: Iterable[str] = ()) -> str | None:
+def majority_winner(available, restricted: Iterable[str] = (), device: str | None = None) -> str | None:
     """The available backend that wins most table entries (what ``resolve_backend('auto', 'cuda')`` says);
-    backends in ``restricted`` (those with a shape class, which cannot stand for every call) are left out."""
+    backends in ``restricted`` (those with a shape class, which cannot stand for every call) are left out. With
+    ``device``, the entries of that card if the table has any."""
     table = load_table()
     if table is None:
         return None
     available = _candidates(table, available) - set(restricted)
+    entries = [e for e in table["entries"] if entry_device(table, e) == device] or table["entries"]
     wins: dict[str, int] = {}
-    for entry in table["entries"]:
+    for entry in entries:
         ms = {n: t for n, t in entry.get("ms", {}).items() if n in available and t is not None}
         if ms:
             name = min(ms, key=ms.get)
@@ -128,7 +143,7 @@ def note_choice(key: tuple, name: str) -> None:
 def pick(op: str, blend: str, window: int, seq_len: int, head_dim: int, *,
          available: Callable[[], Iterable[str]], fallback: Callable[[], str], fw: str = "delta",
          dtype: str = "bfloat16", heads: int | None = None, batch: int | None = None, dv: int | None = None,
-         eligible: Callable[[str, dict], bool] | None = None) -> str:
+         eligible: Callable[[str, dict], bool] | None = None, device: str | None = None) -> str:
     """The backend for a call of ``op`` at this shape: the table's choice among ``available()`` (subject to
     the shape-class rule ``eligible``, see ``lookup``), else ``fallback()``; both are asked only on the first
     call of a (shape, fw, dtype) (the choice is kept and logged)."""
@@ -139,10 +154,10 @@ def pick(op: str, blend: str, window: int, seq_len: int, head_dim: int, *,
     shape = {"op": op, "blend": blend, "window": int(window), "seq_len": int(seq_len), "head_dim": int(head_dim),
              "dv": int(head_dim if dv is None else dv), "heads": heads, "batch": batch, "fw": fw, "dtype": dtype,
              "measured": False}
-    found = lookup(blend, window, seq_len, head_dim, available(), shape=shape, eligible=eligible)
+    found = lookup(blend, window, seq_len, head_dim, available(), shape=shape, eligible=eligible, device=device)
     if found is not None:
         name, entry = found
-        how = (f"measured on {load_table().get('device', '?')} at blend={entry['blend']} W={entry['window']} "
+        how = (f"measured on {entry_device(load_table(), entry) or '?'} at blend={entry['blend']} W={entry['window']} "
                f"T={entry['seq_len']} d={entry['head_dim']}: "
                + ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(entry["ms"].items()) if t is not None))
     else:

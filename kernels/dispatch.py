@@ -98,7 +98,8 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     if name == "auto":
         if device_type == "cuda":
             winner = auto_table.majority_winner(_available_on("cuda"),
-                                                restricted=[n for n, b in _BACKENDS.items() if b.covers])
+                                                restricted=[n for n, b in _BACKENDS.items() if b.covers],
+                                                device=_card_name(device))
             if winner is not None:
                 return winner
         return fallback_backend(device_type)
@@ -139,12 +140,20 @@ def eligible(name: str, shape: dict) -> bool:
     return backend is not None and (backend.covers is None or bool(backend.covers(shape)))
 
 
+def _card_name(device) -> str | None:
+    """The CUDA card's name (``auto_table`` rows are per card); None off CUDA or without one."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device)
+
+
 def _auto_pick(op: str, blend: str, window: int, seq_len: int, head_dim: int, device_type: str, *,
                fw: str = "delta", kernel_dtype: str = "bfloat16", heads: int | None = None,
                batch: int | None = None, dv: int | None = None) -> str:
     return auto_table.pick(op, blend, window, seq_len, head_dim, available=lambda: _available_on(device_type),
                            fallback=lambda: fallback_backend(device_type), fw=fw, dtype=kernel_dtype, heads=heads,
-                           batch=batch, dv=dv, eligible=eligible)
+                           batch=batch, dv=dv, eligible=eligible, device=_card_name(device_type))
 
 
 @functools.lru_cache(maxsize=None)

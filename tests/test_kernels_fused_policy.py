@@ -249,10 +249,39 @@ def test_benchmark_times_fused_and_keeps_the_verified_gate(tmp_path):
     rows = {e["seq_len"]: e for e in table["entries"]}
     assert rows[2048]["ms"] == {"flex": 0.9} and rows[2048]["winner"] == "flex"
     assert rows[8192]["ms"] == {"fla": 3.0} and rows[8192]["winner"] == "fla"
-    # another card (or torch / fla version): the table is replaced, nothing of the other card's kept
-    bk._write_auto_table(str(path), {**meta, "device": "other"}, later[:1])
+    # another card with the same versions: its rows join the table, each naming its card
+    bk._write_auto_table(str(path), {**meta, "device": "other", "date": "d3"}, later[:1])
+    table = json.loads(path.read_text())
+    assert table["devices"] == ["H", "other"] and len(table["entries"]) == 3
+    assert sorted((e["device"], e["seq_len"]) for e in table["entries"]) == [("H", 2048), ("H", 8192),
+                                                                               ("other", 2048)]
+    # other torch / fla versions: the table is replaced, nothing of the earlier runs kept
+    bk._write_auto_table(str(path), {**meta, "device": "other", "torch": "t2"}, later[:1])
     table = json.loads(path.read_text())
     assert [e["ms"] for e in table["entries"]] == [{"flex": 0.9}] and "merged" not in table["source"]
+
+
+def test_auto_prefers_the_calling_cards_rows_at_equal_shape(tmp_path, monkeypatch):
+    """Rows are per card: at the same distance the calling card's row decides; a row of another card counts as
+    far as a 2x shape difference (OTHER_CARD_DISTANCE), so a sibling card's row at the call's shape beats the
+    card's own row 4x away."""
+    row = lambda dev, T, fla, fused: {"device": dev, "blend": "sync", "window": 64, "seq_len": T,  # noqa: E731
+                                      "heads": 8, "head_dim": 128, "batch": 1, "ms": {"fla": fla, "fused": fused}}
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps({"device": "A", "entries": [row("A", 2048, 3.0, 2.0), row("B", 2048, 2.0, 3.0),
+                                                           row("B", 8192, 2.0, 3.0)]}))
+    monkeypatch.setenv("HQLT_AUTO_TABLE", str(path))
+    auto_table.load_table.cache_clear()
+    try:
+        look = lambda T, dev: auto_table.lookup("sync", 64, T, 128, {"fla", "fused"}, device=dev)  # noqa: E731
+        assert look(2048, "A")[0] == "fused" and look(2048, "B")[0] == "fla"
+        assert look(8192, "A")[1]["device"] == "B"   # B at T 8192: 1.0; A's own row at T 2048: 2.0
+        assert look(8192, "C")[1]["seq_len"] == 8192  # a third card: every row is another card's
+        assert auto_table.majority_winner({"fla", "fused"}, device="A") == "fused"
+        assert auto_table.majority_winner({"fla", "fused"}, device="B") == "fla"
+        assert auto_table.majority_winner({"fla", "fused"}, device=None) == "fla"  # entries of no card: all rows
+    finally:
+        auto_table.load_table.cache_clear()
 
 
 # ---- fla's gated delta rule on Hopper -----------------------------------------------------------
