@@ -11,7 +11,8 @@ random states and the training time so far. A resumed seed ends with the paramet
 
 `sweep.snapshot_minutes` sets the interval (an operational key: it can change between runs of one sweep). A snapshot
 is written aside and renamed, so a kill leaves the previous one or the new one, never half of one; it names the
-seed config it was made for and is ignored for any other; it is deleted once the seed's record is written. Loading
+seed config it was made for and is ignored for any other; it is deleted once the seed's record is written, when
+the trial ends otherwise (pruned, failed for good: `SnapshotCleanup`, in the driver) and when the sweep finishes. Loading
 uses `torch.load(weights_only=True)`: a snapshot is data, never code.
 """
 from __future__ import annotations
@@ -74,6 +75,15 @@ class SeedSnapshot:
         self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
 
 
+def remove_snapshots(results: Path, trial_id: str = "*") -> int:
+    """Delete the seed snapshots (and half-written ones) of one trial, or of every trial; returns how many."""
+    paths = list(Path(results).glob(f"{trial_id}.seed*.snapshot.pt")) + list(
+        Path(results).glob(f"{trial_id}.seed*.snapshot.pt.tmp"))
+    for path in paths:
+        path.unlink(missing_ok=True)
+    return len(paths)
+
+
 def snapshots_in(results: Path) -> list[tuple[str, int, int]]:
     """(trial id, seed index, step) of each seed snapshot in a sweep folder's results/ (memory-mapped: the weights
     are not read), sorted; an unreadable file is left out."""
@@ -101,4 +111,4 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-__all__ = ["FORMAT", "SeedSnapshot", "rng_state", "set_rng_state", "snapshots_in"]
+__all__ = ["FORMAT", "SeedSnapshot", "remove_snapshots", "rng_state", "set_rng_state", "snapshots_in"]

@@ -47,6 +47,7 @@ from .faults import fault_point
 from .sweep_folder import (RunClock, adopt_moved_folder, current_sweep_dir, hold_folder, new_sweep_id, read_meta,
                            repair_journal, update_meta, use_sweep_dir, write_meta)
 from .tracking import SERVER_URIS
+from .seed_snapshot import remove_snapshots
 from .trainable import DONE_KEY, finished_configs, tune_trainable
 
 TRIAL_NUMBER_KEY = "hqlt.optuna_number"
@@ -380,6 +381,7 @@ def build_tuner(spec, folder: SweepFolder, cl, parent_id: str, verbose: int, gpu
     from hqlt.search_space import study_name
 
     from .mlflow_callback import MlflowSweepCallback
+    from .snapshot_cleanup import SnapshotCleanup
 
     s, name, directory, objectives = spec.sweep, spec.name, folder.directory, folder.objectives
     exp_path = str((directory / RAY_DIR).resolve())
@@ -405,7 +407,7 @@ def build_tuner(spec, folder: SweepFolder, cl, parent_id: str, verbose: int, gpu
         trial_resources(spec, gpu_mem_bytes))  # resources.gpu auto: a fraction per trial (startup.py)
     callback = MlflowSweepCallback(None if folder.embedded else folder.tracking_uri, name, parent_id,
                                    arms=arm_choices(spec))
-    run_config = RunConfig(name=RAY_DIR, storage_path=str(directory.resolve()), callbacks=[callback],
+    run_config = RunConfig(name=RAY_DIR, storage_path=str(directory.resolve()), callbacks=[callback, SnapshotCleanup()],
                            failure_config=FailureConfig(max_failures=2),
                            checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=verbose)
     if restorable:
@@ -540,6 +542,7 @@ def finish(spec, folder: SweepFolder, cl, parent_id: str, clock: RunClock, repor
         cl.log_artifact(parent_id, str(directory / GPU_UTIL_CSV))
     if report is not None:
         report(folder.tracking_uri, name, directory)
+    remove_snapshots(directory / RESULTS_DIR)  # every trial has ended (sweeps from before SnapshotCleanup: theirs too)
     cl.set_terminated(parent_id, "FINISHED")
     update_meta(directory, lambda m: m.update(finished={"num_samples": folder.num_samples,
                                                         "at": time.strftime("%Y-%m-%d %H:%M:%S")}))

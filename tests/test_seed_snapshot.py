@@ -247,3 +247,27 @@ def test_snapshot_minutes_is_operational_and_checked(tmp_path):
             load_spec(tmp_path / "spec.yaml", [f"sweep.snapshot_minutes={bad}"], hooks=HOOKS)
         line = str(err.value)
         assert "sweep.snapshot_minutes" in line and "\n" not in line, line
+
+
+def test_a_trial_that_ended_loses_its_snapshots_in_the_driver(tmp_path, monkeypatch):
+    """SnapshotCleanup (the driver's Ray callback): a trial that completed, was pruned or failed for good has its
+    seed snapshots deleted (and only its own); `remove_snapshots` with no trial clears the folder at the end."""
+    from types import SimpleNamespace
+
+    from hqlt.orchestration.seed_snapshot import remove_snapshots
+    from hqlt.orchestration.snapshot_cleanup import SnapshotCleanup
+    from hqlt.orchestration.sweep_folder import SWEEP_DIR_ENV
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("a.seed0.snapshot.pt", "a.seed1.snapshot.pt.tmp", "b.seed0.snapshot.pt", "c.seed2.snapshot.pt",
+                 "a.seed0.json"):
+        (results / name).write_bytes(b"x")
+    monkeypatch.setenv(SWEEP_DIR_ENV, str(tmp_path))  # what the driver sets (sweep_folder.use_sweep_dir)
+    cleanup = SnapshotCleanup()
+    cleanup.on_trial_complete(0, [], SimpleNamespace(trial_id="a"))
+    assert sorted(p.name for p in results.iterdir()) == ["a.seed0.json", "b.seed0.snapshot.pt", "c.seed2.snapshot.pt"]
+    cleanup.on_trial_error(0, [], SimpleNamespace(trial_id="b"))
+    assert sorted(p.name for p in results.iterdir()) == ["a.seed0.json", "c.seed2.snapshot.pt"]
+    assert remove_snapshots(results) == 1
+    assert [p.name for p in results.iterdir()] == ["a.seed0.json"]
