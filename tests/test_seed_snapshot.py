@@ -30,18 +30,13 @@ from hqlt.orchestration.trial import run_trial
 from hqlt.orchestration.trial_config import trial_config
 from hqlt.search_space import load_spec
 from hqlt.search_space.vocabulary import RESUMED_STEP
+from test_engine import TINY as ENGINE_TINY
 from test_tasks_base import SMALL
 
 CPU = torch.device("cpu")
-TINY = {
-    "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "layers": "H",
-              "mixer": {"kv": {"name": "softmax", "window": 4}}},
-    "task": {"name": "even_pairs", "eval_size": 32, "eval_max_len": 48},
-    "train": {"steps": 12, "batch_size": 8, "eval_every": 3, "eval_batch_size": 32, "warmup_steps": 2,
-              "log_every": 2},
-    "probe": {"enabled": False},
-    "device": "cpu",
-}
+# test_engine's tiny trial, evaluated (and so snapshotted) every 3 steps
+TINY = {**copy.deepcopy(ENGINE_TINY), "device": "cpu"}
+TINY["train"].update(eval_every=3, log_every=2)
 
 
 class Interrupted(BaseException):
