@@ -12,12 +12,15 @@ random states and the training time so far. A resumed seed ends with the paramet
 `sweep.snapshot_minutes` sets the interval (an operational key: it can change between runs of one sweep). A snapshot
 is written aside and renamed, so a kill leaves the previous one or the new one, never half of one; it names the
 seed config it was made for and is ignored for any other; it is deleted once the seed's record is written, when
-the trial ends otherwise (pruned, failed for good: `SnapshotCleanup`, in the driver) and when the sweep finishes. Loading
+the trial ends otherwise (completed, stopped by the scheduler: `SnapshotCleanup`, in the driver), when a resumed
+sweep finds it belongs to a trial Ray no longer knows, and when the sweep finishes. A trial that errored keeps its
+snapshot: a resumed sweep runs it again (`resume_errored`). Loading
 uses `torch.load(weights_only=True)`: a snapshot is data, never code.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -54,7 +57,8 @@ class SeedSnapshot:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 — a damaged snapshot costs the seed its progress, not the sweep
-            print(f"warning: seed snapshot {self.path} is unreadable ({type(exc).__name__}); the seed starts over")
+            print(f"warning: seed snapshot {self.path} is unreadable ({type(exc).__name__}); the seed starts over",
+                  file=sys.stderr)
             return None
         if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("identity") != self.identity:
             return None
@@ -64,24 +68,37 @@ class SeedSnapshot:
         return self.minutes == 0 or time.monotonic() - self._last >= 60.0 * self.minutes
 
     def save(self, state: dict) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        # a temporary name of this process (a worker Ray has already replaced may still be writing), on disk
+        # before the rename (a machine that goes down right after keeps the old snapshot or the new one)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(_saveable({**state, "format": FORMAT, "identity": self.identity}), tmp)
+        with open(tmp, "wb") as f:
+            torch.save(_saveable({**state, "format": FORMAT, "identity": self.identity}), f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self._last = time.monotonic()
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
+        for tmp in self.path.parent.glob(f"{self.path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def remove_snapshots(results: Path, trial_id: str = "*") -> int:
     """Delete the seed snapshots (and half-written ones) of one trial, or of every trial; returns how many."""
     paths = list(Path(results).glob(f"{trial_id}.seed*.snapshot.pt")) + list(
-        Path(results).glob(f"{trial_id}.seed*.snapshot.pt.tmp"))
+        Path(results).glob(f"{trial_id}.seed*.snapshot.pt.*.tmp"))
     for path in paths:
         path.unlink(missing_ok=True)
     return len(paths)
+
+
+def remove_unknown_snapshots(results: Path, known: set) -> int:
+    """Delete the seed snapshots of trials not in `known` (trial ids Ray's restored state holds: the trials a hard
+    kill orphaned are sampled again under new ids, so theirs would never be read); returns how many."""
+    stale = {p.name.partition(".seed")[0] for p in Path(results).glob("*.seed*.snapshot.pt*")} - set(known)
+    return sum(remove_snapshots(results, trial) for trial in stale)
 
 
 def snapshots_in(results: Path) -> list[tuple[str, int, int]]:
@@ -111,4 +128,5 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-__all__ = ["FORMAT", "SeedSnapshot", "remove_snapshots", "rng_state", "set_rng_state", "snapshots_in"]
+__all__ = ["FORMAT", "SeedSnapshot", "remove_snapshots", "remove_unknown_snapshots", "rng_state", "set_rng_state",
+           "snapshots_in"]

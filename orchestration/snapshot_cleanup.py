@@ -1,6 +1,7 @@
 """The driver's Ray callback that deletes a trial's seed snapshots (orchestration/seed_snapshot.py) once the trial has
-ended for good: completed, stopped by the scheduler (ASHA: never resumed) or failed with no retry left. A trial that
-Ray will retry, or one a driver interrupt left unfinished, keeps them: Ray calls neither hook for it."""
+ended for good: completed, or stopped by the scheduler (ASHA: never resumed). A trial that errored keeps them (a
+resumed sweep runs it again: `Tuner.restore(resume_errored=True)`), and so does one a driver interrupt left
+unfinished: Ray calls `on_trial_complete` for neither."""
 from __future__ import annotations
 
 from ray.tune import Callback
@@ -20,9 +21,6 @@ class SnapshotCleanup(Callback):
             remove_snapshots(folder / RESULTS_DIR, trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._clean(trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
         self._clean(trial)
 
 

@@ -47,7 +47,7 @@ from .faults import fault_point
 from .sweep_folder import (RunClock, adopt_moved_folder, current_sweep_dir, hold_folder, new_sweep_id, read_meta,
                            repair_journal, update_meta, use_sweep_dir, write_meta)
 from .tracking import SERVER_URIS
-from .seed_snapshot import remove_snapshots
+from .seed_snapshot import remove_snapshots, remove_unknown_snapshots
 from .trainable import DONE_KEY, finished_configs, tune_trainable
 
 TRIAL_NUMBER_KEY = "hqlt.optuna_number"
@@ -416,6 +416,7 @@ def build_tuner(spec, folder: SweepFolder, cl, parent_id: str, verbose: int, gpu
         known = _restored_trials(exp_path)
         if known is not None:  # never delete runs on the strength of a snapshot we could not read
             _reconcile_orphans(optuna.load_study(study_name=study, storage=storage), cl, parent_id, known)
+            remove_unknown_snapshots(directory / RESULTS_DIR, set(known))
         print(f"resuming sweep '{name}' in {directory} ({len(known or {})} trials known)", file=sys.stderr)
         return tuner
     searcher = build_searcher(spec, objectives, storage)

@@ -9,7 +9,9 @@ an engine (`train.engine`, see `engine`): eager, or one static-shape step captur
 """
 from __future__ import annotations
 
+import copy
 import math
+import sys
 import time
 from contextlib import nullcontext
 from typing import Callable, Optional
@@ -145,6 +147,41 @@ def make_engine(model, cfg: TrainConfig, device, *, seq_len: int, step_fn: Optio
                       capture=kind == "graph", fault=fault, fallback=cfg.engine == "auto")
 
 
+SNAPSHOT_KEYS = ("step", "model", "engine", "stream", "losses", "last_eval", "grad_norm", "report", "train_s", "rng",
+                 "parts")
+
+
+def _resume(saved: dict, snapshot: SeedSnapshot, model, engine, parts: dict, device, new_engine: Callable):
+    """Put the model, the engine, the snapshot parts and the random state where `saved` left them: (engine, saved).
+    A snapshot that does not fit (made by code whose model, optimizer or state layout has changed since) is undone,
+    deleted and reported in one line, and the seed starts over: (a new engine, None)."""
+    model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    part_states = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items()}
+    rng = rng_state(device)
+    try:
+        missing = [k for k in SNAPSHOT_KEYS if k not in saved] + [f"parts.{n}" for n in parts
+                                                                   if n not in saved.get("parts", {})]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        np.random.default_rng().bit_generator.state = saved["stream"]["rng"]  # a stream state this numpy can take
+        model.load_state_dict(saved["model"])
+        engine.resume(saved["engine"], int(saved["step"]))
+        for name, part in parts.items():
+            part.load_state_dict(saved["parts"][name])
+        set_rng_state(saved["rng"], device)
+        return engine, saved
+    except Exception as exc:  # noqa: BLE001 — an unusable snapshot costs the seed its progress, not its result
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        print(f"warning: seed snapshot {snapshot.path} does not fit this run ({type(exc).__name__}: {first_line}); "
+              "the seed starts over", file=sys.stderr)
+        snapshot.remove()
+        model.load_state_dict(model_state)
+        for name, part in parts.items():
+            part.load_state_dict(part_states[name])
+        set_rng_state(rng, device)
+        return new_engine(), None
+
+
 def train(model, task: Task, cfg: TrainConfig, *, device, data_seed: int, order_seed: int,
           report: Optional[Report] = None, constant_metrics: Optional[dict] = None,
           progress: Optional[Callable[[int, dict], None]] = None, step_fn: Optional[Callable] = None,
@@ -164,17 +201,19 @@ def train(model, task: Task, cfg: TrainConfig, *, device, data_seed: int, order_
     constant_metrics = dict(constant_metrics or {})
     device = torch.device(device)
     parts = dict(snapshot_parts or {})
-    engine = make_engine(model, cfg, device, seq_len=task.train_seq_len, step_fn=step_fn, fault=fault)
+    new_engine = lambda: make_engine(model, cfg, device, seq_len=task.train_seq_len, step_fn=step_fn,  # noqa: E731
+                                     fault=fault)
+    engine = new_engine()
     saved = snapshot.load() if snapshot is not None else None
-    first = int(saved["step"]) if saved is not None else 0
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        engine.resume(saved["engine"], first)
-        for name, part in parts.items():
-            part.load_state_dict(saved["parts"][name])
-        set_rng_state(saved["rng"], device)
+        engine, saved = _resume(saved, snapshot, model, engine, parts, device, new_engine)
+    first = int(saved["step"]) if saved is not None else 0
     if snapshot is not None:
         constant_metrics[RESUMED_STEP] = float(first)
+    if saved is not None and report is not None:
+        # the snapshot's own evaluation: the caller may have held its report back (trainable.run_sampled) when the
+        # run stopped, so it is sent again; a consumer that had it sees the same step twice (MLflow logs it once)
+        report({**saved["report"], RESUMED_STEP: float(first)})
     batches = BatchStream(task, cfg.batch_size, np.random.default_rng([data_seed, order_seed]), count=cfg.steps,
                           device=device, start=saved["stream"] if saved is not None else None)
     model.train()
@@ -219,7 +258,7 @@ def train(model, task: Task, cfg: TrainConfig, *, device, data_seed: int, order_
                 if snapshot is not None and not done and snapshot.due():
                     snapshot.save({"step": step + 1, "model": model.state_dict(), "engine": engine.state_dict(),
                                    "stream": batches.position(), "losses": losses[-cfg.log_every:],
-                                   "last_eval": last_eval, "grad_norm": grad_norm,
+                                   "last_eval": last_eval, "grad_norm": grad_norm, "report": metrics,
                                    "train_s": time.perf_counter() - start, "rng": rng_state(device),
                                    "parts": {name: part.state_dict() for name, part in parts.items()}})
             elif progress is not None and at_log:

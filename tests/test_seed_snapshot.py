@@ -122,8 +122,8 @@ def test_a_resumed_seed_ends_with_the_parameters_of_an_uninterrupted_one(engine,
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     assert final[RESUMED_STEP] == 6.0
-    assert [r["step"] for r in reports] == [9, 12]
-    assert [comparable(r) for r in reports] == [comparable(r) for r in whole_reports[2:]]
+    assert [r["step"] for r in reports] == [6, 9, 12]  # the snapshot's own evaluation is reported again
+    assert [comparable(r) for r in reports] == [comparable(r) for r in whole_reports[1:]]
     assert comparable(final) == comparable(whole_final)
     assert final["time/train_s"] > reports[0]["time/train_s"] - 1e-9  # the time before the kill is counted
 
@@ -158,11 +158,38 @@ def test_a_snapshot_of_another_config_or_a_damaged_one_is_not_used(tmp_path, cap
     assert final[RESUMED_STEP] == 0.0
     snap.path.write_bytes(b"cut off mid-wr")
     assert SeedSnapshot(snap.path, 0, "config-a").load() is None
-    assert "unreadable" in capsys.readouterr().out
+    assert "unreadable" in capsys.readouterr().err
     # a snapshot is written aside and renamed: a leftover half-written file is never read
-    (tmp_path / "s.pt.tmp").write_bytes(b"partial")
+    (tmp_path / "s.pt.999.tmp").write_bytes(b"partial")
     snap.path.unlink()
     assert SeedSnapshot(snap.path, 0, "config-a").load() is None
+
+
+@pytest.mark.parametrize("damage", ["renamed weight", "lost key"])
+def test_a_snapshot_that_does_not_fit_is_dropped_and_the_seed_starts_over(damage, tmp_path, capsys):
+    """Code changed since the snapshot was made (a renamed module, another state layout): the seed trains from step
+    0, as an uninterrupted run, and the snapshot is deleted (one warning line), instead of failing for good."""
+    whole, whole_final, _ = train_tiny("eager")
+    snap = SeedSnapshot(tmp_path / "s.pt", 0, "cfg")
+    with pytest.raises(Interrupted):
+        train_tiny("eager", snap, stop_at=8)
+    state = torch.load(snap.path, weights_only=True)
+    if damage == "renamed weight":
+        key = next(iter(state["model"]))
+        state["model"]["renamed." + key] = state["model"].pop(key)
+    else:
+        del state["parts"]
+    torch.save(state, snap.path)
+    resumed, final, _ = train_tiny("eager", SeedSnapshot(snap.path, 0, "cfg"), seed=1)
+    assert "does not fit this run" in capsys.readouterr().err
+    assert final[RESUMED_STEP] == 0.0
+    assert SeedSnapshot(snap.path, 0, "cfg").load()["step"] == 9  # the damaged one went; this run's last is there
+    # seed=1 initialised another model: the undone load must not leave a mix behind, so it differs from `whole`
+    # exactly as a fresh seed-1 run does
+    fresh, fresh_final, _ = train_tiny("eager", seed=1)
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert comparable(final) == comparable(fresh_final)
 
 
 def test_the_interval_is_kept(tmp_path, monkeypatch):
@@ -245,24 +272,27 @@ def test_snapshot_minutes_is_operational_and_checked(tmp_path):
 
 
 def test_a_trial_that_ended_loses_its_snapshots_in_the_driver(tmp_path, monkeypatch):
-    """SnapshotCleanup (the driver's Ray callback): a trial that completed, was pruned or failed for good has its
-    seed snapshots deleted (and only its own); `remove_snapshots` with no trial clears the folder at the end."""
+    """SnapshotCleanup (the driver's Ray callback): a trial that completed or was pruned has its seed snapshots
+    deleted (and only its own); one that errored keeps them (a resume runs it again); a resume deletes those of
+    trials Ray no longer knows; `remove_snapshots` with no trial clears the folder at the end."""
     from types import SimpleNamespace
 
-    from hqlt.orchestration.seed_snapshot import remove_snapshots
+    from hqlt.orchestration.seed_snapshot import remove_snapshots, remove_unknown_snapshots
     from hqlt.orchestration.snapshot_cleanup import SnapshotCleanup
     from hqlt.orchestration.sweep_folder import SWEEP_DIR_ENV
 
     results = tmp_path / "results"
     results.mkdir()
-    for name in ("a.seed0.snapshot.pt", "a.seed1.snapshot.pt.tmp", "b.seed0.snapshot.pt", "c.seed2.snapshot.pt",
-                 "a.seed0.json"):
+    for name in ("a.seed0.snapshot.pt", "a.seed1.snapshot.pt.77.tmp", "b.seed0.snapshot.pt", "c.seed2.snapshot.pt",
+                 "d.seed0.snapshot.pt", "a.seed0.json"):
         (results / name).write_bytes(b"x")
     monkeypatch.setenv(SWEEP_DIR_ENV, str(tmp_path))  # what the driver sets (sweep_folder.use_sweep_dir)
     cleanup = SnapshotCleanup()
     cleanup.on_trial_complete(0, [], SimpleNamespace(trial_id="a"))
-    assert sorted(p.name for p in results.iterdir()) == ["a.seed0.json", "b.seed0.snapshot.pt", "c.seed2.snapshot.pt"]
-    cleanup.on_trial_error(0, [], SimpleNamespace(trial_id="b"))
-    assert sorted(p.name for p in results.iterdir()) == ["a.seed0.json", "c.seed2.snapshot.pt"]
-    assert remove_snapshots(results) == 1
+    assert sorted(p.name for p in results.iterdir()) == ["a.seed0.json", "b.seed0.snapshot.pt", "c.seed2.snapshot.pt",
+                                                         "d.seed0.snapshot.pt"]
+    cleanup.on_trial_error(0, [], SimpleNamespace(trial_id="b"))  # Ray's no-op: an errored trial runs again
+    assert (results / "b.seed0.snapshot.pt").exists()
+    assert remove_unknown_snapshots(results, {"a", "b", "c"}) == 1  # d: orphaned by a hard kill
+    assert remove_snapshots(results) == 2
     assert [p.name for p in results.iterdir()] == ["a.seed0.json"]
