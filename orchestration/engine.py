@@ -53,6 +53,16 @@ def resolve_engine(name: str, device) -> str:
     return name
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """The per-parameter state of `saved` (an optimizer state_dict) into `optimizer`, keeping the optimizer's own
+    groups: its flags (fused, capturable: a snapshot of the eager engine may go on in the graph engine, on another
+    device) and its learning rate, which the static engines hold as a device tensor the schedule writes into."""
+    own = list(optimizer.param_groups)
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": optimizer.state_dict()["param_groups"]})
+    for group, mine in zip(optimizer.param_groups, own):
+        group["lr"] = mine["lr"]
+
+
 def _host_fault(fault: Optional[tuple], step: int) -> None:
     """The injected `raise` / `oom` faults of `TrialConfig.fault` (the static engines' twin of trial.faulty_step)."""
     if fault is None or step + 1 != fault[1]:
@@ -88,7 +98,7 @@ class EagerStep:
         return {"optimizer": self.optimizer.state_dict()}
 
     def resume(self, state: dict, step: int) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
 
     def metrics(self) -> dict:
         return {"trial/engine": self.name, "train/cuda_graph": 0.0}
@@ -237,9 +247,7 @@ class StaticStep:
             raise RuntimeError(f"the {self.name} engine resumes only before its first step")
         if not 0 <= step < len(self.schedule):
             raise ValueError(f"resume at step {step}: the schedule has steps 0..{len(self.schedule) - 1}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # loading replaced it with the saved value: the schedule writes here
-            group["lr"] = self.lr
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.lr.copy_(self.schedule[step])
         self.index.fill_(step)
         self._done = self._read = self._first = step

@@ -128,6 +128,24 @@ def test_a_resumed_seed_ends_with_the_parameters_of_an_uninterrupted_one(engine,
     assert final["time/train_s"] > reports[0]["time/train_s"] - 1e-9  # the time before the kill is counted
 
 
+def test_an_eager_snapshot_goes_on_in_the_static_engine_with_its_own_optimizer_settings(tmp_path):
+    """A sweep resumed on other hardware may run another engine: the optimizer state carries over, the engine keeps
+    its own groups (fused flag, the learning rate as the device tensor its schedule writes into)."""
+    snap = SeedSnapshot(tmp_path / "s.pt", 0, "cfg")
+    with pytest.raises(Interrupted):
+        train_tiny("eager", snap, stop_at=8)
+    model, task, cfg = model_and_task(0)
+    cfg.train.engine = "static"
+    engine = trainer.make_engine(model, cfg.train, CPU, seq_len=task.train_seq_len)
+    engine.resume(snap.load()["engine"], 6)
+    group = engine.optimizer.param_groups[0]
+    assert group["lr"] is engine.lr and group["fused"] is True
+    assert engine.lr.item() == pytest.approx(trainer.lr_at(6, cfg.train))
+    assert all(float(st["step"]) == 6.0 for st in engine.optimizer.state.values())
+    _, final, reports = train_tiny("static", SeedSnapshot(snap.path, 0, "cfg"))
+    assert final[RESUMED_STEP] == 6.0 and [r["step"] for r in reports] == [6, 9, 12]
+
+
 def test_a_resumed_trial_keeps_its_checkpoint_selection(tmp_path):
     config = copy.deepcopy(TINY)
     config["train"].update(checkpoint="best_val", steps=15)
