@@ -87,8 +87,7 @@ class SeedSnapshot:
 
 def remove_snapshots(results: Path, trial_id: str = "*") -> int:
     """Delete the seed snapshots (and half-written ones) of one trial, or of every trial; returns how many."""
-    paths = list(Path(results).glob(f"{trial_id}.seed*.snapshot.pt")) + list(
-        Path(results).glob(f"{trial_id}.seed*.snapshot.pt.*.tmp"))
+    paths = list(Path(results).glob(f"{trial_id}.seed*.snapshot.pt*"))  # .pt and .pt.<pid>.tmp
     for path in paths:
         path.unlink(missing_ok=True)
     return len(paths)

@@ -84,8 +84,7 @@ class SeedRecords:
 
     def snapshot(self, i: int, config: dict, minutes: float) -> SeedSnapshot:
         """Seed i's snapshot file (``<folder>/<trial_id>.seed<i>.snapshot.pt``), for exactly this seed config."""
-        return SeedSnapshot(self.folder / f"{self.trial_id}.seed{i}.snapshot.pt", minutes,
-                            config_hash(json.loads(json.dumps(config, default=str))))
+        return SeedSnapshot(self.folder / f"{self.trial_id}.seed{i}.snapshot.pt", minutes, config_hash(config))
 
 
 def finished_configs(results: Path) -> set[str]:
