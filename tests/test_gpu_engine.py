@@ -23,6 +23,7 @@ from hqlt.orchestration.prefetch import BatchStream  # noqa: E402
 from hqlt.orchestration.tasks import make_task  # noqa: E402
 from hqlt.orchestration.trial import run_trial  # noqa: E402
 from hqlt.orchestration.trial_config import TrainConfig, trial_config  # noqa: E402
+from hqlt.search_space.vocabulary import VAL_ACC  # noqa: E402
 
 CUDA = torch.device("cuda")
 MIXER = {"kv": {"name": "softmax", "window": 8, "pos": "none"}, "fw": {"name": "delta", "beta_range": 2},
@@ -121,8 +122,10 @@ def test_train_config_defaults_to_auto():
 @pytest.mark.parametrize("engine", ["graph", "eager"])
 def test_a_seed_resumed_from_its_snapshot_follows_the_uninterrupted_one(engine, tmp_path):
     """Seed snapshots on CUDA (orchestration/seed_snapshot.py): killed after the snapshot at step 60, resumed (the
-    graph engine warms up and captures again at step 60), the run ends where an uninterrupted one ends. The CPU suite
-    checks bit identity; here fla's kernels may reduce in another order on a fresh capture, so within bf16 noise."""
+    graph engine warms up and captures again at step 60), the run goes on where the uninterrupted one is. The CPU
+    suite checks bit identity. Here two uninterrupted runs already part within 20 steps (the non-deterministic
+    atomics of attention's backward, amplified by bf16 training; test_graph_follows_eager_for_200_steps), so the
+    loss curves are compared with that test's tolerance, and a seed that started over instead would fail."""
     from hqlt.orchestration.seed_snapshot import SeedSnapshot
 
     class Killed(BaseException):
@@ -134,14 +137,15 @@ def test_a_seed_resumed_from_its_snapshot_follows_the_uninterrupted_one(engine, 
         cfg.model.vocab_size = task.vocab_size
         torch.manual_seed(0)
         model = HybridLM(cfg.model).to(CUDA)
+        curve: dict[int, float] = {}
 
         def boundary(step):
             if step == stop_at:
                 raise Killed
 
         final = trainer.train(model, task, cfg.train, device=CUDA, data_seed=0, order_seed=0, boundary=boundary,
-                              snapshot=snapshot)
-        return model, final
+                              snapshot=snapshot, progress=lambda step, m: curve.__setitem__(step, m["train/loss"]))
+        return curve, final
 
     whole, whole_final = run()
     path = tmp_path / "s.pt"
@@ -149,6 +153,11 @@ def test_a_seed_resumed_from_its_snapshot_follows_the_uninterrupted_one(engine, 
         run(SeedSnapshot(path, 0, "h"), stop_at=75)
     resumed, final = run(SeedSnapshot(path, 0, "h"))
     assert final["train/resumed_step"] == 60.0
-    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3, msg=name)
-    assert abs(final["train/loss"] - whole_final["train/loss"]) < 0.05 * max(1.0, abs(whole_final["train/loss"]))
+    assert min(resumed) == 70 and sorted(resumed) == [s for s in sorted(whole) if s > 60]
+    after = np.array([whole[s] for s in sorted(resumed)])
+    got = np.array([resumed[s] for s in sorted(resumed)])
+    assert np.all(np.abs(got - after) <= 0.1 + 0.1 * np.abs(after)), (after.round(3).tolist(), got.round(3).tolist())
+    # not a seed that started over: the first loss after the resume is the trained one, far below step 10's
+    assert whole[70] < 0.5 * whole[10] and abs(resumed[70] - whole[70]) < 0.5 * (whole[10] - whole[70])
+    assert abs(final["train/loss"] - whole_final["train/loss"]) <= 0.1 + 0.1 * abs(whole_final["train/loss"])
+    assert abs(final[VAL_ACC] - whole_final[VAL_ACC]) <= 0.1, (final[VAL_ACC], whole_final[VAL_ACC])

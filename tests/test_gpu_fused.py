@@ -495,7 +495,10 @@ class TestGPUFusedBackward:
         for fused_bwd, save in ((True, True), (True, False), (False, None)):
             errs = compare(B, T, 2, d, d, W, torch.bfloat16, "cuda", featurize=featurize, seed=T + W,
                            fused_bwd=fused_bwd, save_states=save)
-            assert max(errs.values()) <= 1e-2, (fused_bwd, save, errs)
+            # fused_bwd=False recomputes through fla's bf16 chunk kernels, which round their intermediates
+            # (w, u, the chunk states) to bf16 between kernels: at d 16 it measured 0.0114-0.0120 on an H100,
+            # where the fused legs stay <= 0.0075 (kernels/FUSED_NOTES.md, round 6)
+            assert max(errs.values()) <= (1e-2 if fused_bwd else 1.5e-2), (fused_bwd, save, errs)
 
     @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
     @pytest.mark.parametrize("case", [(2, 130, 2, 64, 64, 100), (1, 2048, 2, 128, 128, 64), (1, 77, 3, 24, 40, 5)])

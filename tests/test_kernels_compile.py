@@ -218,3 +218,22 @@ def test_op_registry_intact_and_the_watch_sees_a_redefinition(tmp_path):
     text = log.read_text()
     assert "== redefined hqlt::fused_sync_hybrid\n" in text and "== destroyed hqlt::fused_sync_hybrid\n" in text
     assert "kernels/fused/ops.py" in text      # the stack names the module that defined it again
+
+
+def test_the_kernels_folder_imported_by_its_bare_name_is_hqlt_kernels(tmp_path):
+    """From the repository root `kernels` is importable by its folder name, and transformers (imported by fla) probes
+    for Hugging Face's `kernels` package with import_module. That import must not run the package a second time:
+    it defined the hqlt:: ops again and destroyed the registrations the callers held (FUSED_NOTES.md, round 6)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    log = tmp_path / "ops.log"
+    code = ("import importlib, importlib.util; from hqlt.kernels.testing import watch_op_registry, hqlt_op_libraries; "
+            f"watch_op_registry({str(log)!r}); import hqlt.kernels, hqlt.kernels.ops, hqlt.kernels.fused.ops; "
+            "assert importlib.util.find_spec('kernels') is not None; m = importlib.import_module('kernels'); "
+            "print(m is hqlt.kernels, all(hqlt_op_libraries().values()), getattr(m, '__version__', 'N/A'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "True True N/A"
+    assert not log.exists() or "== " not in log.read_text()
