@@ -44,14 +44,15 @@ import torch
 from .kernels import _version, cuda_time_ms, parse_pair
 
 SWEEP = (  # overrides of hqlt.kernels.fused.launch.default_config, one group at a time
-    # first the combination of round 5's single winners at T 32768 (FUSED_NOTES.md), for every shape
-    {"scan_stages": 3, "out_warps": 4, "wy_warps": 4},
+    # first: round 6's d 128 defaults at d <= 64, and the defaults before them (FUSED_NOTES.md "Round 6")
+    {"scan_stages": 3}, {"scan_stages": 2, "out_warps": 8, "wy_warps": 8},
     {"scan_bv": 16}, {"scan_bv": 32}, {"scan_bv": 64, "scan_warps": 8}, {"scan_warps": 4}, {"scan_warps": 8},
     {"out_bv": 128, "out_warps": 8}, {"out_warps": 4}, {"out_warps": 8}, {"wy_warps": 4}, {"wy_warps": 8},
     {"num_stages": 1}, {"num_stages": 3}, {"scan_stages": 3}, {"scan_stages": 4},
 )
 BWD_SWEEP = (  # the same for the fused backward (timed alone on a saved forward)
-    {"kv_bwd_warps": 4, "bwd_scan_warps": 4}, {"bwd_scan_stages": 3}, {"bwd_scan_stages": 4},
+    {"kv_bwd_warps": 4, "bwd_scan_warps": 4}, {"kv_bwd_warps": 8, "bwd_scan_warps": 8}, {"bwd_scan_stages": 3},
+    {"bwd_scan_stages": 4},
     {"bwd_scan_bv": 16}, {"bwd_scan_bv": 32}, {"bwd_scan_bv": 64, "bwd_scan_warps": 8}, {"bwd_scan_warps": 4},
     {"fw_bwd_bv": 16}, {"fw_bwd_bv": 64}, {"fw_bwd_warps": 4}, {"fw_bwd_warps": 8}, {"kv_bwd_warps": 4},
     {"kv_bwd_warps": 8}, {"num_stages": 1}, {"num_stages": 3},

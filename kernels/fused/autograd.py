@@ -110,7 +110,7 @@ def sync_hybrid_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     d = q.shape[-1]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, q_fw, k_fw, v, beta)):
         # trainable: the backward kernels must fit the device too (a clear error now, not in the backward)
-        cfg = default_config(q.shape[0], q.shape[2], d, v.shape[-1], q.device)
+        cfg = default_config(q.shape[0], q.shape[2], d, v.shape[-1], q.device, q.element_size())
         check_shared_memory(cfg, q.element_size(), d, v.shape[-1], q_fw is None, q.device, backward_kernels(cfg))
     kv_scale = default_scale(d) if kv_scale is None else float(kv_scale)
     fw_scale = default_scale(d) if fw_scale is None else float(fw_scale)

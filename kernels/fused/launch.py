@@ -22,9 +22,9 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_config(B: int, H: int, dk: int, dv: int, device) -> dict:
+def default_config(B: int, H: int, dk: int, dv: int, device, elem_bytes: int = 2) -> dict:
     """``settings.default_config`` for a device (its multiprocessor count)."""
-    return settings_default_config(B, H, dk, dv, _sm_count(device))
+    return settings_default_config(B, H, dk, dv, _sm_count(device), elem_bytes)
 
 
 def check_shared_memory(cfg: dict, elem_bytes: int, dk: int, dv: int, featurize: bool, device, kernels) -> None:
@@ -116,7 +116,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
         return (o_kv, o_fw, aux) if return_aux else (o_kv, o_fw)
     q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
-    cfg = dict(default_config(B, H, dk, dv, q.device), **(config or {}))
+    cfg = dict(default_config(B, H, dk, dv, q.device, q.element_size()), **(config or {}))
     if not config:   # overrides (benchmark sweeps) are the caller's experiment: Triton says if one does not fit
         check_shared_memory(cfg, q.element_size(), dk, dv, featurize, q.device, FORWARD_KERNELS[:stages])
     NC = triton.cdiv(T, CHUNK)
@@ -188,7 +188,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
     do_kv = do_kv.to(v.dtype).contiguous()
     do_fw = do_fw.to(v.dtype).contiguous()
-    cfg = dict(default_config(B, H, dk_, dv_, q.device), **(config or {}))
+    cfg = dict(default_config(B, H, dk_, dv_, q.device, q.element_size()), **(config or {}))
     if cfg["fw_bwd"] not in FW_BWD_VARIANTS:
         raise ValueError(f"config['fw_bwd'] must be one of {FW_BWD_VARIANTS}; got {cfg['fw_bwd']!r}")
     split = cfg["fw_bwd"] == "split"

@@ -48,10 +48,10 @@ def configurations():
             for dk in HEAD_DIMS:
                 for dv in HEAD_DIMS:
                     for sms in (1, 2, 3, 4, 8, 16, 1 << 20):   # B*H = 1: every value-block width of the scans
-                        cfg = default_config(1, 1, dk, dv, sms)
+                        cfg = default_config(1, 1, dk, dv, sms, elem)
                         for kernel, (bv, warps) in kernel_tiles(cfg).items():
                             stages = kernel_stages(cfg, kernel)
-                            key = _key(kernel, elem, feat, cfg["BK"], bv, warps)
+                            key = _key(kernel, elem, feat, cfg["BK"], bv, warps, stages)
                             if key not in seen:
                                 seen.add(key)
                                 yield key, (kernel, elem, feat, cfg["BK"], bv, warps, stages)
@@ -210,7 +210,7 @@ def fit_envelope(table: dict[str, int]) -> dict[tuple[str, bool], tuple[float, .
 
     groups: dict[tuple[str, bool], list] = {}
     for key, val in table.items():
-        kernel, e, feat, bk, bv, _ = key.split("/")
+        kernel, e, feat, bk, bv = key.split("/")[:5]
         terms = smem_terms(int(e[1:]), int(bk[2:]), int(bv[2:]))
         for f in ((False, True) if feat == "-" else (feat == "F",)):
             groups.setdefault((kernel, f), []).append((terms, val))

@@ -94,18 +94,22 @@ def pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
-def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1) -> dict:
+def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: int = 2) -> dict:
     """Block sizes and warps (not autotuned; ``python -m hqlt.benchmarks.fused`` sweeps alternatives);
-    ``sms``: the device's multiprocessor count.
+    ``sms``: the device's multiprocessor count; ``elem_bytes``: the inputs' element size.
 
     Chosen so that ptxas reports no register spills for sm_90 (checked by compiling the bf16 kernels for
     ``GPUTarget("cuda", 90, 32)`` on a CPU machine and reading ``cuobjdump --dump-resource-usage``):
-    * wy: 4 warps, 8 when a head dim is 128 (4 warps spill 208 B at d = 128);
+    * wy: 4 warps (at d = 128 they spill 208 B, and still ran 0.26 ms faster than 8 at T 32768 on an H100);
     * scan: value blocks of 64 columns (32 at Dk = 128: 64 spills even with 8 warps), 8 warps when the
       state tile is >= 64x64 elements; halved down to 16 columns while B*H*blocks < #SMs (the scan is the
       only sequential launch, so it needs programs on every SM);
     * out: 64-column value blocks (two programs per chunk at d = 128, the score tiles recomputed by each;
-      128 columns spill), 8 warps at d = 128, else 4.
+      128 columns spill), 4 warps.
+    At d = 128 the forward scan's chunk loop runs 3 stages deep (2-byte inputs: with float32 the third stage
+    takes the scan past an H200's shared memory), and the backward's KV and scan kernels 4 warps: with
+    the 4-warp wy and out, that combination was faster at T 2048, 8192 and 32768 on an H100 (FUSED_NOTES.md
+    "Round 6"); d <= 64 keeps the earlier settings until it is measured there.
     """
     # Head dims below 64 run in 64-wide tiles (loads and stores are masked to Dk, Dv): with 16- and 32-wide
     # tiles the sm_90 backward made illegal memory accesses on an H200 (B1 T100 dk32 dv64, dk = dv = 16,
@@ -117,18 +121,18 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1) -> dict:
         scan_bv //= 2
     scan_bv = min(scan_bv, BVW)
     return {"BK": BK, "BVW": BVW,
-            "wy_warps": 8 if big else 4,
+            "wy_warps": 4,
             "scan_bv": scan_bv, "scan_warps": 8 if (BK > 64 or BK * scan_bv >= 64 * 64) else 4,
-            "out_bv": min(BVW, 64), "out_warps": 8 if big else 4,
+            "out_bv": min(BVW, 64), "out_warps": 4,
             "num_stages": 2,
             # software-pipelining depth of the two sequential scans' chunk loops (their loads of chunk c + 1 do
-            # not depend on the state): the same as the others until measured (FUSED_NOTES.md "Round 4")
-            "scan_stages": 2, "bwd_scan_stages": 2,
+            # not depend on the state); the reverse scan's 3 and 4 stages measured no faster than 2
+            "scan_stages": 3 if big and elem_bytes == 2 else 2, "bwd_scan_stages": 2,
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
-            "bwd_scan_bv": scan_bv, "bwd_scan_warps": 8 if BK >= 64 else 4,
+            "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8,
             "fw_bwd_bv": 16, "fw_bwd_warps": 8,
-            "kv_bwd_warps": 8 if max(BK, BVW) >= 64 else 4,
+            "kv_bwd_warps": 4 if big else 8,
             # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): value blocks of 16 (32 spill more),
             # 8 warps where 4 spill (sm_90, bf16: the dq and dk kernels from Dk = 64, the WY kernel always)
             "fw_bwd": fw_bwd_variant(), "fw_bwd_split_bv": 16,
@@ -165,8 +169,8 @@ SMEM_TABLE = Path(__file__).resolve().parents[1] / "results" / "fused_smem_sm90.
 SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
     ("wy", False): (0.467, 0.0, 0.0, 0.0, 0.0, 0.0, 0.567),
     ("wy", True): (2.034, 0.0, 0.0, 0.0, 0.0, 0.0, 0.434),
-    ("scan", False): (4.0, 2.429, 1.286, 0.0, 0.0, 0.0, 0.0),
-    ("scan", True): (3.778, 2.889, 0.223, 0.0, 0.0, 0.0, 0.112),
+    ("scan", False): (6.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0),      # over its 2- and 3-stage compiles
+    ("scan", True): (6.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0),
     ("out", False): (4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0),
     ("out", True): (4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0),
     ("kv_dq", False): (3.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0),
@@ -189,10 +193,11 @@ SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
 NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy")   # one compile serves both modes
 
 
-def _key(kernel: str, elem_bytes: int, featurize: bool, BK: int, BV: int, warps: int) -> str:
-    # the kv kernels (and the split WY backward) have no FEATURIZE switch: one entry serves both modes
+def _key(kernel: str, elem_bytes: int, featurize: bool, BK: int, BV: int, warps: int, stages: int) -> str:
+    # the kv kernels (and the split WY backward) have no FEATURIZE switch: one entry serves both modes;
+    # the pipelining depth is in the key because each stage keeps its own copy of the loop's loads
     feat = "-" if kernel in NO_FEATURIZE_SWITCH else ("F" if featurize else "g")
-    return f"{kernel}/e{elem_bytes}/{feat}/BK{BK}/BV{BV}/w{warps}"
+    return f"{kernel}/e{elem_bytes}/{feat}/BK{BK}/BV{BV}/w{warps}/s{stages}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,10 +215,11 @@ def smem_terms(elem_bytes: int, BK: int, BV: int) -> tuple[int, ...]:
     return (e * 64 * BK, e * 64 * BV, e * BK * BV, 4 * 64 * BK, 4 * 64 * BV, 4 * BK * BV, 4 * 64 * 64)
 
 
-def smem_need(kernel: str, elem_bytes: int, BK: int, BV: int, warps: int, *, featurize: bool) -> int:
+def smem_need(kernel: str, elem_bytes: int, BK: int, BV: int, warps: int, *, featurize: bool,
+              stages: int = 2) -> int:
     """Shared memory (bytes per program) of one kernel: measured for sm_90 where the table has the
     configuration, else the envelope's bound (module docstring)."""
-    measured = smem_table().get(_key(kernel, elem_bytes, featurize, BK, BV, warps))
+    measured = smem_table().get(_key(kernel, elem_bytes, featurize, BK, BV, warps, stages))
     if measured is not None:
         return measured
     coeffs = SMEM_ENVELOPE[(kernel, bool(featurize) and kernel not in NO_FEATURIZE_SWITCH)]
@@ -225,9 +231,10 @@ def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int
                kernels: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNELS) -> dict[str, int]:
     """Bytes of shared memory per program of each kernel for a call (default configuration, with
     ``config``'s overrides). ``sms`` None: one multiprocessor (the scan's widest value blocks)."""
-    cfg = dict(default_config(batch, heads, dk, dv, sms or 1), **(config or {}))
+    cfg = dict(default_config(batch, heads, dk, dv, sms or 1, elem_bytes), **(config or {}))
     tiles = kernel_tiles_all(cfg)
-    return {k: smem_need(k, elem_bytes, cfg["BK"], tiles[k][0], tiles[k][1], featurize=featurize) for k in kernels}
+    return {k: smem_need(k, elem_bytes, cfg["BK"], tiles[k][0], tiles[k][1], featurize=featurize,
+                         stages=kernel_stages(cfg, k)) for k in kernels}
 
 
 def fits_shared_memory(elem_bytes: int, dk: int, dv: int, limit: int, *, featurize: bool, batch: int = 1,
