@@ -44,11 +44,12 @@ import torch
 from .kernels import _version, cuda_time_ms, parse_pair
 
 SWEEP = (  # overrides of hqlt.kernels.fused.launch.default_config, one group at a time
-    # first: round 6's d 128 defaults at d <= 64, and the defaults before them (FUSED_NOTES.md "Round 6")
-    {"scan_stages": 3}, {"scan_stages": 2, "out_warps": 8, "wy_warps": 8},
+    # first: the scan reading key features stored by the wy kernel (opt-in, settings.scan_features), then the
+    # 3-stage scan of d 128 at d <= 64 (FUSED_NOTES.md "Round 6"; at d 128 it repeats the default: the noise)
+    {"scan_features": "stored"}, {"scan_stages": 3},
     {"scan_bv": 16}, {"scan_bv": 32}, {"scan_bv": 64, "scan_warps": 8}, {"scan_warps": 4}, {"scan_warps": 8},
     {"out_bv": 128, "out_warps": 8}, {"out_warps": 4}, {"out_warps": 8}, {"wy_warps": 4}, {"wy_warps": 8},
-    {"num_stages": 1}, {"num_stages": 3}, {"scan_stages": 3}, {"scan_stages": 4},
+    {"num_stages": 1}, {"num_stages": 3}, {"scan_stages": 2}, {"scan_stages": 4},
 )
 BWD_SWEEP = (  # the same for the fused backward (timed alone on a saved forward)
     {"kv_bwd_warps": 4, "bwd_scan_warps": 4}, {"kv_bwd_warps": 8, "bwd_scan_warps": 8}, {"bwd_scan_stages": 3},

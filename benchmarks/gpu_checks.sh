@@ -13,6 +13,11 @@
 #   gpu_tests        the GPU suites (engine, fused, backends), several isolated pytest processes at once (the op
 #                    watch on: gpu_tests_op_watch.log)
 #   fused_bench      fused (single vs split FW backward) vs the fla composition vs SDPA, 8x2048 and 1x32768
+#   fused_profile    Nsight Compute on the fused kernels that walk the chunks in sequence (the two scans and the
+#                    FW/WY backward; $PROFILE_KERNELS, a regex) at $PROFILE_SHAPES (default 8x2048 1x32768), the
+#                    last of 3 steps of `python -m hqlt.benchmarks.fused_profile` ($PROFILE_ARGS passed on, split
+#                    at spaces, e.g. PROFILE_ARGS='--config {"scan_features":"stored"}'); the report of each shape
+#                    in ncu_<shape>.txt
 #   probe_sweep      probe_340m preset (cost probe at 340M, measured alone) + `hqlt bench model --compile off`
 #   engine_sweep     paper_expressivity at 300 steps, 1 seed, eager vs graph: trials per GPU-hour, GPU busy
 #   mps_sweep        the same graph sweep with an MPS control daemon running for it (own pipe folder, stopped
@@ -106,6 +111,18 @@ for stage in $STAGES; do
     fused_bench)
       timeout "$(cap $stage 300)" python -m hqlt.benchmarks.fused --shapes 8x2048 1x32768 --no-sweep \
         --out "$OUT/bench_fused.json" | tail -40 ;;
+    fused_profile)
+      kernels=${PROFILE_KERNELS:-scan_kernel|bwd_scan_kernel|fw_bwd_wy_kernel}
+      n=$(echo "$kernels" | tr '|' '\n' | wc -l)   # --launch-skip counts the launches that match the filter
+      for shape in ${PROFILE_SHAPES:-8x2048 1x32768}; do
+        timeout "$(cap $stage 300)" ncu --clock-control none --kernel-name "regex:^($kernels)\$" \
+          --launch-skip $(( 2 * n )) --launch-count "$n" --section SpeedOfLight --section Occupancy \
+          --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+          python -m hqlt.benchmarks.fused_profile --shape "$shape" --steps 3 ${PROFILE_ARGS:-} \
+          > "$OUT/ncu_$shape.txt" 2>&1
+        grep -E "^  [a-z_]+kernel|Duration|Registers Per Thread|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|Warp Cycles Per Issued|No Eligible" \
+          "$OUT/ncu_$shape.txt" | head -60
+      done ;;
     probe_sweep)
       timeout -s INT "$(cap $stage 600)" hqlt sweep search_space/presets/probe_340m.yaml --dir "$OUT/sweeps/probe_340m" \
         --fresh --verbose 0 2>&1 | tee "$OUT/probe_sweep.log" | tail -20
@@ -135,7 +152,7 @@ for stage in $STAGES; do
       keep "$OUT/sweeps/$name" ;;
     compile_bench)
       timeout "$(cap $stage 600)" hqlt bench model --compile on --out "$OUT/bench_model_compiled.json" | tail -6 ;;
-    *) echo "unknown stage $stage; stages: fused_sanitizer op_watch gpu_tests fused_bench probe_sweep engine_sweep mps_sweep compile_bench recipe"
+    *) echo "unknown stage $stage; stages: fused_sanitizer op_watch gpu_tests fused_bench fused_profile probe_sweep engine_sweep mps_sweep compile_bench recipe"
        exit 2 ;;
   esac
 done

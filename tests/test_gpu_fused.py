@@ -455,6 +455,136 @@ def test_fw_bwd_switch_is_read_per_launch(monkeypatch):
         S.fw_bwd_variant()
 
 
+# ============================================= scan features stored by the wy kernel (FUSED_NOTES.md "Round 6")
+# HQLT_FUSED_SCAN_FEATURES=stored: with raw q, k the wy kernel stores the key features and the forward scan reads
+# them instead of featurising on its sequential path. Same values as "kernel", read at every launch.
+SCAN_FEATURE_CASES = [  # B, T, H, dk, dv, W
+    (1, 1, 1, 16, 16, 1),
+    (2, 130, 1, 32, 32, 100),
+    (1, 200, 1, 128, 64, 64),     # two scan value blocks (Dk = 128, scan_bv 32)
+    (1, 70, 2, 24, 40, 3),        # head dims that are not powers of two (padded)
+]
+
+
+def _forward_both(case, dtype, device, seed):
+    from hqlt.kernels.fused import launch as FL
+    B, T, H, dk, dv, W = case
+    low, _ = make_inputs(B, T, H, dk, dv, dtype, device, seed)
+    kw = dict(window=W, kv_scale=dk ** -0.5, fw_scale=dk ** -0.5, return_aux=True)
+    args = (low["q"], low["k"], low["v"], low["beta"])
+    return (FL.fused_forward(*args, config={"scan_features": "kernel"}, **kw),
+            FL.fused_forward(*args, config={"scan_features": "stored"}, **kw),
+            FL.fused_forward(*args, config={"scan_features": "stored"}, poison=True, **kw))
+
+
+@interp
+@pytest.mark.parametrize("case", SCAN_FEATURE_CASES, ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-dk{c[3]}-dv{c[4]}-W{c[5]}"
+                                                         for c in SCAN_FEATURE_CASES])
+def test_interpreter_scan_features_stored(case, monkeypatch):
+    # the forward's outputs and kept residuals (w, v_new, chunk states) agree with the featurising scan to float32
+    # rounding, poisoned buffers change nothing; through autograd (kept and recomputed states) against the reference
+    kernel, stored, poisoned = _forward_both(case, torch.float32, "cpu", seed=sum(case))
+    for (name, a), b, c in zip([("o_kv", kernel[0]), ("o_fw", kernel[1])] + list(kernel[2].items()),
+                               [stored[0], stored[1], *stored[2].values()], [poisoned[0], poisoned[1],
+                                                                             *poisoned[2].values()]):
+        assert rel_rms(b, a) <= 1e-6, (name, rel_rms(b, a))
+        assert not c.isnan().any() and torch.equal(b, c), name
+    monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "stored")
+    B, T, H, dk, dv, W = case
+    for save in (True, False):
+        errs = compare(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=True, seed=sum(case) + 2,
+                       fused_bwd=True, save_states=save)
+        assert max(errs.values()) <= 1e-5, (save, errs)
+
+
+@interp
+@pytest.mark.parametrize("mode", ["kernel", "stored"])
+def test_interpreter_scan_features_route(mode, monkeypatch):
+    # which kernels featurise: the scan itself ("kernel") or the wy kernel, which then stores ("stored"); features
+    # given by the caller: neither, whatever the switch
+    from hqlt.kernels.fused import launch as FL
+    flags = {}
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def call(*args, **kwargs):
+                flags[self.name] = {k: kwargs[k] for k in ("FEATURIZE", "STORE_KF") if k in kwargs}
+                return launch(*args, **kwargs)
+            return call
+
+    for name in ("wy_kernel", "scan_kernel"):
+        monkeypatch.setattr(FL, name, Spy(name, getattr(FL, name)))
+    monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", mode)
+    low, _ = make_inputs(1, 70, 1, 32, 32, torch.float32, "cpu", 0)
+    FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=8, kv_scale=0.2, fw_scale=0.2)
+    assert flags == {"wy_kernel": {"FEATURIZE": True, "STORE_KF": mode == "stored"},
+                     "scan_kernel": {"FEATURIZE": mode == "kernel"}}, flags
+    FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=8, kv_scale=0.2, fw_scale=0.2,
+                     q_fw=feat64(low["q"]).float(), k_fw=feat64(low["k"]).float())
+    assert flags == {"wy_kernel": {"FEATURIZE": False, "STORE_KF": False}, "scan_kernel": {"FEATURIZE": False}}
+    with pytest.raises(ValueError, match="scan_features"):
+        FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=8, kv_scale=0.2, fw_scale=0.2,
+                         config={"scan_features": "cached"})
+
+
+def test_scan_features_switch(monkeypatch):
+    from hqlt.kernels.fused import settings as S
+    monkeypatch.delenv("HQLT_FUSED_SCAN_FEATURES", raising=False)
+    assert S.scan_features() == "kernel" and S.default_config(1, 8, 128, 128, 132)["scan_features"] == "kernel"
+    monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "Stored")
+    assert S.default_config(1, 8, 128, 128, 132)["scan_features"] == "stored"
+    # the stored variant's scan is the features-given compile; the other kernels keep theirs
+    stored = S.smem_needs(2, 128, 128, featurize=True, batch=1, heads=8, sms=132)
+    given = S.smem_needs(2, 128, 128, featurize=False, batch=1, heads=8, sms=132)
+    monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "kernel")
+    kernel = S.smem_needs(2, 128, 128, featurize=True, batch=1, heads=8, sms=132)
+    assert stored["scan"] == given["scan"] and stored["wy"] == kernel["wy"] and stored["out"] == kernel["out"]
+    assert S.smem_table().get("scan/e2/g/BK128/BV16/w8/s3") == stored["scan"]
+    monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "cached")
+    with pytest.raises(ValueError, match="HQLT_FUSED_SCAN_FEATURES"):
+        S.default_config(1, 8, 128, 128, 132)
+
+
+@interp
+def test_interpreter_profile_driver_launches_each_kernel_once_per_step(capsys, monkeypatch):
+    # benchmarks/gpu_checks.sh's fused_profile stage skips the warm-up steps by counting launches per step
+    from hqlt.benchmarks import fused_profile
+    monkeypatch.delenv("HQLT_FUSED_FW_BWD", raising=False)
+    assert fused_profile.main(["--device", "cpu", "--shape", "1x70", "--heads", "1", "--dim", "32", "--steps", "2",
+                               "--config", '{"scan_features": "stored"}']) == 0
+    out = capsys.readouterr().out
+    launches = dict(x.rsplit(" ", 1) for x in out.split("launches per step: ")[1].splitlines()[0].split(", "))
+    assert launches == {n: "1" for n in ("wy_kernel", "scan_kernel", "out_kernel", "kv_bwd_dq_kernel",
+                                         "kv_bwd_dkdv_kernel", "fw_bwd_dq_kernel", "bwd_scan_kernel",
+                                         "fw_bwd_wy_kernel", "fw_bwd_dk_kernel")}, launches
+    assert "step 2/2" in out and '"scan_features": "stored"' in out
+
+
+class TestGPUScanFeatures:
+    """bf16 on the GPU: the stored key features give the featurising scan's results (to bf16 rounding), leave no
+    poisoned element, and the gradients through autograd match the reference."""
+    pytestmark = gpu
+
+    @pytest.mark.parametrize("case", SCAN_FEATURE_CASES[1:] + [(1, 4096, 2, 128, 128, 64)],
+                             ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-dk{c[3]}-dv{c[4]}-W{c[5]}")
+    def test_bf16_stored_equals_kernel(self, case, monkeypatch):
+        kernel, stored, poisoned = _forward_both(case, torch.bfloat16, "cuda", seed=sum(case))
+        for a, b, c in zip([kernel[0], kernel[1], *kernel[2].values()], [stored[0], stored[1], *stored[2].values()],
+                           [poisoned[0], poisoned[1], *poisoned[2].values()]):
+            assert rel_rms(b, a) <= 1e-2 and not c.isnan().any() and torch.equal(b, c)
+        monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "stored")
+        B, T, H, dk, dv, W = case
+        for save in (True, False):
+            errs = compare(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=True, seed=T + W,
+                           fused_bwd=True, save_states=save)
+            assert max(errs.values()) <= 1e-2, (save, errs)
+
+
 class TestGPUFwBwdVariants:
     """bf16/fp16 checks of both FW-backward variants (HQLT_FUSED_FW_BWD), incl. the shape compute-sanitizer
     flagged in round 2 (fp16, B 1 T 100 H 3 dk 32 dv 64 W 16)."""

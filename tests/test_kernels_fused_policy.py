@@ -300,3 +300,12 @@ def test_fla_gated_delta_refusal_rule():
     assert not fla_fw_ok("gated_delta", torch.float32, torch.device("cpu"))
     assert fla_fw_ok("gated_delta", torch.bfloat16, torch.device("cpu"))
     assert fla_fw_ok("delta", torch.bfloat16, None)
+
+
+def test_profile_driver_refuses_unknown_config_keys(capsys):
+    from hqlt.benchmarks import fused_profile
+    for bad, says in (('{"scan_feature": "stored"}', "unknown keys ['scan_feature']; allowed: ['BK'"),
+                      ("scan_features=stored", "not JSON"), ('["stored"]', "a JSON object")):
+        with pytest.raises(SystemExit) as exc:
+            fused_profile.main(["--config", bad])
+        assert exc.value.code == 2 and says in capsys.readouterr().err

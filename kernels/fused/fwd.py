@@ -4,14 +4,16 @@
 Design (three launches; the chunk is 64 tokens, ``n = ceil(T / 64)``; padded positions load as zero,
 which makes them no-op writes that come after every real token):
 
-1. ``wy_kernel``, grid (n, B*H): featurise the chunk's keys in registers, build
+1. ``wy_kernel``, grid (n, B*H): featurise the chunk's keys in registers (and store them when the scan is to
+   read them, ``settings.scan_features`` "stored"), build
    ``A = strict_lower(diag(beta) K K^T)`` as 16x16 blocks, invert the four diagonal blocks by forward
    substitution (row by row, 15 steps each) and solve ``(I + A) [W | U] = diag(beta) [K | V]`` by blocked
    forward substitution (10 block products per right-hand side). Writes ``w`` and ``u`` (dtype of the
    inputs).
 2. ``scan_kernel``, grid (ceil(Dv/BV), B*H), sequential over chunks with the ``Dk x BV`` state ``M`` in
    float32 registers: store ``M`` (the state before the chunk), ``v_new = u - w M``, ``M += K^T v_new``.
-   Only two ``64 x Dk x BV`` products per chunk sit on the sequential path.
+   Only two ``64 x Dk x BV`` products per chunk sit on the sequential path; with "stored" key features the
+   featurisation (silu, a row norm) leaves it too.
 3. ``out_kernel``, grid (n, B*H, ceil(Dv/BV)): loads the chunk's q and k tiles once and uses them for
    both memories: FW ``o_fw = fw_scale (Q M + causal(Q K^T) v_new)`` on the featurised copies, KV
    online-softmax over the chunk itself (diagonal block first, so every row has a finite max) and the
@@ -29,8 +31,9 @@ from .common import featurize_rows, fw_rows, inv4_unit_lower16, load_beta, load_
 # Kernel 1: WY representation per chunk.
 
 @triton.jit
-def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, T, H, DK, DV,
-              BK: tl.constexpr, BVW: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr):
+def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, kfo_ptr, T, H, DK, DV,
+              BK: tl.constexpr, BVW: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
+              STORE_KF: tl.constexpr):
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -51,6 +54,11 @@ def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, T, H, DK, DV,
     b1 = load_beta(beta_ptr, bbase, t0 + 16, T, H, 16)
     b2 = load_beta(beta_ptr, bbase, t0 + 32, T, H, 16)
     b3 = load_beta(beta_ptr, bbase, t0 + 48, T, H, 16)
+    if STORE_KF:   # the key features for the scan (settings.scan_features "stored"), in the inputs' dtype
+        store_rows(kfo_ptr, kbase, t0, T, skt, DK, k0, 16, BK)
+        store_rows(kfo_ptr, kbase, t0 + 16, T, skt, DK, k1, 16, BK)
+        store_rows(kfo_ptr, kbase, t0 + 32, T, skt, DK, k2, 16, BK)
+        store_rows(kfo_ptr, kbase, t0 + 48, T, skt, DK, k3, 16, BK)
     kb0 = k0 * b0[:, None]
     kb1 = k1 * b1[:, None]
     kb2 = k2 * b2[:, None]

@@ -11,8 +11,8 @@ from ..contract import FEATURE_EPS, MAX_GRID_ROWS
 from .bwd import (bwd_scan_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel, fw_bwd_kernel, fw_bwd_wy_kernel,
                   kv_bwd_dkdv_kernel, kv_bwd_dq_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import (CHUNK, FORWARD_KERNELS, FW_BWD_VARIANTS, MAX_HEAD_DIM, backward_kernels, interpreting, pow2,
-                       smem_needs)
+from .settings import (CHUNK, FORWARD_KERNELS, FW_BWD_VARIANTS, MAX_HEAD_DIM, SCAN_FEATURES, backward_kernels,
+                       interpreting, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -117,6 +117,8 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
     cfg = dict(default_config(B, H, dk, dv, q.device, q.element_size()), **(config or {}))
+    if cfg["scan_features"] not in SCAN_FEATURES:
+        raise ValueError(f"config['scan_features'] must be one of {SCAN_FEATURES}; got {cfg['scan_features']!r}")
     if not config:   # overrides (benchmark sweeps) are the caller's experiment: Triton says if one does not fit
         check_shared_memory(cfg, q.element_size(), dk, dv, featurize, q.device, FORWARD_KERNELS[:stages])
     NC = triton.cdiv(T, CHUNK)
@@ -133,6 +135,10 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     o_fw = buf(B, T, H, dv)
     lse = buf(B * H, T, dtype=torch.float32) if return_aux else o_kv   # o_kv: an unused placeholder
     aux = dict(lse=lse, w=w, v_new=v_new, states=states)
+    # "stored": the wy kernel writes the key features it computes anyway, and the scan reads them instead of
+    # featurising on its sequential path (settings.scan_features); a transient buffer the size of k
+    store_kf = featurize and cfg["scan_features"] == "stored"
+    kf_scan = buf(B, T, H, dk, dtype=q.dtype) if store_kf else k_fw
 
     def result():
         return (o_kv, o_fw, aux) if return_aux else (o_kv, o_fw)
@@ -141,13 +147,14 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
         return result()
     common = dict(FEATURIZE=featurize, EPS=FEATURE_EPS)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        wy_kernel[(NC, B * H)](k, k_fw, v, beta, w, u, T, H, dk, dv, BK=cfg["BK"], BVW=cfg["BVW"],
-                               num_warps=cfg["wy_warps"], **common)
+        wy_kernel[(NC, B * H)](k, k_fw, v, beta, w, u, kf_scan, T, H, dk, dv, BK=cfg["BK"], BVW=cfg["BVW"],
+                               num_warps=cfg["wy_warps"], STORE_KF=store_kf, **common)
         if stages < 2:
             return result()
         scan_kernel[(triton.cdiv(dv, cfg["scan_bv"]), B * H)](
-            k, k_fw, w, u, v_new, states, T, H, NC, dk, dv, BK=cfg["BK"], BV=cfg["scan_bv"],
-            num_warps=cfg["scan_warps"], num_stages=cfg["scan_stages"], **common)
+            k, kf_scan, w, u, v_new, states, T, H, NC, dk, dv, BK=cfg["BK"], BV=cfg["scan_bv"],
+            num_warps=cfg["scan_warps"], num_stages=cfg["scan_stages"], FEATURIZE=featurize and not store_kf,
+            EPS=FEATURE_EPS)
         if stages < 3:
             return result()
         out_kernel[(NC, B * H, triton.cdiv(dv, cfg["out_bv"]))](

@@ -84,6 +84,8 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         consts.update(FEATURIZE=feat, EPS=1e-6)
     if kernel == "out":
         consts["STORE_LSE"] = True
+    if kernel == "wy":
+        consts["STORE_KF"] = feat   # features computed here: the variant that stores them is the larger
     if kernel == "bwd_scan":
         consts["LOCAL_IN"] = False
     consts.update(extra or {})

@@ -72,6 +72,22 @@ def fw_bwd_variant() -> str:
     return value
 
 
+SCAN_FEATURES = ("kernel", "stored")
+
+
+def scan_features() -> str:
+    """``HQLT_FUSED_SCAN_FEATURES`` (default "kernel"): where the forward scan gets the FW key features when they
+    are computed in the kernels (raw q, k). "kernel": the scan featurises each chunk's keys itself, on its
+    sequential path. "stored": ``wy_kernel``, which featurises the same keys, stores them (a transient buffer
+    the size of k) and the scan loads them. Same values. Opt-in until timed: with the features given the
+    forward took 1.21 instead of 1.96 ms at B 1, T 32768 on an H200 (FUSED_NOTES.md "Round 6"), and the scan is
+    the kernel that walks the chunks in sequence. A launch config's ``"scan_features"`` entry overrides it."""
+    value = os.environ.get("HQLT_FUSED_SCAN_FEATURES", "kernel").strip().lower() or "kernel"
+    if value not in SCAN_FEATURES:
+        raise ValueError(f"HQLT_FUSED_SCAN_FEATURES must be one of {SCAN_FEATURES}; got {value!r}")
+    return value
+
+
 # ==================================================================================================
 # Launch configuration (the launchers in ``launch`` use it; no triton needed to compute it).
 
@@ -109,7 +125,8 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: i
     At d = 128 the forward scan's chunk loop runs 3 stages deep (2-byte inputs: with float32 the third stage
     takes the scan past an H200's shared memory), and the backward's KV and scan kernels 4 warps: with
     the 4-warp wy and out, that combination was faster at T 2048, 8192 and 32768 on an H100 (FUSED_NOTES.md
-    "Round 6"); d <= 64 keeps the earlier settings until it is measured there.
+    "Round 6"); d <= 64 keeps the earlier settings until it is measured there. ``scan_features`` and ``fw_bwd``
+    come from their environment switches (``scan_features()``, ``fw_bwd_variant()``).
     """
     # Head dims below 64 run in 64-wide tiles (loads and stores are masked to Dk, Dv): with 16- and 32-wide
     # tiles the sm_90 backward made illegal memory accesses on an H200 (B1 T100 dk32 dv64, dk = dv = 16,
@@ -128,6 +145,7 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: i
             # software-pipelining depth of the two sequential scans' chunk loops (their loads of chunk c + 1 do
             # not depend on the state); the reverse scan's 3 and 4 stages measured no faster than 2
             "scan_stages": 3 if big and elem_bytes == 2 else 2, "bwd_scan_stages": 2,
+            "scan_features": scan_features(),
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
             "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8,
@@ -233,7 +251,8 @@ def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int
     ``config``'s overrides). ``sms`` None: one multiprocessor (the scan's widest value blocks)."""
     cfg = dict(default_config(batch, heads, dk, dv, sms or 1, elem_bytes), **(config or {}))
     tiles = kernel_tiles_all(cfg)
-    return {k: smem_need(k, elem_bytes, cfg["BK"], tiles[k][0], tiles[k][1], featurize=featurize,
+    return {k: smem_need(k, elem_bytes, cfg["BK"], tiles[k][0], tiles[k][1],
+                         featurize=featurize and not (k == "scan" and cfg["scan_features"] == "stored"),
                          stages=kernel_stages(cfg, k)) for k in kernels}
 
 
@@ -242,14 +261,15 @@ def fits_shared_memory(elem_bytes: int, dk: int, dv: int, limit: int, *, featuri
                        kernels: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNELS) -> bool:
     """Whether every kernel's shared memory (``smem_needs``) is within ``limit`` bytes per block (cached for
     the default configuration: the backend asks on every call)."""
-    if config is None:
-        return _fits_default(elem_bytes, dk, dv, limit, bool(featurize), batch, heads, sms, tuple(kernels))
+    if config is None:   # the environment switches are in the cache key: the default configuration reads them
+        return _fits_default(elem_bytes, dk, dv, limit, bool(featurize), batch, heads, sms, tuple(kernels),
+                             fw_bwd_variant(), scan_features())
     needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, config=config,
                        kernels=kernels)
     return max(needs.values()) <= limit
 
 
 @functools.lru_cache(maxsize=4096)
-def _fits_default(elem_bytes, dk, dv, limit, featurize, batch, heads, sms, kernels) -> bool:
+def _fits_default(elem_bytes, dk, dv, limit, featurize, batch, heads, sms, kernels, _fw_bwd, _scan_features) -> bool:
     needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, kernels=kernels)
     return max(needs.values()) <= limit
