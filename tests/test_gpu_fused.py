@@ -455,6 +455,47 @@ def test_fw_bwd_switch_is_read_per_launch(monkeypatch):
         S.fw_bwd_variant()
 
 
+# ============================================================== windows past the backend's 256 (round 6)
+# The kernels loop over the key / query chunks a window reaches, for any W; the backend claims W <= 256
+# (backends.fused.MAX_WINDOW) until these pass on a GPU. They call the kernels directly (FusedSyncHybrid), past the
+# backend's check.
+LONG_WINDOW_CASES = [  # B, T, H, dk, dv, W
+    (1, 700, 1, 16, 16, 300),
+    (1, 1100, 1, 32, 32, 1024),
+    (2, 260, 1, 16, 32, 2000),     # W > T: full causal attention
+]
+
+
+@interp
+@pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+@pytest.mark.parametrize("case", LONG_WINDOW_CASES, ids=[f"T{c[1]}-dk{c[3]}-dv{c[4]}-W{c[5]}" for c in LONG_WINDOW_CASES])
+def test_interpreter_long_windows(case, featurize):
+    B, T, H, dk, dv, W = case
+    errs = compare(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + W, fused_bwd=True,
+                   save_states=featurize)
+    assert max(errs.values()) <= 1e-5, errs
+    if T < 1000:
+        poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=W)
+
+
+class TestGPULongWindow:
+    """bf16 values and gradients at W 512 - 2048 (the issue's W 1024 shape class), kept and recomputed states."""
+    pytestmark = gpu
+
+    @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+    @pytest.mark.parametrize("case", [(1, 2048, 2, 128, 128, 1024), (2, 1100, 2, 64, 64, 512),
+                                      (1, 2048, 2, 64, 64, 2048)],
+                             ids=lambda c: f"B{c[0]}-T{c[1]}-d{c[3]}-W{c[5]}")
+    def test_bf16(self, case, featurize):
+        B, T, H, dk, dv, W = case
+        for save in (True, False):
+            errs = compare(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T + W,
+                           fused_bwd=True, save_states=save)
+            assert max(errs.values()) <= 1e-2, (save, errs)
+        grads = poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=W)
+        assert all(g.isfinite().all() for g in grads)
+
+
 # ============================================= scan features stored by the wy kernel (FUSED_NOTES.md "Round 6")
 # HQLT_FUSED_SCAN_FEATURES=stored: with raw q, k the wy kernel stores the key features and the forward scan reads
 # them instead of featurising on its sequential path. Same values as "kernel", read at every launch.

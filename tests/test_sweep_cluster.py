@@ -2,8 +2,9 @@
 an MLflow server with its own artifact store, both started here, as docs/cluster.md runs them on real hosts.
 
 One test, in phases (each needs the one before; starting the server and the cluster once keeps it bounded):
-  A  a sweep joins the cluster (--address): its trials run on both nodes, its report's artifacts reach the
-     server's artifact store; its driver is SIGKILLed mid-sweep and the same command resumes it;
+  A  a sweep joins the cluster (--address): its trials run on the worker (the head, the driver's node, offers
+     trials no CPU), its report's artifacts reach the server's artifact store; its driver is SIGKILLed mid-sweep
+     and the same command resumes it;
   B  a second sweep of the same spec and name, on the same server: a worker node it runs a trial on is lost
      mid-trial (`Cluster.remove_node`) — the trial is retried on another node, nothing is duplicated; then its
      driver is killed and resumed, and its orphan clean-up leaves sweep A's runs alone; each `hqlt status` sees
@@ -85,9 +86,11 @@ def test_sweeps_on_a_ray_cluster_with_an_mlflow_server(tmp_path, monkeypatch):
     # nodes on this machine's own address: a driver told 127.0.0.1 still looks for its raylet at the address
     # Ray detects for the host, so nodes bound to loopback alone are unreachable for it
     node = {"num_cpus": 1}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    # the head (the driver's node) offers no CPU to trials: each trial must run on another node, whether or not
+    # two trials overlap in time (on a loaded machine the driver may start the next one late)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
-        worker = cluster.add_node(**node)
+        worker = cluster.add_node(num_cpus=2)   # sweep A's two concurrent trials
         cluster.wait_for_nodes()
         deadline = time.time() + 180
         while not answers(f"{uri}/health"):
@@ -114,7 +117,7 @@ def test_sweeps_on_a_ray_cluster_with_an_mlflow_server(tmp_path, monkeypatch):
         assert len(runs_a) == 4 and len({r.data.tags["trial_id"] for r in runs_a}) == 4
         assert all(r.data.tags["status"] == "completed" for r in runs_a)
         nodes = {r.data.tags["node"].rsplit(":", 1)[1] for r in runs_a}
-        assert nodes == {cluster.head_node.node_id[:8], worker.node_id[:8]}, nodes  # trials on both nodes
+        assert nodes == {worker.node_id[:8]}, nodes  # every trial on the worker, none on the driver's node
         assert parent_a.info.artifact_uri.startswith("mlflow-artifacts:")  # the server's store, not a local path
         stored = {p.name for p in (srv / "artifacts").rglob("*") if p.is_file()}
         assert {"pareto.png", "report.json", "spec.yaml"} <= stored
