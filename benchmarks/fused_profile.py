@@ -38,9 +38,10 @@ def parse_config(text: str) -> dict:
     if not isinstance(cfg, dict):
         raise argparse.ArgumentTypeError("a JSON object of launch-configuration keys")
     from hqlt.kernels.fused.settings import default_config
-    unknown = sorted(set(cfg) - set(default_config(1, 1, 64, 64)))
+    allowed = sorted(default_config(1, 1, 64, 64))
+    unknown = sorted(set(cfg) - set(allowed))
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown keys {unknown}; allowed: {sorted(default_config(1, 1, 64, 64))}")
+        raise argparse.ArgumentTypeError(f"unknown keys {unknown}; allowed: {allowed}")
     return cfg
 
 
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
         return 2
     from hqlt.kernels.fused import launch as FL
     from hqlt.kernels.reference import l2_normalize
+    from hqlt.kernels.testing import watch_launches
 
     (B, T), H, d, W = args.shape, args.heads, args.dim, args.window
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32   # the interpreter has no bf16 dot
@@ -78,26 +80,17 @@ def main(argv=None) -> int:
         feats = {"q_fw": l2_normalize(torch.nn.functional.silu(q.float())).to(dtype),
                  "k_fw": l2_normalize(torch.nn.functional.silu(k.float())).to(dtype)}
     kw = dict(window=W, kv_scale=d ** -0.5, fw_scale=d ** -0.5, config=args.config, **feats)
-    counts: dict[str, int] = {}
-    names = [n for n in vars(FL) if n.endswith("_kernel")]
-    originals = {n: getattr(FL, n) for n in names}
+    counts: dict[str, int] = {}   # launches per kernel name (the profiler's --launch-skip needs them)
 
-    class Count:   # counts launches per kernel name (the profiler's --launch-skip needs them)
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            counts[self.name] = counts.get(self.name, 0) + 1
-            return originals[self.name][grid]
+    def count(name, _args, _kwargs):
+        counts[name] = counts.get(name, 0) + 1
 
     print(f"# {torch.cuda.get_device_name(0) if args.device == 'cuda' else args.device}: B={B} T={T} H={H} d={d} "
           f"W={W} {str(dtype).removeprefix('torch.')}, features {'given' if feats else 'in the kernels'}, "
           f"config {json.dumps(args.config or {})}", flush=True)
     for step in range(args.steps):
         counts.clear()
-        for n in names:
-            setattr(FL, n, Count(n))
-        try:
+        with watch_launches(FL, count):
             if args.device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -110,9 +103,6 @@ def main(argv=None) -> int:
                 took = f"{start.elapsed_time(end):.3f} ms"
             else:
                 took = "(CPU interpreter)"
-        finally:
-            for n in names:
-                setattr(FL, n, originals[n])
         if step == 0:
             print("launches per step: " + ", ".join(f"{n} {c}" for n, c in counts.items()), flush=True)
         print(f"step {step + 1}/{args.steps}: {took}", flush=True)

@@ -2,6 +2,8 @@
 featurised the way the HQLT layer produces them, and the error measure the tests use."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,6 +53,35 @@ def assert_opcheck(op, args) -> None:
     result = torch.library.opcheck(op, args)
     failed = {name: outcome for name, outcome in result.items() if outcome != "SUCCESS"}
     assert result and not failed, failed
+
+
+@contextlib.contextmanager
+def watch_launches(module, on_launch):
+    """While the block runs, every ``*_kernel`` of ``module`` (a launcher module such as
+    ``hqlt.kernels.fused.launch``, which looks its kernels up as globals at each launch) is wrapped:
+    ``on_launch(name, args, kwargs)`` sees each launch before it runs. For tests of what the kernels are launched
+    with, and the profile driver's launches per step."""
+    originals = {n: getattr(module, n) for n in vars(module) if n.endswith("_kernel")}
+
+    class Watched:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            launch = originals[self.name][grid]
+
+            def call(*args, **kwargs):
+                on_launch(self.name, args, kwargs)
+                return launch(*args, **kwargs)
+            return call
+
+    try:
+        for name in originals:
+            setattr(module, name, Watched(name))
+        yield
+    finally:
+        for name, kernel in originals.items():
+            setattr(module, name, kernel)
 
 
 # ------------------------------------------------------------------------------ op registry watch

@@ -416,23 +416,14 @@ def test_kernels_only_see_power_of_two_head_dims(featurize, monkeypatch):
     # still matches the reference (values and gradients)
     from hqlt.kernels.fused import launch as FL
     assert [FL.kernel_dim(d) for d in (1, 8, 16, 24, 40, 64, 100, 128)] == [16, 16, 16, 32, 64, 64, 128, 128]
+    from hqlt.kernels.testing import watch_launches
     seen = []
 
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
+    def record(_name, args, _kwargs):
+        seen.extend(a.shape[-1] for a in args if isinstance(a, torch.Tensor) and a.dim() == 4)
 
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def call(*args, **kwargs):
-                seen.extend(a.shape[-1] for a in args if isinstance(a, torch.Tensor) and a.dim() == 4)
-                return launch(*args, **kwargs)
-            return call
-
-    for name in [n for n in vars(FL) if n.endswith("_kernel")]:
-        monkeypatch.setattr(FL, name, Spy(getattr(FL, name)))
-    errs = compare(1, 70, 2, 24, 40, 3, torch.float32, "cpu", featurize=featurize, seed=11, fused_bwd=True)
+    with watch_launches(FL, record):
+        errs = compare(1, 70, 2, 24, 40, 3, torch.float32, "cpu", featurize=featurize, seed=11, fused_bwd=True)
     assert max(errs.values()) <= 1e-5, errs
     assert seen and set(seen) == {32, 64}, sorted(set(seen))
 
@@ -544,29 +535,21 @@ def test_interpreter_scan_features_route(mode, monkeypatch):
     # which kernels featurise: the scan itself ("kernel") or the wy kernel, which then stores ("stored"); features
     # given by the caller: neither, whatever the switch
     from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.testing import watch_launches
     flags = {}
 
-    class Spy:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
+    def record(name, _args, kwargs):
+        if name in ("wy_kernel", "scan_kernel"):
+            flags[name] = {k: kwargs[k] for k in ("FEATURIZE", "STORE_KF") if k in kwargs}
 
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def call(*args, **kwargs):
-                flags[self.name] = {k: kwargs[k] for k in ("FEATURIZE", "STORE_KF") if k in kwargs}
-                return launch(*args, **kwargs)
-            return call
-
-    for name in ("wy_kernel", "scan_kernel"):
-        monkeypatch.setattr(FL, name, Spy(name, getattr(FL, name)))
     monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", mode)
     low, _ = make_inputs(1, 70, 1, 32, 32, torch.float32, "cpu", 0)
-    FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=8, kv_scale=0.2, fw_scale=0.2)
-    assert flags == {"wy_kernel": {"FEATURIZE": True, "STORE_KF": mode == "stored"},
-                     "scan_kernel": {"FEATURIZE": mode == "kernel"}}, flags
-    FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=8, kv_scale=0.2, fw_scale=0.2,
-                     q_fw=feat64(low["q"]).float(), k_fw=feat64(low["k"]).float())
+    with watch_launches(FL, record):
+        FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=8, kv_scale=0.2, fw_scale=0.2)
+        assert flags == {"wy_kernel": {"FEATURIZE": True, "STORE_KF": mode == "stored"},
+                         "scan_kernel": {"FEATURIZE": mode == "kernel"}}, flags
+        FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=8, kv_scale=0.2, fw_scale=0.2,
+                         q_fw=feat64(low["q"]).float(), k_fw=feat64(low["k"]).float())
     assert flags == {"wy_kernel": {"FEATURIZE": False, "STORE_KF": False}, "scan_kernel": {"FEATURIZE": False}}
     with pytest.raises(ValueError, match="scan_features"):
         FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], window=8, kv_scale=0.2, fw_scale=0.2,
