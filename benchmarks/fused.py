@@ -44,21 +44,26 @@ import torch
 from .kernels import _version, cuda_time_ms, parse_pair
 
 SWEEP = (  # overrides of hqlt.kernels.fused.launch.default_config, one group at a time
-    # first: the scan reading key features stored by the wy kernel (opt-in, settings.scan_features), then the
-    # 3-stage scan of d 128 at d <= 64 (FUSED_NOTES.md "Round 6"; at d 128 it repeats the default: the noise)
-    {"scan_features": "stored"}, {"scan_stages": 3},
-    {"scan_bv": 16}, {"scan_bv": 32}, {"scan_bv": 64, "scan_warps": 8}, {"scan_warps": 4}, {"scan_warps": 8},
+    # first: the round-6 scan (featurising its keys itself, 8 warps at d 128) against the default, which loads the
+    # features the wy kernel stored (FUSED_NOTES.md "Round 7"), then the 4-warp scan at d <= 64 and the 3-stage
+    # scan of d 128 at d <= 64 (at d 128 it repeats the default: the noise)
+    {"scan_features": "kernel", "scan_warps": 8}, {"scan_warps": 4}, {"scan_stages": 3},
+    {"scan_bv": 16}, {"scan_bv": 32}, {"scan_bv": 64, "scan_warps": 8}, {"scan_warps": 8},
     {"out_bv": 128, "out_warps": 8}, {"out_warps": 4}, {"out_warps": 8}, {"wy_warps": 4}, {"wy_warps": 8},
     {"num_stages": 1}, {"num_stages": 3}, {"scan_stages": 2}, {"scan_stages": 4},
 )
-BWD_SWEEP = (  # the same for the fused backward (timed alone on a saved forward)
+BWD_SWEEP = (  # the same for the fused backward (timed alone on a saved forward); first the reverse scan reading
+    # fw_scale Qf^T dO left by fw_bwd_dq (opt-in, settings.BWD_SCAN_QDO; alone and with its loop 3 stages deep), then
+    # the FW/WY backward's tiles of round 6 against the default (FUSED_NOTES.md "Round 7"), the round-7 tiles at d <= 64
+    {"bwd_scan_qdo": "pre"}, {"bwd_scan_qdo": "pre", "bwd_scan_stages": 3},
+    {"fw_bwd_split_bv": 16, "fw_bwd_wy_warps": 8}, {"fw_bwd_split_bv": 32, "fw_bwd_wy_warps": 4},
+    {"fw_bwd_wy_warps": 4},
     {"kv_bwd_warps": 4, "bwd_scan_warps": 4}, {"kv_bwd_warps": 8, "bwd_scan_warps": 8}, {"bwd_scan_stages": 3},
     {"bwd_scan_stages": 4},
     {"bwd_scan_bv": 16}, {"bwd_scan_bv": 32}, {"bwd_scan_bv": 64, "bwd_scan_warps": 8}, {"bwd_scan_warps": 4},
     {"fw_bwd_bv": 16}, {"fw_bwd_bv": 64}, {"fw_bwd_warps": 4}, {"fw_bwd_warps": 8}, {"kv_bwd_warps": 4},
     {"kv_bwd_warps": 8}, {"num_stages": 1}, {"num_stages": 3},
-    {"fw_bwd": "split"}, {"fw_bwd": "split", "fw_bwd_split_bv": 32}, {"fw_bwd": "split", "fw_bwd_wy_warps": 4},
-    {"fw_bwd": "split", "fw_bwd_dq_warps": 4}, {"fw_bwd": "split", "fw_bwd_dk_warps": 4},
+    {"fw_bwd": "single"}, {"fw_bwd_dq_warps": 4}, {"fw_bwd_dk_warps": 4},
 )
 
 

@@ -7,11 +7,12 @@ each backend (and the FW kind and dtype it was measured with: ``fw`` per entry, 
 entry nearest to its own shape (same blend; distance = sum of |log2| ratios of W, T and d, plus
 ``OTHER_CARD_DISTANCE`` for a row measured on another card than the calling one) and the fastest *available*
 backend in it; a table may restrict the
-choice to the backends it lists under "verified" (those whose GPU parity tests passed on the measuring
-card).
+choice to the backends it lists under "verified" (those whose GPU parity tests passed): a list holds for every
+card; a map from card name to list holds per calling card, and a card it does not name may use only the
+backends verified on every card it names.
 
 Shape classes. A backend that runs its own kernel only on part of the calls (the fused Sync-HQLT kernel:
-sync + delta, bf16/fp16, W <= 256, d <= 128) and falls back to another backend's ops elsewhere is eligible
+sync + delta, bf16/fp16, d <= 128) and falls back to another backend's ops elsewhere is eligible
 only where *both* the call and the measured entry are in its class (``eligible(name, shape)``, handed in by
 ``dispatch``): its time in a row measured outside the class is the fallback's time, and a row inside the
 class says nothing about calls outside it. So "fused" is chosen only for a call of its class whose nearest
@@ -66,11 +67,26 @@ def _dist(entry: dict, window: int, seq_len: int, head_dim: int, other_card: boo
         OTHER_CARD_DISTANCE if other_card else 0.0)
 
 
-def _candidates(table: dict, available) -> set:
-    """Available backends the table may choose: those in its "verified" list (backends whose GPU parity
-    tests passed on the measuring card), or every available one when the table has no such list."""
+def verified_on(table: dict, device: str | None) -> set | None:
+    """The backends the table's "verified" gate allows on the calling card ``device`` (None: no gate). A list
+    holds for every card. A map {card: [backends]} is read per card, because a parity run passes on one card:
+    an unnamed card (or ``device`` None) gets the backends verified on every named card."""
     verified = table.get("verified")
-    return set(available) if verified is None else set(available) & set(verified)
+    if verified is None:
+        return None
+    if isinstance(verified, dict):
+        if device in verified:
+            return set(verified[device])
+        lists = [set(v) for v in verified.values()]
+        return set.intersection(*lists) if lists else set()
+    return set(verified)
+
+
+def _candidates(table: dict, available, device: str | None = None) -> set:
+    """Available backends the table may choose on the calling card: those its "verified" gate allows there
+    (``verified_on``), or every available one when the table has no gate."""
+    verified = verified_on(table, device)
+    return set(available) if verified is None else set(available) & verified
 
 
 def entry_shape(table: dict, entry: dict) -> dict:
@@ -93,7 +109,7 @@ def lookup(blend: str, window: int, seq_len: int, head_dim: int, available, *, s
     table = load_table()
     if table is None:
         return None
-    available = _candidates(table, available)
+    available = _candidates(table, available, device)
     if eligible is not None and shape is not None:
         available = {n for n in available if eligible(n, shape)}
     best = None
@@ -119,7 +135,7 @@ def majority_winner(available, restricted: Iterable[str] = (), device: str | Non
     table = load_table()
     if table is None:
         return None
-    available = _candidates(table, available) - set(restricted)
+    available = _candidates(table, available, device) - set(restricted)
     entries = [e for e in table["entries"] if entry_device(table, e) == device] or table["entries"]
     wins: dict[str, int] = {}
     for entry in entries:

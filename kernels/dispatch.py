@@ -15,7 +15,7 @@ Built in:
     fla         fla 0.6.0 Triton kernels (parallel_attn + chunk_delta_rule & co.), CUDA
     flex        FlexAttention sliding-window KV + fla FW, CUDA
     flash_attn  FlashAttention-2 window (W-1, 0) KV + fla FW, CUDA, when flash_attn is importable
-    fused       fused Triton forward and backward for sync + delta (bf16/fp16, W <= 256, head dims <= 128,
+    fused       fused Triton forward and backward for sync + delta (bf16/fp16, any W, head dims <= 128,
                 where the device's shared memory holds the kernels' tiles: ``fused_covers``), fla glue for
                 everything else, CUDA; no priority: "auto" takes it only where a measured table row of the
                 same shape class says it is fastest (``auto_table``)

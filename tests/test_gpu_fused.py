@@ -256,9 +256,10 @@ def test_interpreter_backend_falls_back(blend):
     got = fused_backend.load().hybrid_memory(*args, **kw)
     want = chunked_hybrid_memory(*args, **kw)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
-    assert fused_backend.fused_applies(*args, blend="sync", window=20, fw="delta", g=None, dtype=torch.float32)
-    assert not fused_backend.fused_applies(*args, blend="sync", window=257, fw="delta", g=None,
-                                           dtype=torch.float32)
+    for window in (20, 257, 4096):         # any window (the kernels walk every chunk it reaches)
+        assert fused_backend.fused_applies(*args, blend="sync", window=window, fw="delta", g=None, dtype=torch.float32)
+    assert not fused_backend.fused_applies(*args, blend=blend, window=20, fw="delta", g=None, dtype=torch.float32)
+    assert not fused_backend.fused_applies(*args, blend="sync", window=0, fw="delta", g=None, dtype=torch.float32)
 
 
 # ======================================================================= fused backward (step 3)
@@ -272,9 +273,10 @@ BWD_CASES = [(1 + (i + j) % 2, T, BWD_D[(i + 2 * j) % 4], W)
              for i, T in enumerate(BWD_T) for j, W in enumerate(BWD_W)]   # (B, T, d, W)
 
 
-def poisoned_backward_check(B, T, H, dk, dv, W, dtype, device, *, featurize: bool, seed: int = 0):
+def poisoned_backward_check(B, T, H, dk, dv, W, dtype, device, *, featurize: bool, seed: int = 0,
+                            config: dict | None = None):
     """fused_backward with NaN-filled buffers (also the recomputed-states path) must leave no NaN and
-    equal the unpoisoned result bit for bit; returns the gradients."""
+    equal the unpoisoned result bit for bit; returns the gradients. ``config``: the backward's launch config."""
     from hqlt.kernels.fused import launch as FL
     low, gout = make_inputs(B, T, H, dk, dv, dtype, device, seed)
     scale = dk ** -0.5
@@ -284,9 +286,9 @@ def poisoned_backward_check(B, T, H, dk, dv, W, dtype, device, *, featurize: boo
     o_kv, o_fw, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
     args = (low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout)
     kept = dict(w=aux["w"], v_new=aux["v_new"], states=aux["states"])
-    clean = FL.fused_backward(*args, **kept, **kw)
+    clean = FL.fused_backward(*args, **kept, config=config, **kw)
     for poison, states in ((True, kept), (False, {}), (True, {})):
-        got = FL.fused_backward(*args, **states, poison=poison, **kw)
+        got = FL.fused_backward(*args, **states, poison=poison, config=config, **kw)
         assert len(got) == len(clean)
         for a, b in zip(got, clean):
             assert not a.isnan().any(), "the backward left unwritten (NaN-poisoned) elements"
@@ -399,6 +401,53 @@ def test_interpreter_fw_bwd_split_poisoned_and_equal_to_single(case, featurize, 
         assert rel_rms(a, b) <= 1e-6, rel_rms(a, b)
 
 
+# The reverse scan reading fw_scale Qf^T dO that fw_bwd_dq left in its dH slots (config "bwd_scan_qdo": "pre",
+# settings.BWD_SCAN_QDO; opt-in until its GPU A/B, FUSED_NOTES.md "Round 7").
+QDO_CASES = [(1, 1, 1, 16, 16, 1), (2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)]
+
+
+@interp
+@pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+@pytest.mark.parametrize("case", QDO_CASES, ids=[f"B{c[0]}-T{c[1]}-dk{c[3]}-dv{c[4]}-W{c[5]}" for c in QDO_CASES])
+def test_interpreter_bwd_scan_qdo_pre_equals_scan(case, featurize):
+    # no poisoned element left, independent of buffer contents and of kept vs recomputed states, and equal to the
+    # scan that computes the term itself to float32 rounding; dh is overwritten chunk by chunk after its read
+    B, T, H, dk, dv, W = case
+    scan = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + 3,
+                                   config={"fw_bwd": "split", "bwd_scan_qdo": "scan"})
+    pre = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + 3,
+                                  config={"fw_bwd": "split", "bwd_scan_qdo": "pre"})
+    for a, b in zip(pre, scan):
+        assert rel_rms(a, b) <= 1e-6, rel_rms(a, b)
+
+
+@interp
+@pytest.mark.parametrize("mode", ["scan", "pre"])
+@pytest.mark.parametrize("variant", ["single", "split"])
+def test_interpreter_bwd_scan_qdo_route(mode, variant):
+    # which kernels take the pre-computed term: the split backward's dq kernel and reverse scan, only with "pre"
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.testing import watch_launches
+    flags = {}
+
+    def record(name, _args, kwargs):
+        if "PRE_QDO" in kwargs:
+            flags[name] = kwargs["PRE_QDO"]
+
+    low, gout = make_inputs(1, 70, 1, 32, 32, torch.float32, "cpu", 0)
+    kw = dict(window=8, kv_scale=0.2, fw_scale=0.2)
+    o_kv, _, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
+    with watch_launches(FL, record):
+        FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
+                          config={"fw_bwd": variant, "bwd_scan_qdo": mode}, **kw)
+    pre = variant == "split" and mode == "pre"
+    assert flags == ({"fw_bwd_dq_kernel": pre, "bwd_scan_kernel": pre} if variant == "split"
+                     else {"bwd_scan_kernel": False})
+    with pytest.raises(ValueError, match="bwd_scan_qdo"):
+        FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
+                          config={"bwd_scan_qdo": "early"}, **kw)
+
+
 @interp
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
@@ -446,10 +495,10 @@ def test_fw_bwd_switch_is_read_per_launch(monkeypatch):
         S.fw_bwd_variant()
 
 
-# ============================================================== windows past the backend's 256 (round 6)
-# The kernels loop over the key / query chunks a window reaches, for any W; the backend claims W <= 256
-# (backends.fused.MAX_WINDOW) until these pass on a GPU. They call the kernels directly (FusedSyncHybrid), past the
-# backend's check.
+# ============================================================== windows past 256 (rounds 6 and 7)
+# The kernels loop over the key / query chunks a window reaches, for any W. The backend claimed W <= 256 until the
+# GPU class below passed (H100, FUSED_NOTES.md "Round 7"); now it takes any W >= 1. These call the kernels directly
+# (FusedSyncHybrid).
 LONG_WINDOW_CASES = [  # B, T, H, dk, dv, W
     (1, 700, 1, 16, 16, 300),
     (1, 1100, 1, 32, 32, 1024),
@@ -558,17 +607,24 @@ def test_interpreter_scan_features_route(mode, monkeypatch):
 
 def test_scan_features_switch(monkeypatch):
     from hqlt.kernels.fused import settings as S
+    monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "Kernel")
+    kernel_cfg = S.default_config(1, 8, 128, 128, 132)
+    assert kernel_cfg["scan_features"] == "kernel" and kernel_cfg["scan_warps"] == 8
     monkeypatch.delenv("HQLT_FUSED_SCAN_FEATURES", raising=False)
-    assert S.scan_features() == "kernel" and S.default_config(1, 8, 128, 128, 132)["scan_features"] == "kernel"
-    monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "Stored")
-    assert S.default_config(1, 8, 128, 128, 132)["scan_features"] == "stored"
+    stored_cfg = S.default_config(1, 8, 128, 128, 132)
+    assert S.scan_features() == "stored" and stored_cfg["scan_features"] == "stored"
+    assert stored_cfg["scan_warps"] == 4                       # the scan that loads its features: 4 warps at d 128
+    d64_stored = S.default_config(1, 8, 64, 64, 132)
+    monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "kernel")
+    assert S.default_config(1, 8, 64, 64, 132)["scan_warps"] == d64_stored["scan_warps"]   # d <= 64: unmeasured
+    monkeypatch.delenv("HQLT_FUSED_SCAN_FEATURES", raising=False)
     # the stored variant's scan is the features-given compile; the other kernels keep theirs
     stored = S.smem_needs(2, 128, 128, featurize=True, batch=1, heads=8, sms=132)
     given = S.smem_needs(2, 128, 128, featurize=False, batch=1, heads=8, sms=132)
     monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "kernel")
     kernel = S.smem_needs(2, 128, 128, featurize=True, batch=1, heads=8, sms=132)
     assert stored["scan"] == given["scan"] and stored["wy"] == kernel["wy"] and stored["out"] == kernel["out"]
-    assert S.smem_table().get("scan/e2/g/BK128/BV16/w8/s3") == stored["scan"]
+    assert S.smem_table().get("scan/e2/g/BK128/BV16/w4/s3") == stored["scan"]
     monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "cached")
     with pytest.raises(ValueError, match="HQLT_FUSED_SCAN_FEATURES"):
         S.default_config(1, 8, 128, 128, 132)
@@ -607,6 +663,24 @@ class TestGPUScanFeatures:
             errs = compare(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=True, seed=T + W,
                            fused_bwd=True, save_states=save)
             assert max(errs.values()) <= 1e-2, (save, errs)
+
+
+class TestGPUBwdScanQdo:
+    """bf16: the reverse scan with the read-out term left by fw_bwd_dq ("bwd_scan_qdo": "pre") against the
+    default, incl. T 4096 at d 128 (64 chunks walked, two value blocks of the dq kernel)."""
+    pytestmark = gpu
+
+    @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+    @pytest.mark.parametrize("case", QDO_CASES[1:] + [(1, 4096, 2, 128, 128, 64)],
+                             ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-dk{c[3]}-dv{c[4]}-W{c[5]}")
+    def test_bf16_pre_equals_scan(self, case, featurize):
+        B, T, H, dk, dv, W = case
+        scan = poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T,
+                                       config={"fw_bwd": "split", "bwd_scan_qdo": "scan"})
+        pre = poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T,
+                                      config={"fw_bwd": "split", "bwd_scan_qdo": "pre"})
+        for a, b in zip(pre, scan):   # the term passes through dH's bf16 slots: bf16 rounding, not float32's
+            assert rel_rms(a, b) <= 1e-2, rel_rms(a, b)
 
 
 class TestGPUFwBwdVariants:

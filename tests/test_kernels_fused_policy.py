@@ -77,7 +77,7 @@ BASE = dict(blend="sync", fw="delta", window=64, batch=8, heads=8, dk=128, dv=12
     ({"kernel_dtype": "float16"}, True),
     ({"kernel_dtype": "float32"}, False),        # TF32 products: short of the float32 contract
     ({"kernel_dtype": "float32", "dk": 64, "dv": 64}, False),
-    ({"window": 256}, True), ({"window": 257}, False),
+    ({"window": 1}, True), ({"window": 257}, True), ({"window": 1 << 20}, True), ({"window": 0}, False),
     ({"dk": 32, "dv": 64}, True), ({"dk": 160}, False), ({"dk": 16, "dv": 16}, True),
     ({"dk": 24, "dv": 40}, True), ({"dk": 64, "dv": 40}, True), ({"dk": 96}, True),  # zero-padded to 32/64/128
     ({"blend": "delayed_stream"}, False), ({"fw": "gated_delta", "has_g": True}, False), ({"fw": "linear"}, False),
@@ -122,7 +122,7 @@ def test_compile_plan_routes_to_the_fused_op_only_where_it_applies(fake_gpu, mon
     assert _plan(dtypes=("float32",) * 5) == ("fused", False, "float32", True)      # fused backend's fallback
     assert _plan(dtypes=("float32",) * 5, autocast="bfloat16")[1:3] == (True, "bfloat16")
     assert _plan(dtypes=("float32",) * 4 + ("bfloat16",))[1:3] == (True, "bfloat16")
-    assert not _plan(window=300)[1] and not _plan(blend="delayed_chunk")[1]
+    assert _plan(window=1024)[1] and not _plan(blend="delayed_chunk")[1]
     monkeypatch.setenv("HQLT_FUSED_SAVE_STATES", "0")
     assert _plan()[3] is False
     monkeypatch.setenv("HQLT_FUSED_BACKWARD", "0")
@@ -154,17 +154,18 @@ def _pick(op="hybrid_memory", blend="sync", W=64, T=2048, d=128, fw="delta", dty
 def test_auto_takes_fused_only_where_a_row_of_its_class_has_it_fastest(tmp_path, monkeypatch, fake_gpu):
     _table(tmp_path, monkeypatch, [
         _row("sync", 64, 2048, 128, fla=2.8, flex=3.7, fused=1.1),        # in class, fused fastest
-        _row("sync", 1024, 2048, 128, fla=3.3, flex=3.5, fused=3.2),      # out of class (W > 256): a fallback time
-        _row("sync", 400, 2048, 128, fla=3.0, flex=3.6, fused=1.0),       # out of class, fused "fastest" (noise)
+        _row("sync", 64, 2048, 256, fla=3.3, flex=3.5, fused=3.2),        # out of class (d > 128): a fallback time
+        dict(_row("sync", 64, 4096, 128, fla=3.0, flex=3.6, fused=1.0), dtype="float32"),   # out of class (float32):
+        #                                                                   fused "fastest" is the fallback's noise
         _row("sync", 64, 32768, 128, fla=3.9, flex=4.0, fused=4.5),       # in class, fused slower
         _row("delayed_stream", 64, 2048, 128, fla=4.3, flex=4.3, fused=1.0),   # blend the kernel does not run
     ])
     try:
         assert _pick() == "fused"
         assert _pick(W=128) == "fused"                      # nearest row of the class: W = 64
-        assert _pick(W=1024) == "fla"                       # the call is outside the class
-        assert _pick(W=512) == "fla"
-        assert _pick(W=256) == "fla"                        # in class, but the nearest row (W = 400) is not
+        assert _pick(W=1024) == "fused"                     # any window is in the class; nearest row: W = 64
+        assert _pick(d=256) == "fla"                        # the call is outside the class
+        assert _pick(T=4096) == "fla"                       # in class, but the nearest row (float32) is not
         assert _pick(T=32768) == "fla"                      # in class, but measured slower
         assert _pick(fw="gated_delta") == "fla"
         assert _pick(dtype="float32") == "fla"
@@ -197,6 +198,31 @@ def test_auto_needs_fused_verified_when_the_table_has_a_verified_list(tmp_path, 
         _table(tmp_path, monkeypatch, rows, verified=["fla", "flex", "fused"])
         monkeypatch.setattr(auto_table, "_CHOICES", {})
         assert _pick() == "fused"
+    finally:
+        auto_table.load_table.cache_clear()
+
+
+def test_verified_map_gates_each_calling_card_by_its_own_parity_run(tmp_path, monkeypatch, fake_gpu):
+    rows = [_row("sync", 64, 2048, 128, fla=2.8, fused=1.1)]
+    _table(tmp_path, monkeypatch, rows, verified={"H200": ["fla", "fused"], "H100": ["fla"]})
+    try:
+        table = auto_table.load_table()
+        assert auto_table.verified_on(table, "H200") == {"fla", "fused"}
+        assert auto_table.verified_on(table, "H100") == {"fla"}
+        assert auto_table.verified_on(table, "A100") == {"fla"}        # unnamed card: verified on every named one
+        assert auto_table.verified_on(table, None) == {"fla"}
+        assert auto_table.verified_on({"verified": ["fla"]}, "H200") == {"fla"}
+        assert auto_table.verified_on({}, "H200") is None
+        avail = lambda: {"fla", "fused"}
+        pick = lambda dev: auto_table.pick("hybrid_memory", "sync", 64, 2048, 128, available=avail,
+                                           fallback=lambda: "fla", heads=8, batch=8, eligible=dispatch.eligible,
+                                           device=dev)
+        assert pick("H200") == "fused"
+        monkeypatch.setattr(auto_table, "_CHOICES", {})
+        assert pick("H100") == "fla"
+        monkeypatch.setattr(auto_table, "_CHOICES", {})
+        assert auto_table.majority_winner({"fla", "fused"}, device="H200") == "fused"
+        assert auto_table.majority_winner({"fla", "fused"}, device="H100") == "fla"
     finally:
         auto_table.load_table.cache_clear()
 

@@ -2,13 +2,14 @@
 fla glue everywhere else.
 
 The fused kernels serve ``hybrid_memory`` for blend="sync", fw="delta", bf16/fp16 (the kernel dtype of
-``blend_compose.kernel_dtype``, so bf16 autocast counts), 1 <= window <= 256, head dims <= 128 (Dk of the KV
+``blend_compose.kernel_dtype``, so bf16 autocast counts), any window >= 1 (the kernels walk every chunk a window
+reaches; W >= T is full causal attention), head dims <= 128 (Dk of the KV
 and FW copies equal), B*H <= 65535, CUDA tensors, and only where the device's shared memory per block holds
 every kernel's tiles (``hqlt.kernels.fused.settings.fits_shared_memory``: an estimate from the tile sizes
 against ``shared_memory_per_block_optin``). ``fused_covers`` is that decision on plain values (the compile
 path decides at trace time with it; CPU tests call it with a given limit).
 Every other call — other blends or FW kinds, float32/float64 (the kernels' float32 products are TF32 on
-a GPU, short of the contract's float32 accuracy), W > 256, larger heads, too little shared memory — and the
+a GPU, short of the contract's float32 accuracy), larger heads, too little shared memory — and the
 ``kv_memory`` / ``fw_memory`` ops go to the fla backend's ops (``make_ops`` over fla's sliding-window
 attention and FW kernels), or, without fla, to the same glue over the reference forms.
 
@@ -36,7 +37,6 @@ from ..reference import chunked_hybrid_memory
 from . import cuda_available, has_module
 from .blend_compose import dtype_name, fla_available, kernel_dtype, make_ops, reference_kv, same_dtype
 
-MAX_WINDOW = 256
 LOW_PRECISION_NAMES = ("bfloat16", "float16")
 NO_LIMIT = 1 << 62   # smem_limit of a shape known to run (a measured auto-table row)
 
@@ -56,7 +56,7 @@ def fused_covers(*, blend: str, fw: str, window: int, batch: int, heads: int, dk
     """
     if blend != "sync" or fw != "delta" or has_g or not has_beta or not same_qk:
         return False
-    if not 1 <= int(window) <= MAX_WINDOW or max(dk, dv) > MAX_HEAD_DIM:
+    if int(window) < 1 or max(dk, dv) > MAX_HEAD_DIM:
         return False
     if batch * heads > MAX_GRID_ROWS:      # (batch, head) pairs on one CUDA grid axis
         return False
@@ -163,4 +163,4 @@ def load():
 
 
 __all__ = ["is_available", "load", "fused_covers", "covers_shape", "fused_applies", "fallback_ops", "unfused_hybrid_memory",
-           "cuda_smem_limit", "MAX_WINDOW"]
+           "cuda_smem_limit"]

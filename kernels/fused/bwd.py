@@ -131,7 +131,7 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
                        T, H, NC, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr):
     """Sliding-window softmax backward, keys: grid (n, B*H); program c computes dk, dv of chunk c's keys
     over the query chunks that see them (at most 1 + ceil((W-1)/64)). No atomics: every score tile is
-    recomputed here and in kv_bwd_dq_kernel (cheap at W <= 256)."""
+    recomputed here and in kv_bwd_dq_kernel (cheap at small W)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -171,7 +171,7 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
 @triton.jit
 def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr, T, H, NC, DK, DV, fw_scale,
                     BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
-                    LOCAL_IN: tl.constexpr):
+                    LOCAL_IN: tl.constexpr, PRE_QDO: tl.constexpr):
     """Reverse recurrence of the state gradient, grid (ceil(Dv/BV), B*H), chunks from last to first.
 
     With dH the gradient w.r.t. the state after chunk c (M_{c+1}): store dH; the total gradient of the
@@ -181,7 +181,9 @@ def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr
     LOCAL_IN: the chunk-local term fw_scale * causal(Qf Kf^T)^T dO is already in dvn_ptr (written by the
     chunk-parallel ``fw_bwd_dq_kernel``, split FW backward): read it instead of computing it here, which
     takes the 64 x 64 x Dk score product (half the FLOPs of a step at 16-column value blocks) off the
-    sequential path."""
+    sequential path. PRE_QDO (with LOCAL_IN): the read-out term fw_scale * Qf^T dO of each chunk is already in
+    dh_ptr's slot of that chunk (written by ``fw_bwd_dq_kernel``); a step reads it before storing dH there, so
+    neither Qf nor dO is loaded on the sequential path."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -205,18 +207,25 @@ def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr
     for cc in range(NC):
         c = NC - 1 - cc
         t0 = c * 64
+        if PRE_QDO:   # read this chunk's fw_scale * Qf^T dO before dH takes its slot
+            qdo = tl.load(dh_ptr + hbase + c * DK * DV + h_off, mask=h_mask, other=0.0).to(tl.float32)
         tl.store(dh_ptr + hbase + c * DK * DV + h_off, dh.to(dh_ptr.dtype.element_ty), mask=h_mask)
         kf = fw_rows(k_ptr, kf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT)
-        qf = fw_rows(q_ptr, qf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT)
+        if not PRE_QDO:
+            qf = fw_rows(q_ptr, qf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT)
         w = load_rows(w_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
-        do = load_rows(do_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(DT)
+        if not PRE_QDO:
+            do = load_rows(do_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(DT)
         if LOCAL_IN:
             dvn = load_rows(dvn_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32) + tl.dot(kf, dh.to(DT))
         else:
             a = tl.where(causal, tl.dot(qf, tl.trans(kf)), 0.0)            # a[i, j] = qf_i . kf_j, j <= i
             dvn = fw_scale * tl.dot(tl.trans(a.to(DT)), do) + tl.dot(kf, dh.to(DT))
         store_rows(dvn_ptr, vbase, t0, T, svt, dv_left, dvn, 64, BV)
-        dh += fw_scale * tl.dot(tl.trans(qf), do) - tl.dot(tl.trans(w), dvn.to(DT))
+        if PRE_QDO:
+            dh += qdo - tl.dot(tl.trans(w), dvn.to(DT))
+        else:
+            dh += fw_scale * tl.dot(tl.trans(qf), do) - tl.dot(tl.trans(w), dvn.to(DT))
 
 
 @triton.jit
@@ -331,9 +340,10 @@ def fw_bwd_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, v_ptr, beta_ptr, vnew_ptr, h_ptr
 # dA, dP, dP^T (64 x 64 float32 each) and spilled 1.9 KB per thread at Dk = 128 on sm_90.
 
 @triton.jit
-def fw_bwd_dq_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, vnew_ptr, h_ptr, do_ptr, dqkv_ptr, dq_ptr, dvn_ptr,
+def fw_bwd_dq_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, vnew_ptr, h_ptr, do_ptr, dqkv_ptr, dq_ptr, dvn_ptr, dh_ptr,
                      T, H, NC, DK, DV, fw_scale,
-                     BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr):
+                     BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
+                     PRE_QDO: tl.constexpr):
     """Read-out side of the FW backward, grid (n, B*H); needs only the forward's chunk states and v_new, so
     it runs before the reverse scan:
 
@@ -342,7 +352,8 @@ def fw_bwd_dq_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, vnew_ptr, h_ptr, do_ptr, dqkv
     (input dtype) in qf_ptr, kf_ptr, so the later kernels (and the sequential reverse scan) load them instead
     of recomputing them; else qf_ptr, kf_ptr hold the given features. Also the chunk-local part of the corrected values' gradient, s causal(Qf Kf^T)^T dO, stored in
     dvn_ptr (float32) for ``bwd_scan_kernel(LOCAL_IN=True)``, which adds Kf dH to it. The transposed score
-    tile is its own product (Kf Qf^T), not a transposed computed tile."""
+    tile is its own product (Kf Qf^T), not a transposed computed tile. PRE_QDO: also the reverse scan's
+    read-out term fw_scale * Qf^T dO of the chunk, stored in its slot of dh_ptr (``bwd_scan_kernel``)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -380,6 +391,10 @@ def fw_bwd_dq_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, vnew_ptr, h_ptr, do_ptr, dqkv
         dq += tl.dot(do, tl.trans(m))
         dp += tl.dot(do, tl.trans(vnew))
         store_rows(dvn_ptr, vbase, t0, T, svt, dv_left, fw_scale * tl.dot(at, do), 64, BV)
+        if PRE_QDO:
+            tl.store(dh_ptr + hbase + rk[:, None] * DV + cv[None, :],
+                     (fw_scale * tl.dot(tl.trans(qf), do)).to(dh_ptr.dtype.element_ty),
+                     mask=(rk[:, None] < DK) & (cv[None, :] < DV))
     dp = tl.where(r[None, :] <= r[:, None], dp, 0.0).to(DT)
     dq = fw_scale * (dq + tl.dot(dp, kf))
     if FEATURIZE:

@@ -11,8 +11,8 @@ from ..contract import FEATURE_EPS, MAX_GRID_ROWS
 from .bwd import (bwd_scan_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel, fw_bwd_kernel, fw_bwd_wy_kernel,
                   kv_bwd_dkdv_kernel, kv_bwd_dq_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import (CHUNK, FORWARD_KERNELS, FW_BWD_VARIANTS, MAX_HEAD_DIM, SCAN_FEATURES, backward_kernels,
-                       interpreting, pow2, smem_needs)
+from .settings import (BWD_SCAN_QDO, CHUNK, FORWARD_KERNELS, FW_BWD_VARIANTS, MAX_HEAD_DIM, SCAN_FEATURES,
+                       backward_kernels, interpreting, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -199,6 +199,9 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     if cfg["fw_bwd"] not in FW_BWD_VARIANTS:
         raise ValueError(f"config['fw_bwd'] must be one of {FW_BWD_VARIANTS}; got {cfg['fw_bwd']!r}")
     split = cfg["fw_bwd"] == "split"
+    if cfg["bwd_scan_qdo"] not in BWD_SCAN_QDO:
+        raise ValueError(f"config['bwd_scan_qdo'] must be one of {BWD_SCAN_QDO}; got {cfg['bwd_scan_qdo']!r}")
+    pre_qdo = split and cfg["bwd_scan_qdo"] == "pre"
     if not config:
         check_shared_memory(cfg, q.element_size(), dk_, dv_, featurize, q.device, backward_kernels(cfg))
     NC = triton.cdiv(T, CHUNK)
@@ -236,7 +239,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                 lambda: bwd_scan_kernel[(triton.cdiv(dv_, cfg["bwd_scan_bv"]), B * H)](
                     q, k, q_fw, k_fw, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
                     BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["bwd_scan_stages"],
-                    LOCAL_IN=False, **common),
+                    LOCAL_IN=False, PRE_QDO=False, **common),
                 lambda: fw_bwd_kernel[(NC, B * H)](
                     q, k, q_fw, k_fw, v, beta, v_new, states, dh, dvn, do_fw, dq_kv, dk_kv, dv_kv, dq, dk, dv,
                     dbeta, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"], BV=cfg["fw_bwd_bv"],
@@ -248,12 +251,13 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
             bv = cfg["fw_bwd_split_bv"]
             launches += [
                 lambda: fw_bwd_dq_kernel[(NC, B * H)](
-                    q, k, qf_b, kf_b, v_new, states, do_fw, dq_kv, dq, dvn, T, H, NC, dk_, dv_, float(fw_scale),
-                    BK=cfg["BK"], BV=bv, num_warps=cfg["fw_bwd_dq_warps"], num_stages=cfg["num_stages"], **common),
+                    q, k, qf_b, kf_b, v_new, states, do_fw, dq_kv, dq, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale),
+                    BK=cfg["BK"], BV=bv, num_warps=cfg["fw_bwd_dq_warps"], num_stages=cfg["num_stages"],
+                    PRE_QDO=pre_qdo, **common),
                 lambda: bwd_scan_kernel[(triton.cdiv(dv_, cfg["bwd_scan_bv"]), B * H)](
                     q, k, qf_b, kf_b, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
                     BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["bwd_scan_stages"],
-                    FEATURIZE=False, EPS=FEATURE_EPS, LOCAL_IN=True),
+                    FEATURIZE=False, EPS=FEATURE_EPS, LOCAL_IN=True, PRE_QDO=pre_qdo),
                 lambda: fw_bwd_wy_kernel[(NC, B * H)](
                     kf_b, v, beta, w, states, dvn, dv_kv, dkw, dv, dbeta, T, H, NC, dk_, dv_, BK=cfg["BK"], BV=bv,
                     num_warps=cfg["fw_bwd_wy_warps"], num_stages=cfg["num_stages"]),

@@ -88,6 +88,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         consts["STORE_KF"] = feat   # features computed here: the variant that stores them is the larger
     if kernel == "bwd_scan":
         consts["LOCAL_IN"] = False
+    consts["PRE_QDO"] = False   # bwd_scan, fw_bwd_dq: the default "scan" variant of settings.BWD_SCAN_QDO
     consts.update(extra or {})
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}

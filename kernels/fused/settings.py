@@ -73,16 +73,22 @@ def fw_bwd_variant() -> str:
 
 
 SCAN_FEATURES = ("kernel", "stored")
+# Where the reverse scan of the split FW backward gets fw_scale * Qf^T dO, its state gradient's read-out term
+# (a launch config's "bwd_scan_qdo"): "scan" computes it in every sequential step; "pre" has the chunk-parallel
+# fw_bwd_dq_kernel leave it in the dH buffer, which the scan reads before overwriting chunk by chunk (FUSED_NOTES.md
+# "Round 7": the reverse scan is the largest kernel at T 32768 and waits on its loads). Opt-in until timed.
+BWD_SCAN_QDO = ("scan", "pre")
 
 
 def scan_features() -> str:
-    """``HQLT_FUSED_SCAN_FEATURES`` (default "kernel"): where the forward scan gets the FW key features when they
+    """``HQLT_FUSED_SCAN_FEATURES`` (default "stored"): where the forward scan gets the FW key features when they
     are computed in the kernels (raw q, k). "kernel": the scan featurises each chunk's keys itself, on its
     sequential path. "stored": ``wy_kernel``, which featurises the same keys, stores them (a transient buffer
-    the size of k) and the scan loads them. Same values. Opt-in until timed: with the features given the
-    forward took 1.21 instead of 1.96 ms at B 1, T 32768 on an H200 (FUSED_NOTES.md "Round 6"), and the scan is
-    the kernel that walks the chunks in sequence. A launch config's ``"scan_features"`` entry overrides it."""
-    value = os.environ.get("HQLT_FUSED_SCAN_FEATURES", "kernel").strip().lower() or "kernel"
+    the size of k) and the scan loads them. Same values. "stored" is the default since its A/B (H100, 8 heads
+    x 128, FUSED_NOTES.md "Round 7"): with the 4-warp scan it frees, the forward took 1.21 instead of 1.93 ms
+    at B 1, T 32768 and 0.50 instead of 0.60 ms at B 8, T 2048. A launch config's ``"scan_features"`` entry
+    overrides it."""
+    value = os.environ.get("HQLT_FUSED_SCAN_FEATURES", "stored").strip().lower() or "stored"
     if value not in SCAN_FEATURES:
         raise ValueError(f"HQLT_FUSED_SCAN_FEATURES must be one of {SCAN_FEATURES}; got {value!r}")
     return value
@@ -118,8 +124,9 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: i
     ``GPUTarget("cuda", 90, 32)`` on a CPU machine and reading ``cuobjdump --dump-resource-usage``):
     * wy: 4 warps (at d = 128 they spill 208 B, and still ran 0.26 ms faster than 8 at T 32768 on an H100);
     * scan: value blocks of 64 columns (32 at Dk = 128: 64 spills even with 8 warps), 8 warps when the
-      state tile is >= 64x64 elements; halved down to 16 columns while B*H*blocks < #SMs (the scan is the
-      only sequential launch, so it needs programs on every SM);
+      state tile is >= 64x64 elements, but 4 at d = 128 when it loads stored key features (``scan_features``);
+      halved down to 16 columns while B*H*blocks < #SMs (the scan is the only sequential launch, so it needs
+      programs on every SM);
     * out: 64-column value blocks (two programs per chunk at d = 128, the score tiles recomputed by each;
       128 columns spill), 4 warps.
     At d = 128 the forward scan's chunk loop runs 3 stages deep (2-byte inputs: with float32 the third stage
@@ -133,28 +140,33 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: i
     # d 16 and 32 at T 130/200; kernels/results/gpu_tests_h200.json), every d >= 64 case passed.
     BK, BVW = max(MIN_TILE, pow2(dk)), max(MIN_TILE, pow2(dv))
     big = max(BK, BVW) > 64
+    features = scan_features()
     scan_bv = 32 if BK > 64 else min(BVW, 64)
     while scan_bv > 16 and B * H * -(-dv // scan_bv) < sms:
         scan_bv //= 2
     scan_bv = min(scan_bv, BVW)
     return {"BK": BK, "BVW": BVW,
             "wy_warps": 4,
-            "scan_bv": scan_bv, "scan_warps": 8 if (BK > 64 or BK * scan_bv >= 64 * 64) else 4,
+            "scan_bv": scan_bv, "scan_warps": 4 if big and features == "stored" else (
+                8 if (BK > 64 or BK * scan_bv >= 64 * 64) else 4),
             "out_bv": min(BVW, 64), "out_warps": 4,
             "num_stages": 2,
             # software-pipelining depth of the two sequential scans' chunk loops (their loads of chunk c + 1 do
             # not depend on the state); the reverse scan's 3 and 4 stages measured no faster than 2
             "scan_stages": 3 if big and elem_bytes == 2 else 2, "bwd_scan_stages": 2,
-            "scan_features": scan_features(),
+            "scan_features": features,
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
-            "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8,
+            "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan",
             "fw_bwd_bv": 16, "fw_bwd_warps": 8,
             "kv_bwd_warps": 4 if big else 8,
             # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): value blocks of 16 (32 spill more),
-            # 8 warps where 4 spill (sm_90, bf16: the dq and dk kernels from Dk = 64, the WY kernel always)
-            "fw_bwd": fw_bwd_variant(), "fw_bwd_split_bv": 16,
-            "fw_bwd_dq_warps": 8 if BK >= 64 else 4, "fw_bwd_wy_warps": 8, "fw_bwd_dk_warps": 8 if BK >= 64 else 4}
+            # 8 warps where 4 spill (sm_90, bf16: the dq and dk kernels from Dk = 64, the WY kernel always);
+            # at d 128, 32-column blocks with a 4-warp WY kernel: faster at T 2048, 8192 and 32768 on an H100
+            # despite the spills ("Round 7")
+            "fw_bwd": fw_bwd_variant(), "fw_bwd_split_bv": 32 if big else 16,
+            "fw_bwd_dq_warps": 8 if BK >= 64 else 4, "fw_bwd_wy_warps": 4 if big else 8,
+            "fw_bwd_dk_warps": 8 if BK >= 64 else 4}
 
 
 def kernel_stages(cfg: dict, kernel: str) -> int:
