@@ -42,6 +42,12 @@ def check_shared_memory(cfg: dict, elem_bytes: int, dk: int, dv: int, featurize:
                          f"or the backend 'fused', which routes such calls to its fallback")
 
 
+def _check_choice(cfg: dict, key: str, allowed: tuple[str, ...]) -> None:
+    """A launch config's named variant (a switch's value or a caller's override) must be one it knows."""
+    if cfg[key] not in allowed:
+        raise ValueError(f"config[{key!r}] must be one of {allowed}; got {cfg[key]!r}")
+
+
 def kernel_dim(d: int) -> int:
     """The head dim the kernels run at for a head dim ``d``: ``d`` when it is a power of two >= 16, else the next
     such one. The launchers zero-pad other dims up to it and slice the results: with the FW features given and
@@ -117,8 +123,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
     cfg = dict(default_config(B, H, dk, dv, q.device, q.element_size()), **(config or {}))
-    if cfg["scan_features"] not in SCAN_FEATURES:
-        raise ValueError(f"config['scan_features'] must be one of {SCAN_FEATURES}; got {cfg['scan_features']!r}")
+    _check_choice(cfg, "scan_features", SCAN_FEATURES)
     if not config:   # overrides (benchmark sweeps) are the caller's experiment: Triton says if one does not fit
         check_shared_memory(cfg, q.element_size(), dk, dv, featurize, q.device, FORWARD_KERNELS[:stages])
     NC = triton.cdiv(T, CHUNK)
@@ -196,11 +201,9 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     do_kv = do_kv.to(v.dtype).contiguous()
     do_fw = do_fw.to(v.dtype).contiguous()
     cfg = dict(default_config(B, H, dk_, dv_, q.device, q.element_size()), **(config or {}))
-    if cfg["fw_bwd"] not in FW_BWD_VARIANTS:
-        raise ValueError(f"config['fw_bwd'] must be one of {FW_BWD_VARIANTS}; got {cfg['fw_bwd']!r}")
+    _check_choice(cfg, "fw_bwd", FW_BWD_VARIANTS)
+    _check_choice(cfg, "bwd_scan_qdo", BWD_SCAN_QDO)
     split = cfg["fw_bwd"] == "split"
-    if cfg["bwd_scan_qdo"] not in BWD_SCAN_QDO:
-        raise ValueError(f"config['bwd_scan_qdo'] must be one of {BWD_SCAN_QDO}; got {cfg['bwd_scan_qdo']!r}")
     pre_qdo = split and cfg["bwd_scan_qdo"] == "pre"
     if not config:
         check_shared_memory(cfg, q.element_size(), dk_, dv_, featurize, q.device, backward_kernels(cfg))

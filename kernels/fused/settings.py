@@ -73,11 +73,6 @@ def fw_bwd_variant() -> str:
 
 
 SCAN_FEATURES = ("kernel", "stored")
-# Where the reverse scan of the split FW backward gets fw_scale * Qf^T dO, its state gradient's read-out term
-# (a launch config's "bwd_scan_qdo"): "scan" computes it in every sequential step; "pre" has the chunk-parallel
-# fw_bwd_dq_kernel leave it in the dH buffer, which the scan reads before overwriting chunk by chunk (FUSED_NOTES.md
-# "Round 7": the reverse scan is the largest kernel at T 32768 and waits on its loads). Opt-in until timed.
-BWD_SCAN_QDO = ("scan", "pre")
 
 
 def scan_features() -> str:
@@ -92,6 +87,13 @@ def scan_features() -> str:
     if value not in SCAN_FEATURES:
         raise ValueError(f"HQLT_FUSED_SCAN_FEATURES must be one of {SCAN_FEATURES}; got {value!r}")
     return value
+
+
+# Where the reverse scan of the split FW backward gets fw_scale * Qf^T dO, its state gradient's read-out term
+# (a launch config's "bwd_scan_qdo"): "scan" computes it in every sequential step; "pre" has the chunk-parallel
+# fw_bwd_dq_kernel leave it in the dH buffer, which the scan reads before overwriting chunk by chunk (FUSED_NOTES.md
+# "Round 7": the reverse scan is the largest kernel at T 32768 and waits on its loads). Opt-in until timed.
+BWD_SCAN_QDO = ("scan", "pre")
 
 
 # ==================================================================================================
