@@ -1,7 +1,8 @@
 """Benchmark of the fused Synchronous-HQLT forward and backward (FUSED_NOTES.md steps 2-3) against the fla composition and SDPA.
 
     python -m hqlt.benchmarks.fused [--out FILE.json] [--shapes 8x2048 1x32768] [--heads 8] [--dim 128]
-                                    [--window 64] [--warmup 5] [--repeats 20] [--no-sweep]
+                                    [--window 64] [--warmup 5] [--repeats 20] [--no-sweep | --sweep-first N
+                                    | --configs JSON... --bwd-configs JSON...]
 
 Per (B, T), bf16, H heads of dim d, window W, raw q, k, v ~ N(0, 1), beta = 2 sigmoid(N(0, 1)):
 
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from .fused_profile import parse_config
 from .kernels import _version, cuda_time_ms, parse_pair
 
 SWEEP = (  # overrides of hqlt.kernels.fused.launch.default_config, one group at a time
@@ -53,9 +55,11 @@ SWEEP = (  # overrides of hqlt.kernels.fused.launch.default_config, one group at
     {"num_stages": 1}, {"num_stages": 3}, {"scan_stages": 2}, {"scan_stages": 4},
 )
 BWD_SWEEP = (  # the same for the fused backward (timed alone on a saved forward); first the reverse scan reading
-    # fw_scale Qf^T dO left by fw_bwd_dq (opt-in, settings.BWD_SCAN_QDO; alone and with its loop 3 stages deep), then
+    # fw_scale Qf^T dO left by fw_bwd_dq (opt-in, settings.BWD_SCAN_QDO; alone and with its loop 3 stages deep), T from
+    # wy_t_kernel (opt-in, settings.FW_BWD_T; alone and with the former), then
     # the FW/WY backward's tiles of round 6 against the default (FUSED_NOTES.md "Round 7"), the round-7 tiles at d <= 64
     {"bwd_scan_qdo": "pre"}, {"bwd_scan_qdo": "pre", "bwd_scan_stages": 3},
+    {"fw_bwd_t": "pre"}, {"fw_bwd_t": "pre", "fw_bwd_wy_warps": 8}, {"fw_bwd_t": "pre", "bwd_scan_qdo": "pre"},
     {"fw_bwd_split_bv": 16, "fw_bwd_wy_warps": 8}, {"fw_bwd_split_bv": 32, "fw_bwd_wy_warps": 4},
     {"fw_bwd_wy_warps": 4},
     {"kv_bwd_warps": 4, "bwd_scan_warps": 4}, {"kv_bwd_warps": 8, "bwd_scan_warps": 8}, {"bwd_scan_stages": 3},
@@ -227,8 +231,11 @@ def bench_shape(B: int, T: int, args, row: dict) -> dict:
 
     if args.sweep:
         n = args.sweep_first
-        _config_sweep("sweep", SWEEP[:n], fused_fwd, row["fused_fwd"], args, row.setdefault("fused_fwd_sweep", []))
-        _config_sweep("bwd sweep", BWD_SWEEP[:n], fused_bwd, row["fused_bwd_only"], args,
+        listed = args.configs is not None or args.bwd_configs is not None
+        fwd_list = (args.configs or []) if listed else SWEEP[:n]
+        bwd_list = (args.bwd_configs or []) if listed else BWD_SWEEP[:n]
+        _config_sweep("sweep", fwd_list, fused_fwd, row["fused_fwd"], args, row.setdefault("fused_fwd_sweep", []))
+        _config_sweep("bwd sweep", bwd_list, fused_bwd, row["fused_bwd_only"], args,
                       row.setdefault("fused_bwd_sweep", []))
     del q, k, v, beta, leaves, grads, o_kv, aux
     if dev.type == "cuda":
@@ -263,6 +270,9 @@ def _fw_bwd_variants(fused_fb, fused_bwd, FL, q, k, v, beta, o_kv, aux, grads, W
         r["bwd_only"] = _time(fused_bwd(config={"fw_bwd": variant}), args)
         _show(f"[{variant}] fused bwd only", r["bwd_only"])
         names = VARIANT_KERNELS[variant]
+        B, _, H, dk = q.shape
+        if variant == "split" and FL.default_config(B, H, dk, v.shape[-1], q.device)["fw_bwd_t"] == "pre":
+            names = names[:4] + ("wy_t",) + names[4:]   # launched before fw_bwd_wy (launch.fused_backward)
         cumulative = []
         for n in range(1, len(names) + 1):
             cumulative.append(_time(lambda n=n: FL.fused_backward(
@@ -325,6 +335,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the fused config sweep")
     p.add_argument("--sweep-first", type=int, default=None, metavar="N",
                    help="time only the first N entries of each config sweep (the combined ones come first)")
+    p.add_argument("--configs", type=parse_config, nargs="+", default=None, metavar="JSON",
+                   help="time these launch-config overrides of the forward instead of its built-in sweep, e.g. "
+                        "'{\"scan_warps\": 8}' (with --bwd-configs or alone: then only the lists given are timed)")
+    p.add_argument("--bwd-configs", type=parse_config, nargs="+", default=None, metavar="JSON",
+                   help="the same for the backward's sweep, e.g. '{\"fw_bwd_t\": \"pre\"}'")
     p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test under TRITON_INTERPRET=1
     args = p.parse_args(argv)
@@ -335,6 +350,7 @@ def main(argv=None) -> int:
             "fla": _version("fla-core"), "dtype": "bfloat16", "warmup": args.warmup, "repeats": args.repeats,
             "command": "python -m hqlt.benchmarks.fused " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "HQLT_FUSED_CONFIG": os.environ.get("HQLT_FUSED_CONFIG", ""),
             "note": "fused fwd+bwd uses the fused backward (FUSED_NOTES.md step 3) unless labelled 'old bwd'"}
     print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}; "
           f"ms = median of {args.repeats} after {args.warmup} warmup", flush=True)

@@ -401,51 +401,67 @@ def test_interpreter_fw_bwd_split_poisoned_and_equal_to_single(case, featurize, 
         assert rel_rms(a, b) <= 1e-6, rel_rms(a, b)
 
 
-# The reverse scan reading fw_scale Qf^T dO that fw_bwd_dq left in its dH slots (config "bwd_scan_qdo": "pre",
-# settings.BWD_SCAN_QDO; opt-in until its GPU A/B, FUSED_NOTES.md "Round 7").
+# Switches of the split backward (launch-config keys; FUSED_NOTES.md "Round 7", "Round 8"): "bwd_scan_qdo" "pre" (opt-in)
+# has the reverse scan read fw_scale Qf^T dO that fw_bwd_dq left in its dH slots; "fw_bwd_t" "pre" (the default) has
+# wy_t_kernel build every chunk's T for the WY kernel, "wy" has that kernel build it. Per switch: its two values, the
+# interpreter's tolerance between them (the same T tile: bit for bit), the kernel flag, the kernels taking it, a bad value.
+BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_kernel", "bwd_scan_kernel"), "early"),
+                "fw_bwd_t": ("wy", "pre", 0.0, "T_PRE", ("fw_bwd_wy_kernel",), "forward")}
 QDO_CASES = [(1, 1, 1, 16, 16, 1), (2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)]
 
 
 @interp
+@pytest.mark.parametrize("switch", list(BWD_SWITCHES))
 @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
 @pytest.mark.parametrize("case", QDO_CASES, ids=[f"B{c[0]}-T{c[1]}-dk{c[3]}-dv{c[4]}-W{c[5]}" for c in QDO_CASES])
-def test_interpreter_bwd_scan_qdo_pre_equals_scan(case, featurize):
-    # no poisoned element left, independent of buffer contents and of kept vs recomputed states, and equal to the
-    # scan that computes the term itself to float32 rounding; dh is overwritten chunk by chunk after its read
+def test_interpreter_backward_switch_values_agree(case, featurize, switch):
+    # no poisoned element left (the extra buffers are poisoned too), independent of buffer contents and of kept vs
+    # recomputed states, and both values give the same gradients (to float32 rounding, or bit for bit)
+    one, other, tol = BWD_SWITCHES[switch][:3]
     B, T, H, dk, dv, W = case
-    scan = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + 3,
-                                   config={"fw_bwd": "split", "bwd_scan_qdo": "scan"})
-    pre = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + 3,
-                                  config={"fw_bwd": "split", "bwd_scan_qdo": "pre"})
-    for a, b in zip(pre, scan):
-        assert rel_rms(a, b) <= 1e-6, rel_rms(a, b)
+    a = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + 3,
+                                config={"fw_bwd": "split", switch: one})
+    b = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + 3,
+                                config={"fw_bwd": "split", switch: other})
+    for x, y in zip(b, a):
+        assert rel_rms(x, y) <= tol, rel_rms(x, y)
 
 
 @interp
-@pytest.mark.parametrize("mode", ["scan", "pre"])
+@pytest.mark.parametrize("switch", list(BWD_SWITCHES))
+@pytest.mark.parametrize("value", ["", "pre"])
 @pytest.mark.parametrize("variant", ["single", "split"])
-def test_interpreter_bwd_scan_qdo_route(mode, variant):
-    # which kernels take the pre-computed term: the split backward's dq kernel and reverse scan, only with "pre"
+def test_interpreter_backward_switch_route(switch, value, variant):
+    # which kernels take the switch: only the split backward's, and only with "pre"; wy_t_kernel runs right before the
+    # WY kernel exactly when that kernel loads its T; a value the switch does not know is a one-line ValueError
     from hqlt.kernels.fused import launch as FL
     from hqlt.kernels.testing import watch_launches
-    flags = {}
+    one, _, _, flag, kernels, bad = BWD_SWITCHES[switch]
+    value = value or one
+    launched, flags = [], {}
 
     def record(name, _args, kwargs):
-        if "PRE_QDO" in kwargs:
-            flags[name] = kwargs["PRE_QDO"]
+        launched.append(name)
+        if flag in kwargs:
+            flags[name] = kwargs[flag]
 
     low, gout = make_inputs(1, 70, 1, 32, 32, torch.float32, "cpu", 0)
     kw = dict(window=8, kv_scale=0.2, fw_scale=0.2)
     o_kv, _, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
     with watch_launches(FL, record):
         FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
-                          config={"fw_bwd": variant, "bwd_scan_qdo": mode}, **kw)
-    pre = variant == "split" and mode == "pre"
-    assert flags == ({"fw_bwd_dq_kernel": pre, "bwd_scan_kernel": pre} if variant == "split"
-                     else {"bwd_scan_kernel": False})
-    with pytest.raises(ValueError, match="bwd_scan_qdo"):
+                          config={"fw_bwd": variant, switch: value}, **kw)
+    pre = variant == "split" and value == "pre"
+    assert flags == {k: pre for k in kernels if k in launched}
+    assert set(kernels) <= set(launched) if variant == "split" else "fw_bwd_kernel" in launched
+    t_pre = variant == "split" and (value if switch == "fw_bwd_t" else FL.default_config(
+        1, 1, 32, 32, low["q"].device)["fw_bwd_t"]) == "pre"
+    assert launched.count("wy_t_kernel") == int(t_pre)
+    if t_pre:
+        assert launched.index("wy_t_kernel") == launched.index("fw_bwd_wy_kernel") - 1
+    with pytest.raises(ValueError, match=switch):
         FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
-                          config={"bwd_scan_qdo": "early"}, **kw)
+                          config={switch: bad}, **kw)
 
 
 @interp
@@ -486,7 +502,8 @@ def test_fw_bwd_switch_is_read_per_launch(monkeypatch):
     monkeypatch.setenv("HQLT_FUSED_FW_BWD", "split")
     cfg = S.default_config(8, 8, 128, 128, 132)
     assert cfg["fw_bwd"] == "split"
-    assert S.backward_kernels(cfg) == ("kv_dq", "kv_dkdv", "bwd_scan", "fw_bwd_dq", "fw_bwd_wy", "fw_bwd_dk")
+    assert S.backward_kernels(cfg) == ("kv_dq", "kv_dkdv", "bwd_scan", "fw_bwd_dq", "fw_bwd_wy", "fw_bwd_dk", "wy_t")
+    assert S.backward_kernels(dict(cfg, fw_bwd_t="wy")) == S.backward_kernels(cfg)[:-1]
     assert S.backward_kernels({"fw_bwd": "single"}) == S.BACKWARD_KERNELS
     assert all(n > 0 for n in S.smem_needs(2, 128, 128, featurize=True, config=cfg,
                                            kernels=S.backward_kernels(cfg)).values())
@@ -616,7 +633,7 @@ def test_scan_features_switch(monkeypatch):
     assert stored_cfg["scan_warps"] == 4                       # the scan that loads its features: 4 warps at d 128
     d64_stored = S.default_config(1, 8, 64, 64, 132)
     monkeypatch.setenv("HQLT_FUSED_SCAN_FEATURES", "kernel")
-    assert S.default_config(1, 8, 64, 64, 132)["scan_warps"] == d64_stored["scan_warps"]   # d <= 64: unmeasured
+    assert S.default_config(1, 8, 64, 64, 132)["scan_warps"] == d64_stored["scan_warps"]   # d <= 64: 8 no faster
     monkeypatch.delenv("HQLT_FUSED_SCAN_FEATURES", raising=False)
     # the stored variant's scan is the features-given compile; the other kernels keep theirs
     stored = S.smem_needs(2, 128, 128, featurize=True, batch=1, heads=8, sms=132)
@@ -641,7 +658,7 @@ def test_interpreter_profile_driver_launches_each_kernel_once_per_step(capsys, m
     launches = dict(x.rsplit(" ", 1) for x in out.split("launches per step: ")[1].splitlines()[0].split(", "))
     assert launches == {n: "1" for n in ("wy_kernel", "scan_kernel", "out_kernel", "kv_bwd_dq_kernel",
                                          "kv_bwd_dkdv_kernel", "fw_bwd_dq_kernel", "bwd_scan_kernel",
-                                         "fw_bwd_wy_kernel", "fw_bwd_dk_kernel")}, launches
+                                         "wy_t_kernel", "fw_bwd_wy_kernel", "fw_bwd_dk_kernel")}, launches
     assert "step 2/2" in out and '"scan_features": "stored"' in out
 
 
@@ -665,22 +682,24 @@ class TestGPUScanFeatures:
             assert max(errs.values()) <= 1e-2, (save, errs)
 
 
-class TestGPUBwdScanQdo:
-    """bf16: the reverse scan with the read-out term left by fw_bwd_dq ("bwd_scan_qdo": "pre") against the
-    default, incl. T 4096 at d 128 (64 chunks walked, two value blocks of the dq kernel)."""
+class TestGPUBackwardSwitches:
+    """bf16: each switch of the split backward (``BWD_SWITCHES``) against its other value, incl. T 4096 at d 128
+    (64 chunks walked, two value blocks of the dq kernel)."""
     pytestmark = gpu
 
+    @pytest.mark.parametrize("switch", list(BWD_SWITCHES))
     @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
     @pytest.mark.parametrize("case", QDO_CASES[1:] + [(1, 4096, 2, 128, 128, 64)],
                              ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-dk{c[3]}-dv{c[4]}-W{c[5]}")
-    def test_bf16_pre_equals_scan(self, case, featurize):
+    def test_bf16_values_agree(self, case, featurize, switch):
+        one, other = BWD_SWITCHES[switch][:2]
         B, T, H, dk, dv, W = case
-        scan = poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T,
-                                       config={"fw_bwd": "split", "bwd_scan_qdo": "scan"})
-        pre = poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T,
-                                      config={"fw_bwd": "split", "bwd_scan_qdo": "pre"})
-        for a, b in zip(pre, scan):   # the term passes through dH's bf16 slots: bf16 rounding, not float32's
-            assert rel_rms(a, b) <= 1e-2, rel_rms(a, b)
+        a = poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T,
+                                    config={"fw_bwd": "split", switch: one})
+        b = poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T,
+                                    config={"fw_bwd": "split", switch: other})
+        for x, y in zip(b, a):   # "bwd_scan_qdo" passes the term through dH's bf16 slots: bf16 rounding
+            assert rel_rms(x, y) <= 1e-2, rel_rms(x, y)
 
 
 class TestGPUFwBwdVariants:
@@ -940,6 +959,7 @@ def test_interpreter_fused_in_bounds_h200_failing_shape(featurize, variant, sms,
     with check_bounds() as rep:
         grads = poisoned_backward_check(1, 77, 3, 24, 40, 5, torch.float32, "cpu", featurize=featurize, seed=77)
     assert all(g.isfinite().all() for g in grads)
-    fw = ("fw_bwd_kernel",) if variant == "single" else ("fw_bwd_dq_kernel", "fw_bwd_wy_kernel", "fw_bwd_dk_kernel")
+    fw = (("fw_bwd_kernel",) if variant == "single"
+          else ("fw_bwd_dq_kernel", "wy_t_kernel", "fw_bwd_wy_kernel", "fw_bwd_dk_kernel"))
     want = {"wy_kernel", "scan_kernel", "out_kernel", "kv_bwd_dq_kernel", "kv_bwd_dkdv_kernel", "bwd_scan_kernel", *fw}
     assert set(rep.kernels) == want and all(s.lanes > 0 for s in rep.kernels.values())

@@ -229,3 +229,48 @@ def test_auto_ops_run_the_picked_backend(monkeypatch):
     want = R.chunked_hybrid_memory(*args, **kw)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert set(auto_table.choices().values()) == {"reference"}
+
+
+def test_fla_linear_normaliser_in_float32(monkeypatch):
+    # fla's chunk_linear_attn(normalize=True) forms scale * q . cumsum(k) in the inputs' dtype; the backend asks fla for
+    # the numerator only and normalises in float32. fla stood in for by an exact numerator (and, for the contrast,
+    # fla's bf16 normaliser): at T 200 in bf16 the float32 one keeps every gradient within bf16's 1e-2, the bf16 one
+    # does not (dq 0.012 here; H100: the fla linear cases over whole streams, kernels/FUSED_NOTES.md "Round 8").
+    import sys
+    import types
+    calls = []
+
+    def chunk_linear_attn(q, k, v, scale=None, normalize=True):
+        calls.append(normalize)
+        T = q.shape[1]
+        s = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) * scale
+        o = torch.einsum("bhts,bshd->bthd", s * torch.ones(T, T, dtype=s.dtype).tril(), v.double()).to(q.dtype)
+        if normalize:
+            o = o / (((q * scale) * k.cumsum(1)).sum(-1, keepdim=True) + 1e-10)
+        return o, None
+
+    fla = types.ModuleType("fla")
+    ops = types.ModuleType("fla.ops")
+    lin = types.ModuleType("fla.ops.linear_attn")
+    lin.chunk_linear_attn = chunk_linear_attn
+    for name, m in (("fla", fla), ("fla.ops", ops), ("fla.ops.linear_attn", lin)):
+        monkeypatch.setitem(sys.modules, name, m)
+    x = random_inputs(2, 200, 2, 64, fw="linear", dtype=torch.float64, seed=3)
+
+    def run(fn, dtype):
+        # the same bf16-rounded inputs for both sides: only the arithmetic differs
+        ins = [x[n].to(torch.bfloat16).to(dtype).detach().requires_grad_() for n in ("q_fw", "k_fw", "v")]
+        o = fn(*ins, None, None, fw="linear", scale=64 ** -0.5)
+        go = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        return [o, *torch.autograd.grad(o, ins, go.to(o.dtype))]
+
+    def errors(got, want):
+        return [((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+
+    ref = run(compose.reference_fw, torch.float64)
+    ours = errors(run(compose.fla_fw, torch.bfloat16), ref)
+    assert calls == [False]
+    assert max(ours) <= 1e-2, ours
+    bf16_normaliser = errors(run(lambda q, k, v, b, g, *, fw, scale: chunk_linear_attn(q, k, v, scale)[0],
+                                 torch.bfloat16), ref)
+    assert max(bf16_normaliser) > 1e-2 > max(ours), (bf16_normaliser, ours)

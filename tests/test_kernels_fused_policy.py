@@ -67,6 +67,22 @@ def test_default_config_is_the_launchers():
     assert launch.default_config(2, 3, 40, 100, torch.device("cpu")) == S.default_config(2, 3, 40, 100, 1)
 
 
+def test_process_config_overrides_the_defaults_and_names_bad_keys(monkeypatch):
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", '{"fw_bwd_t": "pre", "scan_warps": 8}')
+    cfg = S.default_config(1, 8, 128, 128, 132)
+    assert cfg["fw_bwd_t"] == "pre" and cfg["scan_warps"] == 8
+    assert {k: v for k, v in cfg.items() if k not in ("fw_bwd_t", "scan_warps")} == {
+        k: v for k, v in S._default_config(1, 8, 128, 128, 132).items() if k not in ("fw_bwd_t", "scan_warps")}
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", '{"fw_bwd_tt": "pre"}')
+    with pytest.raises(ValueError, match=r"HQLT_FUSED_CONFIG: unknown keys \['fw_bwd_tt'\]; allowed: .*'fw_bwd_t'"):
+        S.default_config(1, 8, 128, 128, 132)
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", "fw_bwd_t=pre")
+    with pytest.raises(ValueError, match="HQLT_FUSED_CONFIG: not JSON"):
+        S.default_config(1, 8, 128, 128, 132)
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", "")
+    assert S.default_config(1, 8, 128, 128, 132) == S._default_config(1, 8, 128, 128, 132)
+
+
 # --------------------------------------------------------------------------------------- coverage
 BASE = dict(blend="sync", fw="delta", window=64, batch=8, heads=8, dk=128, dv=128, kernel_dtype="bfloat16",
             device_type="cuda", smem_limit=H200)
@@ -335,3 +351,11 @@ def test_profile_driver_refuses_unknown_config_keys(capsys):
         with pytest.raises(SystemExit) as exc:
             fused_profile.main(["--config", bad])
         assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_fused_benchmark_refuses_unknown_config_keys(capsys):
+    from hqlt.benchmarks import fused as bench
+    for flag in ("--configs", "--bwd-configs"):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--device", "cpu", flag, '{"fw_bwd_t": "wy"}', '{"fw_bwd_tt": "wy"}'])
+        assert exc.value.code == 2 and "unknown keys ['fw_bwd_tt']; allowed: ['BK'" in capsys.readouterr().err

@@ -197,9 +197,14 @@ def fla_fw(q, k, v, beta, g, *, fw, scale, chunk_size=64):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         o, _ = chunk_gated_delta_rule(q, k, v, g.float(), beta.to(q.dtype), scale=scale, chunk_size=cs)
     elif fw == "linear":
-        # fla's normalize=True divides by scale * q . cumsum(k) + 1e-10, the reference's normaliser (§4.4).
+        # The numerator from fla, the normaliser scale * q . cumsum(k) + 1e-10 (the reference's, §4.4) here in float32:
+        # fla's normalize=True forms it in the inputs' dtype, and with bf16 cumulative sums over whole streams
+        # (T 130-200) the gradients missed bf16's 1e-2 on an H100 while chunk-local streams (<= 64 tokens) met it
+        # (kernels/FUSED_NOTES.md "Round 8").
         from fla.ops.linear_attn import chunk_linear_attn
-        o, _ = chunk_linear_attn(q, k, v, scale=scale, normalize=True)
+        o, _ = chunk_linear_attn(q, k, v, scale=scale, normalize=False)
+        z = (q.float() * scale * k.float().cumsum(1)).sum(-1, keepdim=True)
+        o = (o.float() / (z + 1e-10)).to(o.dtype)
     else:
         raise ValueError(f"fw must be 'delta', 'gated_delta' or 'linear'; got {fw!r}")
     return o

@@ -403,8 +403,23 @@ def fw_bwd_dq_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, vnew_ptr, h_ptr, do_ptr, dqkv
 
 
 @triton.jit
-def fw_bwd_wy_kernel(kf_ptr, v_ptr, beta_ptr, w_ptr, h_ptr, dvn_ptr, dvkv_ptr, dkw_ptr, dv_ptr, dbeta_ptr,
-                     T, H, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
+def wy_t_kernel(kf_ptr, beta_ptr, t_ptr, T, H, NC, DK, BK: tl.constexpr):
+    """T = (I + A)^-1 of every chunk, grid (n, B*H), stored float32 as 64 x 64 per chunk for ``fw_bwd_wy_kernel``
+    (``settings.FW_BWD_T`` "pre"): the same tile that kernel builds itself otherwise, built here by a program that
+    holds nothing else."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    r = tl.arange(0, 64)
+    tm = _chunk_t_matrix(kf_ptr, kf_ptr, beta_ptr, (b * T * H + h) * DK, b * T * H + h, i_c * 64, T, H, H * DK, DK,
+                         BK, False, 0.0, kf_ptr.dtype.element_ty)
+    tl.store(t_ptr + (i_bh * NC + i_c) * 4096 + r[:, None] * 64 + r[None, :], tm)
+
+
+@triton.jit
+def fw_bwd_wy_kernel(kf_ptr, v_ptr, beta_ptr, w_ptr, h_ptr, dvn_ptr, dvkv_ptr, dkw_ptr, dv_ptr, dbeta_ptr, t_ptr,
+                     T, H, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, T_PRE: tl.constexpr):
     """WY side of the FW backward, grid (n, B*H), after the reverse scan (dv_new): dv, dbeta, and the WY part
     of dKf (stored float32 in dkw_ptr for ``fw_bwd_dk_kernel``).
 
@@ -412,7 +427,8 @@ def fw_bwd_wy_kernel(kf_ptr, v_ptr, beta_ptr, w_ptr, h_ptr, dvn_ptr, dvkv_ptr, d
     dV = beta dR_v (+ the KV dv, stored), dbeta += rowsum(V dR_v), dA += dR_v U^T with U = T diag(beta) V.
     After it: dA = -strict_lower(dA + dR_k W^T) with the forward's stored W; dKf_wy = beta (dR_k + dA Kf)
     + dA^T (beta Kf) (stored), dbeta += rowsum(Kf (dR_k + dA Kf)) (stored). Kf: the FW keys' features
-    (given, or stored by ``fw_bwd_dq_kernel``)."""
+    (given, or stored by ``fw_bwd_dq_kernel``). ``T_PRE``: T comes from ``wy_t_kernel`` (t_ptr) instead of being
+    built here."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -428,7 +444,10 @@ def fw_bwd_wy_kernel(kf_ptr, v_ptr, beta_ptr, w_ptr, h_ptr, dvn_ptr, dvkv_ptr, d
     rk = tl.arange(0, BK)
     hbase = (i_bh * NC + i_c) * DK * DV
 
-    tm = _chunk_t_matrix(kf_ptr, kf_ptr, beta_ptr, kbase, bbase, t0, T, H, skt, DK, BK, False, 0.0, DT)
+    if T_PRE:
+        tm = tl.load(t_ptr + (i_bh * NC + i_c) * 4096 + r[:, None] * 64 + r[None, :])
+    else:
+        tm = _chunk_t_matrix(kf_ptr, kf_ptr, beta_ptr, kbase, bbase, t0, T, H, skt, DK, BK, False, 0.0, DT)
     tmt = tl.trans(tm)
     beta = load_beta(beta_ptr, bbase, t0, T, H, 64)
     drk = tl.zeros((64, BK), dtype=tl.float32)

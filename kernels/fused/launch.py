@@ -9,9 +9,9 @@ import triton
 
 from ..contract import FEATURE_EPS, MAX_GRID_ROWS
 from .bwd import (bwd_scan_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel, fw_bwd_kernel, fw_bwd_wy_kernel,
-                  kv_bwd_dkdv_kernel, kv_bwd_dq_kernel)
+                  kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import (BWD_SCAN_QDO, CHUNK, FORWARD_KERNELS, FW_BWD_VARIANTS, MAX_HEAD_DIM, SCAN_FEATURES,
+from .settings import (BWD_SCAN_QDO, CHUNK, FORWARD_KERNELS, FW_BWD_T, FW_BWD_VARIANTS, MAX_HEAD_DIM, SCAN_FEATURES,
                        backward_kernels, interpreting, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
@@ -182,7 +182,8 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     The FW backward runs as one kernel or split (``settings.fw_bwd_variant``, ``HQLT_FUSED_FW_BWD``; a
     ``config`` entry ``"fw_bwd": "single" | "split"`` overrides it). ``stages``: run only the first that many
     launches (benchmarks time the kernels one by one; the gradients are then not all written): kv_dq,
-    kv_dkdv, bwd_scan, fw_bwd (single) or kv_dq, kv_dkdv, fw_bwd_dq, bwd_scan, fw_bwd_wy, fw_bwd_dk (split).
+    kv_dkdv, bwd_scan, fw_bwd (single) or kv_dq, kv_dkdv, fw_bwd_dq, bwd_scan, fw_bwd_wy, fw_bwd_dk (split; with
+    ``"fw_bwd_t": "pre"`` wy_t before fw_bwd_wy).
     """
     featurize = q_fw is None
     B, T, H, dk_ = q.shape
@@ -203,8 +204,10 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     cfg = dict(default_config(B, H, dk_, dv_, q.device, q.element_size()), **(config or {}))
     _check_choice(cfg, "fw_bwd", FW_BWD_VARIANTS)
     _check_choice(cfg, "bwd_scan_qdo", BWD_SCAN_QDO)
+    _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
     split = cfg["fw_bwd"] == "split"
     pre_qdo = split and cfg["bwd_scan_qdo"] == "pre"
+    pre_t = split and cfg["fw_bwd_t"] == "pre"
     if not config:
         check_shared_memory(cfg, q.element_size(), dk_, dv_, featurize, q.device, backward_kernels(cfg))
     NC = triton.cdiv(T, CHUNK)
@@ -251,6 +254,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
             # features computed in the kernel: fw_bwd_dq_kernel stores them once for the later kernels
             qf_b, kf_b = ((buf(q.shape, q.dtype), buf(k.shape, k.dtype)) if featurize else (q_fw, k_fw))
             dkw = buf(k.shape, f32)
+            t_mat = buf((B * H, NC, CHUNK, CHUNK), f32) if pre_t else dkw   # dkw: an unused placeholder
             bv = cfg["fw_bwd_split_bv"]
             launches += [
                 lambda: fw_bwd_dq_kernel[(NC, B * H)](
@@ -261,9 +265,11 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                     q, k, qf_b, kf_b, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
                     BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["bwd_scan_stages"],
                     FEATURIZE=False, EPS=FEATURE_EPS, LOCAL_IN=True, PRE_QDO=pre_qdo),
+                *([lambda: wy_t_kernel[(NC, B * H)](kf_b, beta, t_mat, T, H, NC, dk_, BK=cfg["BK"],
+                                                    num_warps=cfg["wy_t_warps"])] if pre_t else []),
                 lambda: fw_bwd_wy_kernel[(NC, B * H)](
-                    kf_b, v, beta, w, states, dvn, dv_kv, dkw, dv, dbeta, T, H, NC, dk_, dv_, BK=cfg["BK"], BV=bv,
-                    num_warps=cfg["fw_bwd_wy_warps"], num_stages=cfg["num_stages"]),
+                    kf_b, v, beta, w, states, dvn, dv_kv, dkw, dv, dbeta, t_mat, T, H, NC, dk_, dv_, BK=cfg["BK"],
+                    BV=bv, num_warps=cfg["fw_bwd_wy_warps"], num_stages=cfg["num_stages"], T_PRE=pre_t),
                 lambda: fw_bwd_dk_kernel[(NC, B * H)](
                     k, qf_b, v_new, dh, do_fw, dkw, dk_kv, dk, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
                     BV=bv, num_warps=cfg["fw_bwd_dk_warps"], num_stages=cfg["num_stages"], **common)]

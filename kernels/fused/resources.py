@@ -35,7 +35,8 @@ F32_POINTERS = {  # pointers whose buffers are float32 whatever the input dtype 
     "bwd_scan": ("dvn_ptr",),
     "fw_bwd": ("dvn_ptr", "dqkv_ptr", "dkkv_ptr", "dvkv_ptr", "dbeta_ptr", "beta_ptr"),
     "fw_bwd_dq": ("dvn_ptr", "dqkv_ptr"),
-    "fw_bwd_wy": ("dvn_ptr", "dvkv_ptr", "dkw_ptr", "dbeta_ptr", "beta_ptr"),
+    "fw_bwd_wy": ("dvn_ptr", "dvkv_ptr", "dkw_ptr", "dbeta_ptr", "beta_ptr", "t_ptr"),
+    "wy_t": ("beta_ptr", "t_ptr"),
     "fw_bwd_dk": ("dkw_ptr", "dkkv_ptr"),
 }
 
@@ -64,7 +65,7 @@ def kernel_fn(kernel: str):
                     "kv_dq": (bwd, "kv_bwd_dq_kernel"), "kv_dkdv": (bwd, "kv_bwd_dkdv_kernel"),
                     "bwd_scan": (bwd, "bwd_scan_kernel"), "fw_bwd": (bwd, "fw_bwd_kernel"),
                     "fw_bwd_dq": (bwd, "fw_bwd_dq_kernel"), "fw_bwd_wy": (bwd, "fw_bwd_wy_kernel"),
-                    "fw_bwd_dk": (bwd, "fw_bwd_dk_kernel")}[kernel]
+                    "fw_bwd_dk": (bwd, "fw_bwd_dk_kernel"), "wy_t": (bwd, "wy_t_kernel")}[kernel]
     return getattr(module, name)
 
 
@@ -80,7 +81,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
     fn = kernel_fn(kernel)
     dt = dtype or ("fp16" if elem == 2 else "fp32")
     consts = {"BK": BK, ("BVW" if kernel in ("wy", "kv_dq", "kv_dkdv") else "BV"): BV}
-    if kernel not in ("kv_dq", "kv_dkdv", "fw_bwd_wy"):
+    if kernel not in ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t"):
         consts.update(FEATURIZE=feat, EPS=1e-6)
     if kernel == "out":
         consts["STORE_LSE"] = True
@@ -89,6 +90,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
     if kernel == "bwd_scan":
         consts["LOCAL_IN"] = False
     consts["PRE_QDO"] = False   # bwd_scan, fw_bwd_dq: the default "scan" variant of settings.BWD_SCAN_QDO
+    consts["T_PRE"] = False     # fw_bwd_wy: the default "wy" variant of settings.FW_BWD_T
     consts.update(extra or {})
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}

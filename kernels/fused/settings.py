@@ -92,8 +92,17 @@ def scan_features() -> str:
 # Where the reverse scan of the split FW backward gets fw_scale * Qf^T dO, its state gradient's read-out term
 # (a launch config's "bwd_scan_qdo"): "scan" computes it in every sequential step; "pre" has the chunk-parallel
 # fw_bwd_dq_kernel leave it in the dH buffer, which the scan reads before overwriting chunk by chunk (FUSED_NOTES.md
-# "Round 7": the reverse scan is the largest kernel at T 32768 and waits on its loads). Opt-in until timed.
+# "Round 7": the reverse scan is the largest kernel at T 32768 and waits on its loads). Opt-in: "pre" was slower at
+# every shape timed (H100, 8 x 128: backward 1.314 -> 1.336, 1.434 -> 1.512, 3.316 -> 3.445 ms; "Round 8").
 BWD_SCAN_QDO = ("scan", "pre")
+
+# Where the split FW backward's WY kernel gets T = (I + A)^-1 of its chunk (a launch config's "fw_bwd_t"): "wy"
+# builds it in fw_bwd_wy_kernel (A's blocks, the 16x16 inversions, the solves against the identity: the most
+# registers of that kernel, the largest of the backward at T 2048); "pre" has wy_t_kernel build every chunk's T
+# first, in a program that holds nothing else, and store it (float32, 16 KB per chunk and head) for fw_bwd_wy_kernel
+# to load (FUSED_NOTES.md "Round 8"). Same tile either way. "pre" is the default: the backward at 8 x 128 took
+# 1.281 / 1.400 / 3.252 ms instead of 1.331 / 1.521 / 3.339 at T 2048 / 8192 / 32768 (H100, same process).
+FW_BWD_T = ("wy", "pre")
 
 
 # ==================================================================================================
@@ -105,11 +114,46 @@ BACKWARD_KERNELS = ("kv_dq", "kv_dkdv", "bwd_scan", "fw_bwd")
 SPLIT_FW_BWD_KERNELS = ("fw_bwd_dq", "fw_bwd_wy", "fw_bwd_dk")   # HQLT_FUSED_FW_BWD=split, for fw_bwd
 
 
+def config_overrides() -> dict:
+    """``HQLT_FUSED_CONFIG`` (default empty): a JSON object of launch-config entries that replace the defaults of
+    ``default_config`` for every call in the process, e.g. ``{"fw_bwd_t": "pre"}`` — how a whole model (``hqlt bench
+    model``, a training run) tries an opt-in variant or a tile before it becomes a default. Keys must be
+    ``default_config``'s; the named variants are checked by the launchers as for a caller's config."""
+    text = os.environ.get("HQLT_FUSED_CONFIG", "").strip()
+    if not text:
+        return {}
+    try:
+        return parse_config(text)
+    except ValueError as exc:
+        raise ValueError(f"HQLT_FUSED_CONFIG: {exc}") from None
+
+
+def parse_config(text: str) -> dict:
+    """A launch configuration's entries from a JSON object (the benchmarks' ``--config(s)`` and
+    ``HQLT_FUSED_CONFIG``); ValueError naming what is wrong: not JSON, not an object, unknown keys."""
+    try:
+        cfg = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc}); e.g. '{{\"fw_bwd_t\": \"wy\"}}'") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a JSON object of launch-configuration keys, e.g. '{{\"fw_bwd_t\": \"wy\"}}'; got {text!r}")
+    unknown = sorted(set(cfg) - set(config_keys()))
+    if unknown:   # the launchers would ignore them silently
+        raise ValueError(f"unknown keys {unknown}; allowed: {config_keys()}")
+    return cfg
+
+
+def config_keys() -> list[str]:
+    """The entries of a launch configuration (``default_config``'s keys), sorted."""
+    return sorted(_default_config(1, 1, 64, 64))
+
+
 def backward_kernels(cfg: dict | None = None) -> tuple[str, ...]:
-    """The backward kernels a configuration launches (its ``"fw_bwd"`` variant, else ``fw_bwd_variant()``)."""
-    variant = (cfg or {}).get("fw_bwd") or fw_bwd_variant()
-    if variant == "split":
-        return BACKWARD_KERNELS[:3] + SPLIT_FW_BWD_KERNELS
+    """The backward kernels a configuration launches (its ``"fw_bwd"`` variant, else ``fw_bwd_variant()``; the
+    split variant's ``wy_t`` with ``"fw_bwd_t": "pre"``), in no particular order."""
+    cfg = dict(_default_config(1, 1, 64, 64), **config_overrides(), **(cfg or {}))
+    if cfg["fw_bwd"] == "split":
+        return BACKWARD_KERNELS[:3] + SPLIT_FW_BWD_KERNELS + (("wy_t",) if cfg["fw_bwd_t"] == "pre" else ())
     return BACKWARD_KERNELS
 
 
@@ -119,6 +163,11 @@ def pow2(n: int) -> int:
 
 
 def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: int = 2) -> dict:
+    """``_default_config`` with the process's ``HQLT_FUSED_CONFIG`` entries over it."""
+    return dict(_default_config(B, H, dk, dv, sms, elem_bytes), **config_overrides())
+
+
+def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: int = 2) -> dict:
     """Block sizes and warps (not autotuned; ``python -m hqlt.benchmarks.fused`` sweeps alternatives);
     ``sms``: the device's multiprocessor count; ``elem_bytes``: the inputs' element size.
 
@@ -131,11 +180,13 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: i
       programs on every SM);
     * out: 64-column value blocks (two programs per chunk at d = 128, the score tiles recomputed by each;
       128 columns spill), 4 warps.
-    At d = 128 the forward scan's chunk loop runs 3 stages deep (2-byte inputs: with float32 the third stage
-    takes the scan past an H200's shared memory), and the backward's KV and scan kernels 4 warps: with
-    the 4-warp wy and out, that combination was faster at T 2048, 8192 and 32768 on an H100 (FUSED_NOTES.md
-    "Round 6"); d <= 64 keeps the earlier settings until it is measured there. ``scan_features`` and ``fw_bwd``
-    come from their environment switches (``scan_features()``, ``fw_bwd_variant()``).
+    The forward scan's chunk loop runs 3 stages deep with 2-byte inputs (with float32 the third stage takes
+    the scan past an H200's shared memory): at d = 128 since "Round 6" (FUSED_NOTES.md), at d <= 64 since
+    "Round 8" (H100, 16 heads x 64: forward 1.31 -> 1.05 ms at B 1, T 32768). At d = 128 the backward's KV and
+    scan kernels run 4 warps: with the 4-warp wy and out, that combination was faster at T 2048, 8192 and
+    32768 on an H100 ("Round 6"). ``scan_features`` and ``fw_bwd`` come from their environment switches
+    (``scan_features()``, ``fw_bwd_variant()``); ``HQLT_FUSED_CONFIG`` replaces any entry
+    (``config_overrides``).
     """
     # Head dims below 64 run in 64-wide tiles (loads and stores are masked to Dk, Dv): with 16- and 32-wide
     # tiles the sm_90 backward made illegal memory accesses on an H200 (B1 T100 dk32 dv64, dk = dv = 16,
@@ -155,25 +206,26 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: i
             "num_stages": 2,
             # software-pipelining depth of the two sequential scans' chunk loops (their loads of chunk c + 1 do
             # not depend on the state); the reverse scan's 3 and 4 stages measured no faster than 2
-            "scan_stages": 3 if big and elem_bytes == 2 else 2, "bwd_scan_stages": 2,
+            "scan_stages": 3 if elem_bytes == 2 else 2, "bwd_scan_stages": 2,
             "scan_features": features,
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
-            "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan",
+            "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan", "fw_bwd_t": "pre",
             "fw_bwd_bv": 16, "fw_bwd_warps": 8,
             "kv_bwd_warps": 4 if big else 8,
-            # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): value blocks of 16 (32 spill more),
-            # 8 warps where 4 spill (sm_90, bf16: the dq and dk kernels from Dk = 64, the WY kernel always);
-            # at d 128, 32-column blocks with a 4-warp WY kernel: faster at T 2048, 8192 and 32768 on an H100
-            # despite the spills ("Round 7")
-            "fw_bwd": fw_bwd_variant(), "fw_bwd_split_bv": 32 if big else 16,
-            "fw_bwd_dq_warps": 8 if BK >= 64 else 4, "fw_bwd_wy_warps": 4 if big else 8,
-            "fw_bwd_dk_warps": 8 if BK >= 64 else 4}
+            # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): 8 warps for the dq and dk kernels from
+            # Dk = 64 (4 spill); 32-column blocks with a 4-warp WY kernel, faster at T 2048, 8192 and 32768 on an
+            # H100 despite the spills, at d 128 ("Round 7") and at d 64 ("Round 8": backward 4.26 -> 3.34 ms at
+            # B 1, T 32768, 16 heads); T from wy_t_kernel (FW_BWD_T)
+            "fw_bwd": fw_bwd_variant(), "fw_bwd_split_bv": 32,
+            "fw_bwd_dq_warps": 8 if BK >= 64 else 4, "fw_bwd_wy_warps": 4,
+            "fw_bwd_dk_warps": 8 if BK >= 64 else 4, "wy_t_warps": 4}
 
 
 def kernel_stages(cfg: dict, kernel: str) -> int:
     """Software-pipelining stages a kernel is launched with under ``cfg`` (wy: Triton's default, 3)."""
-    return {"wy": 3, "scan": cfg["scan_stages"], "bwd_scan": cfg["bwd_scan_stages"]}.get(kernel, cfg["num_stages"])
+    return {"wy": 3, "wy_t": 3, "scan": cfg["scan_stages"], "bwd_scan": cfg["bwd_scan_stages"]}.get(kernel,
+                                                                                                 cfg["num_stages"])
 
 
 def kernel_tiles(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -188,7 +240,8 @@ def kernel_tiles_all(cfg: dict) -> dict[str, tuple[int, int]]:
     """``kernel_tiles`` plus the split FW backward's kernels (not in the shared-memory table: their bytes come
     from ``SMEM_ENVELOPE``)."""
     bv = cfg["fw_bwd_split_bv"]
-    return dict(kernel_tiles(cfg), **{k: (bv, cfg[f"{k}_warps"]) for k in SPLIT_FW_BWD_KERNELS})
+    return dict(kernel_tiles(cfg), **{k: (bv, cfg[f"{k}_warps"]) for k in SPLIT_FW_BWD_KERNELS},
+                wy_t=(64, cfg["wy_t_warps"]))
 
 
 # ==================================================================================================
@@ -219,10 +272,12 @@ SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
     ("fw_bwd_wy", False): (0.2, 4.2, 1.6, 0.2, 0.1, 0.0, 1.7),
     ("fw_bwd_dk", False): (0.167, 4.0, 1.334, 0.5, 0.0, 0.0, 0.0),
     ("fw_bwd_dk", True): (0.167, 4.0, 1.334, 0.5, 0.0, 0.0, 0.0),
+    # T of every chunk ("fw_bwd_t" "pre"): 14,336 B (bf16) and 16,384 B (float32) at BK 64 and 128, 4 or 8 warps
+    ("wy_t", False): (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0),
 }
 
 
-NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy")   # one compile serves both modes
+NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t")   # one compile serves both modes
 
 
 def _key(kernel: str, elem_bytes: int, featurize: bool, BK: int, BV: int, warps: int, stages: int) -> str:
@@ -277,13 +332,14 @@ def fits_shared_memory(elem_bytes: int, dk: int, dv: int, limit: int, *, featuri
     the default configuration: the backend asks on every call)."""
     if config is None:   # the environment switches are in the cache key: the default configuration reads them
         return _fits_default(elem_bytes, dk, dv, limit, bool(featurize), batch, heads, sms, tuple(kernels),
-                             fw_bwd_variant(), scan_features())
+                             fw_bwd_variant(), scan_features(), os.environ.get("HQLT_FUSED_CONFIG", ""))
     needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, config=config,
                        kernels=kernels)
     return max(needs.values()) <= limit
 
 
 @functools.lru_cache(maxsize=4096)
-def _fits_default(elem_bytes, dk, dv, limit, featurize, batch, heads, sms, kernels, _fw_bwd, _scan_features) -> bool:
+def _fits_default(elem_bytes, dk, dv, limit, featurize, batch, heads, sms, kernels, _fw_bwd, _scan_features,
+                  _overrides) -> bool:
     needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, kernels=kernels)
     return max(needs.values()) <= limit
