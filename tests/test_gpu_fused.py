@@ -407,17 +407,20 @@ def test_interpreter_fw_bwd_split_poisoned_and_equal_to_single(case, featurize, 
 # interpreter's tolerance between them (the same T tile: bit for bit), the kernel flag, the kernels taking it, a bad value.
 BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_kernel", "bwd_scan_kernel"), "early"),
                 "fw_bwd_t": ("wy", "pre", 0.0, "T_PRE", ("fw_bwd_wy_kernel",), "forward")}
+# The segmented reverse scan ("Round 9"), one chunk per segment (every chunk boundary a segment boundary) against one
+# walk: the same sums in another order (float32 rounding); its route has its own test
+BWD_VALUES = dict({k: v[:3] for k, v in BWD_SWITCHES.items()}, bwd_scan_segment_chunks=(0, 1, 1e-5))
 QDO_CASES = [(1, 1, 1, 16, 16, 1), (2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)]
 
 
 @interp
-@pytest.mark.parametrize("switch", list(BWD_SWITCHES))
+@pytest.mark.parametrize("switch", list(BWD_VALUES))
 @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
 @pytest.mark.parametrize("case", QDO_CASES, ids=[f"B{c[0]}-T{c[1]}-dk{c[3]}-dv{c[4]}-W{c[5]}" for c in QDO_CASES])
 def test_interpreter_backward_switch_values_agree(case, featurize, switch):
     # no poisoned element left (the extra buffers are poisoned too), independent of buffer contents and of kept vs
     # recomputed states, and both values give the same gradients (to float32 rounding, or bit for bit)
-    one, other, tol = BWD_SWITCHES[switch][:3]
+    one, other, tol = BWD_VALUES[switch]
     B, T, H, dk, dv, W = case
     a = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + 3,
                                 config={"fw_bwd": "split", switch: one})
@@ -462,6 +465,49 @@ def test_interpreter_backward_switch_route(switch, value, variant):
     with pytest.raises(ValueError, match=switch):
         FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
                           config={switch: bad}, **kw)
+
+
+@interp
+@pytest.mark.parametrize("variant", ["single", "split"])
+def test_interpreter_segmented_scan_route_and_values(variant):
+    # T 330: 6 chunks. Segments of L chunks (split variant only): ceil(6 / L) of them; more than one launches the transitions
+    # (segments 1..), the local passes (SEG 1), the walk over the segments and the final passes (SEG 2), in that
+    # order; one (L 0 or L >= 6) the single walk (SEG 0). Gradients agree with the single walk; a bad value is a
+    # one-line ValueError naming the key
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.testing import watch_launches
+    low, gout = make_inputs(1, 330, 2, 32, 32, torch.float32, "cpu", 5)
+    kw = dict(window=8, kv_scale=0.2, fw_scale=0.2)
+    o_kv, _, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
+    args = (low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout)
+    scan = ("bwd_scan_phi_kernel", "bwd_scan_kernel", "bwd_scan_carry_kernel")
+    grads = {}
+    for L, segmented in ((0, False), (1, True), (4, True), (6, False), (100, False)):
+        launched = []
+        with watch_launches(FL, lambda name, _a, kwargs: launched.append((name, kwargs.get("SEG")))):
+            grads[L] = FL.fused_backward(*args, config={"fw_bwd": variant, "bwd_scan_segment_chunks": L}, **kw)
+        got = [x for x in launched if x[0] in scan]
+        assert got == ([("bwd_scan_phi_kernel", None), ("bwd_scan_kernel", 1), ("bwd_scan_carry_kernel", None),
+                        ("bwd_scan_kernel", 2)] if segmented and variant == "split" else [("bwd_scan_kernel", 0)]), (L, got)
+    for L in (1, 4, 6, 100):
+        assert max(rel_rms(a, b) for a, b in zip(grads[L], grads[0])) <= 1e-5, L
+    for bad in (-1, 1.5, True, "4"):
+        with pytest.raises(ValueError, match="bwd_scan_segment_chunks"):
+            FL.fused_backward(*args, config={"bwd_scan_segment_chunks": bad}, **kw)
+
+
+def test_segmented_scan_default_where_the_scan_has_few_programs():
+    # segments only where the reverse scan's programs (B*H value blocks) would not fill the SMs; its kernels are then
+    # in the shared-memory check
+    from hqlt.kernels.fused import settings as S
+    cfg = S.default_config(1, 8, 128, 128, 132)
+    assert cfg["bwd_scan_bv"] == 16 and cfg["bwd_scan_segment_chunks"] == S.SEGMENT_CHUNKS > 0
+    assert {"bwd_scan_phi", "bwd_scan_carry"} <= set(S.backward_kernels(cfg))
+    assert all(n > 0 for n in S.smem_needs(2, 128, 128, featurize=True, config=cfg,
+                                           kernels=S.backward_kernels(cfg)).values())
+    big = S.default_config(8, 8, 128, 128, 132)
+    assert big["bwd_scan_segment_chunks"] == 0 and "bwd_scan_phi" not in S.backward_kernels(big)
+    assert S.default_config(1, 8, 128, 128, 1)["bwd_scan_segment_chunks"] == 0
 
 
 @interp
@@ -687,12 +733,12 @@ class TestGPUBackwardSwitches:
     (64 chunks walked, two value blocks of the dq kernel)."""
     pytestmark = gpu
 
-    @pytest.mark.parametrize("switch", list(BWD_SWITCHES))
+    @pytest.mark.parametrize("switch", list(BWD_VALUES))
     @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
     @pytest.mark.parametrize("case", QDO_CASES[1:] + [(1, 4096, 2, 128, 128, 64)],
                              ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-dk{c[3]}-dv{c[4]}-W{c[5]}")
     def test_bf16_values_agree(self, case, featurize, switch):
-        one, other = BWD_SWITCHES[switch][:2]
+        one, other = BWD_VALUES[switch][:2]
         B, T, H, dk, dv, W = case
         a = poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T,
                                     config={"fw_bwd": "split", switch: one})

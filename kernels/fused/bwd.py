@@ -8,7 +8,10 @@ not kept, ``HQLT_FUSED_SAVE_STATES=0``):
    them (no atomics: score tiles are recomputed in both kernels);
 6. ``bwd_scan_kernel``, grid (ceil(Dv/BV), B*H), chunks last to first with dH (gradient w.r.t. the
    state after the chunk) in float32 registers: store dH, dv_new = s causal(Qf Kf^T)^T dO_fw + Kf dH,
-   dH += s Qf^T dO_fw - W^T dv_new;
+   dH += s Qf^T dO_fw - W^T dv_new; at small B*H*ceil(Dv/BV) (fewer programs than SMs) it runs segmented
+   (``settings`` "bwd_scan_segment_chunks", FUSED_NOTES.md "Round 9"): ``bwd_scan_phi_kernel`` (each segment's
+   transition) and a local pass of every segment in parallel, ``bwd_scan_carry_kernel`` (a short walk over the
+   segments), then the final pass of every segment from the dH it receives;
 7. ``fw_bwd_kernel``, grid (n, B*H): dq of the read-out, dk of the read-out and of the state update,
    dW = -dv_new M^T; T = (I + A)^-1 rebuilt as a 64x64 tile; back through [W | U] = T diag(beta)
    [Kf | V] to dk, dv, dbeta; then through l2(silu(.)), plus the KV branch's partial gradients.
@@ -169,9 +172,9 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
 
 
 @triton.jit
-def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr, T, H, NC, DK, DV, fw_scale,
-                    BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
-                    LOCAL_IN: tl.constexpr, PRE_QDO: tl.constexpr):
+def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr, carry_ptr, T, H, NC, L, DK, DV,
+                    fw_scale, BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
+                    LOCAL_IN: tl.constexpr, PRE_QDO: tl.constexpr, SEG: tl.constexpr):
     """Reverse recurrence of the state gradient, grid (ceil(Dv/BV), B*H), chunks from last to first.
 
     With dH the gradient w.r.t. the state after chunk c (M_{c+1}): store dH; the total gradient of the
@@ -183,9 +186,19 @@ def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr
     takes the 64 x 64 x Dk score product (half the FLOPs of a step at 16-column value blocks) off the
     sequential path. PRE_QDO (with LOCAL_IN): the read-out term fw_scale * Qf^T dO of each chunk is already in
     dh_ptr's slot of that chunk (written by ``fw_bwd_dq_kernel``); a step reads it before storing dH there, so
-    neither Qf nor dO is loaded on the sequential path."""
+    neither Qf nor dO is loaded on the sequential path.
+
+    Segments (``settings`` "bwd_scan_segment_chunks" L; grid axis 2; segment s holds chunks s*L .. min(NC, (s+1)*L)
+    - 1). SEG 0: one segment, L >= NC (the whole sequence, as described above). SEG 1, the local pass of segments
+    1 .. S-1 (grid axis 2 is S - 1): start from dH = 0 at the segment's end, store nothing per chunk, and leave the
+    dH the segment passes on (without what later segments contribute) in carry_ptr's slot of the segment
+    (float32 [B*H, S, Dk, Dv]). SEG 2, the final pass of every segment: start from the dH the segment receives, which
+    ``bwd_scan_carry_kernel`` left in the slot, and store dH and dv_new as SEG 0 does."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2)
+    if SEG == 1:   # the local pass skips segment 0: nothing reads what it would pass on
+        i_s += 1
     b = i_bh // H
     h = i_bh % H
     kbase = (b * T * H + h) * DK
@@ -203,13 +216,19 @@ def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr
     h_off = rk[:, None] * DV + (i_v * BV + rv)[None, :]
     hbase = i_bh * NC * DK * DV
 
-    dh = tl.zeros((BK, BV), dtype=tl.float32)
-    for cc in range(NC):
-        c = NC - 1 - cc
+    c_hi = tl.minimum(NC, (i_s + 1) * L)
+    cbase = (i_bh * tl.cdiv(NC, L) + i_s) * DK * DV
+    if SEG == 2:
+        dh = tl.load(carry_ptr + cbase + h_off, mask=h_mask, other=0.0)
+    else:
+        dh = tl.zeros((BK, BV), dtype=tl.float32)
+    for cc in range(c_hi - i_s * L):
+        c = c_hi - 1 - cc
         t0 = c * 64
         if PRE_QDO:   # read this chunk's fw_scale * Qf^T dO before dH takes its slot
             qdo = tl.load(dh_ptr + hbase + c * DK * DV + h_off, mask=h_mask, other=0.0).to(tl.float32)
-        tl.store(dh_ptr + hbase + c * DK * DV + h_off, dh.to(dh_ptr.dtype.element_ty), mask=h_mask)
+        if SEG != 1:
+            tl.store(dh_ptr + hbase + c * DK * DV + h_off, dh.to(dh_ptr.dtype.element_ty), mask=h_mask)
         kf = fw_rows(k_ptr, kf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT)
         if not PRE_QDO:
             qf = fw_rows(q_ptr, qf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT)
@@ -221,11 +240,72 @@ def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr
         else:
             a = tl.where(causal, tl.dot(qf, tl.trans(kf)), 0.0)            # a[i, j] = qf_i . kf_j, j <= i
             dvn = fw_scale * tl.dot(tl.trans(a.to(DT)), do) + tl.dot(kf, dh.to(DT))
-        store_rows(dvn_ptr, vbase, t0, T, svt, dv_left, dvn, 64, BV)
+        if SEG != 1:
+            store_rows(dvn_ptr, vbase, t0, T, svt, dv_left, dvn, 64, BV)
         if PRE_QDO:
             dh += qdo - tl.dot(tl.trans(w), dvn.to(DT))
         else:
             dh += fw_scale * tl.dot(tl.trans(qf), do) - tl.dot(tl.trans(w), dvn.to(DT))
+    if SEG == 1:
+        tl.store(carry_ptr + cbase + h_off, dh, mask=h_mask)
+
+
+@triton.jit
+def bwd_scan_phi_kernel(k_ptr, kf_ptr, w_ptr, phi_ptr, T, H, NC, L, DK, BK: tl.constexpr, BP: tl.constexpr,
+                        FEATURIZE: tl.constexpr, EPS: tl.constexpr):
+    """Segmented reverse scan, grid (ceil(Dk/BP), B*H, S - 1): the map Phi_s from the dH segment s (1 .. S-1)
+    receives at its end to the dH it passes on, i.e. the product over its chunks of A_c = I - W_c^T Kf_c (a step of
+    ``bwd_scan_kernel`` without the inputs' terms: dH <- dH - W^T (Kf dH), products in the inputs' dtype as there),
+    built by walking the chunks from the identity; columns i_p*BP .. of Phi_s, float32, in phi_ptr [B*H, S, Dk, Dk].
+    Kf: the FW keys' features (FEATURIZE: computed from the raw keys here, as the reverse scan does)."""
+    i_p = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2) + 1
+    b = i_bh // H
+    h = i_bh % H
+    kbase = (b * T * H + h) * DK
+    skt = H * DK
+    DT = w_ptr.dtype.element_ty
+    rk = tl.arange(0, BK)
+    rp = i_p * BP + tl.arange(0, BP)
+    phi = tl.where(rk[:, None] == rp[None, :], 1.0, 0.0)
+    c_hi = tl.minimum(NC, (i_s + 1) * L)
+    for cc in range(c_hi - i_s * L):
+        t0 = (c_hi - 1 - cc) * 64
+        kf = fw_rows(k_ptr, kf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT)
+        w = load_rows(w_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
+        phi -= tl.dot(tl.trans(w), tl.dot(kf, phi.to(DT)).to(DT))
+    # Phi_s - I is stored: the carry walk adds the identity's part exactly and rounds only the rest (as the scan's
+    # steps round only W^T (Kf dH))
+    phi -= tl.where(rk[:, None] == rp[None, :], 1.0, 0.0)
+    tl.store(phi_ptr + (i_bh * tl.cdiv(NC, L) + i_s) * DK * DK + rk[:, None] * DK + rp[None, :], phi,
+             mask=(rk[:, None] < DK) & (rp[None, :] < DK))
+
+
+@triton.jit
+def bwd_scan_carry_kernel(phi_ptr, carry_ptr, NC, L, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
+    """Segmented reverse scan, grid (ceil(Dv/BV), B*H), between the local and the final pass of ``bwd_scan_kernel``:
+    walks the S segments from last to first with G, the dH a segment receives (G = 0 for the last):
+    G_{s-1} = Phi_s G_s + E_s, E_s being the local pass's result in carry_ptr's slot s, which G_s replaces there
+    once read (slot 0 gets G_0). phi_ptr holds Phi_s - I: G + (Phi_s - I) G with the product in tf32 (float32
+    inputs rounded to 10 mantissa bits, the identity's part exact)."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    NS = tl.cdiv(NC, L)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    h_mask = (rk[:, None] < DK) & (rv[None, :] < DV - i_v * BV)
+    h_off = rk[:, None] * DV + (i_v * BV + rv)[None, :]
+    p_mask = (rk[:, None] < DK) & (rk[None, :] < DK)
+    g = tl.zeros((BK, BV), dtype=tl.float32)
+    for ss in range(NS - 1):
+        s = NS - 1 - ss
+        slot = carry_ptr + (i_bh * NS + s) * DK * DV + h_off
+        e = tl.load(slot, mask=h_mask, other=0.0)
+        tl.store(slot, g, mask=h_mask)
+        dphi = tl.load(phi_ptr + (i_bh * NS + s) * DK * DK + rk[:, None] * DK + rk[None, :], mask=p_mask, other=0.0)
+        g += tl.dot(dphi, g, input_precision="tf32") + e
+    tl.store(carry_ptr + i_bh * NS * DK * DV + h_off, g, mask=h_mask)
 
 
 @triton.jit

@@ -8,8 +8,8 @@ import torch
 import triton
 
 from ..contract import FEATURE_EPS, MAX_GRID_ROWS
-from .bwd import (bwd_scan_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel, fw_bwd_kernel, fw_bwd_wy_kernel,
-                  kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
+from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel,
+                  fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
 from .settings import (BWD_SCAN_QDO, CHUNK, FORWARD_KERNELS, FW_BWD_T, FW_BWD_VARIANTS, MAX_HEAD_DIM, SCAN_FEATURES,
                        backward_kernels, interpreting, pow2, smem_needs)
@@ -46,6 +46,15 @@ def _check_choice(cfg: dict, key: str, allowed: tuple[str, ...]) -> None:
     """A launch config's named variant (a switch's value or a caller's override) must be one it knows."""
     if cfg[key] not in allowed:
         raise ValueError(f"config[{key!r}] must be one of {allowed}; got {cfg[key]!r}")
+
+
+def _check_segment_chunks(cfg: dict) -> int:
+    """A launch config's "bwd_scan_segment_chunks" (chunks per segment of the reverse scan; 0: not segmented)."""
+    value = cfg["bwd_scan_segment_chunks"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config['bwd_scan_segment_chunks'] must be an integer >= 0 (chunks of 64 tokens per "
+                         f"segment of the reverse scan; 0: one segment); got {value!r}")
+    return value
 
 
 def kernel_dim(d: int) -> int:
@@ -208,6 +217,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     split = cfg["fw_bwd"] == "split"
     pre_qdo = split and cfg["bwd_scan_qdo"] == "pre"
     pre_t = split and cfg["fw_bwd_t"] == "pre"
+    seg_chunks = _check_segment_chunks(cfg)
     if not config:
         check_shared_memory(cfg, q.element_size(), dk_, dv_, featurize, q.device, backward_kernels(cfg))
     NC = triton.cdiv(T, CHUNK)
@@ -234,6 +244,34 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     dbeta = buf(beta.shape, f32)
     if T > 0:
         common = dict(FEATURIZE=featurize, EPS=FEATURE_EPS)
+        nv = triton.cdiv(dv_, cfg["bwd_scan_bv"])
+        # segments only in the split variant: the single variant's segmented scan crashed (d 128) and gave wrong
+        # gradients (d 64) on an H100 while the interpreter agreed (FUSED_NOTES.md "Round 9"); unresolved
+        segments = triton.cdiv(NC, seg_chunks) if seg_chunks and split else 1
+
+        def reverse_scan(qf_, kf_, feat: bool, local_in: bool):
+            """The reverse scan (bwd_scan_kernel) over the whole sequence, or, with more than one segment, its
+            segmented form: transitions and local passes of segments 1.., the walk over the segments, the final
+            passes (bwd.py)."""
+            kw = dict(BK=cfg["BK"], BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"],
+                      num_stages=cfg["bwd_scan_stages"], FEATURIZE=feat, EPS=FEATURE_EPS, LOCAL_IN=local_in,
+                      PRE_QDO=pre_qdo)
+            args = (q, k, qf_, kf_, w, do_fw, dvn, dh)
+            if segments == 1:
+                bwd_scan_kernel[(nv, B * H, 1)](*args, dvn, T, H, NC, NC, dk_, dv_, float(fw_scale), SEG=0, **kw)
+                return
+            L = seg_chunks
+            carry = buf((B * H, segments, dk_, dv_), f32)
+            phi = buf((B * H, segments, dk_, dk_), f32)
+            bwd_scan_phi_kernel[(triton.cdiv(dk_, cfg["bwd_scan_bv"]), B * H, segments - 1)](
+                k, kf_, w, phi, T, H, NC, L, dk_, BK=cfg["BK"], BP=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"],
+                num_stages=cfg["bwd_scan_stages"], FEATURIZE=feat, EPS=FEATURE_EPS)
+            bwd_scan_kernel[(nv, B * H, segments - 1)](*args, carry, T, H, NC, L, dk_, dv_, float(fw_scale), SEG=1,
+                                                       **kw)
+            bwd_scan_carry_kernel[(nv, B * H)](phi, carry, NC, L, dk_, dv_, BK=cfg["BK"], BV=cfg["bwd_scan_bv"],
+                                               num_warps=cfg["bwd_scan_carry_warps"], num_stages=1)
+            bwd_scan_kernel[(nv, B * H, segments)](*args, carry, T, H, NC, L, dk_, dv_, float(fw_scale), SEG=2, **kw)
+
         kv = dict(BK=cfg["BK"], BVW=cfg["BVW"], num_warps=cfg["kv_bwd_warps"], num_stages=cfg["num_stages"])
         launches = [
             lambda: kv_bwd_dq_kernel[(NC, B * H)](q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_,
@@ -242,10 +280,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                                                     int(window), float(kv_scale), **kv)]
         if not split:
             launches += [
-                lambda: bwd_scan_kernel[(triton.cdiv(dv_, cfg["bwd_scan_bv"]), B * H)](
-                    q, k, q_fw, k_fw, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
-                    BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["bwd_scan_stages"],
-                    LOCAL_IN=False, PRE_QDO=False, **common),
+                lambda: reverse_scan(q_fw, k_fw, featurize, False),
                 lambda: fw_bwd_kernel[(NC, B * H)](
                     q, k, q_fw, k_fw, v, beta, v_new, states, dh, dvn, do_fw, dq_kv, dk_kv, dv_kv, dq, dk, dv,
                     dbeta, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"], BV=cfg["fw_bwd_bv"],
@@ -261,10 +296,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                     q, k, qf_b, kf_b, v_new, states, do_fw, dq_kv, dq, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale),
                     BK=cfg["BK"], BV=bv, num_warps=cfg["fw_bwd_dq_warps"], num_stages=cfg["num_stages"],
                     PRE_QDO=pre_qdo, **common),
-                lambda: bwd_scan_kernel[(triton.cdiv(dv_, cfg["bwd_scan_bv"]), B * H)](
-                    q, k, qf_b, kf_b, w, do_fw, dvn, dh, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
-                    BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"], num_stages=cfg["bwd_scan_stages"],
-                    FEATURIZE=False, EPS=FEATURE_EPS, LOCAL_IN=True, PRE_QDO=pre_qdo),
+                lambda: reverse_scan(qf_b, kf_b, False, True),
                 *([lambda: wy_t_kernel[(NC, B * H)](kf_b, beta, t_mat, T, H, NC, dk_, BK=cfg["BK"],
                                                     num_warps=cfg["wy_t_warps"])] if pre_t else []),
                 lambda: fw_bwd_wy_kernel[(NC, B * H)](

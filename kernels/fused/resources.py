@@ -32,7 +32,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 F32_POINTERS = {  # pointers whose buffers are float32 whatever the input dtype (launch.py)
     "wy": ("beta_ptr",), "scan": (), "out": ("lse_ptr",),
     "kv_dq": ("lse_ptr", "delta_ptr", "dq_ptr"), "kv_dkdv": ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"),
-    "bwd_scan": ("dvn_ptr",),
+    "bwd_scan": ("dvn_ptr", "carry_ptr"), "bwd_scan_phi": ("phi_ptr",), "bwd_scan_carry": ("phi_ptr", "carry_ptr"),
     "fw_bwd": ("dvn_ptr", "dqkv_ptr", "dkkv_ptr", "dvkv_ptr", "dbeta_ptr", "beta_ptr"),
     "fw_bwd_dq": ("dvn_ptr", "dqkv_ptr"),
     "fw_bwd_wy": ("dvn_ptr", "dvkv_ptr", "dkw_ptr", "dbeta_ptr", "beta_ptr", "t_ptr"),
@@ -65,7 +65,8 @@ def kernel_fn(kernel: str):
                     "kv_dq": (bwd, "kv_bwd_dq_kernel"), "kv_dkdv": (bwd, "kv_bwd_dkdv_kernel"),
                     "bwd_scan": (bwd, "bwd_scan_kernel"), "fw_bwd": (bwd, "fw_bwd_kernel"),
                     "fw_bwd_dq": (bwd, "fw_bwd_dq_kernel"), "fw_bwd_wy": (bwd, "fw_bwd_wy_kernel"),
-                    "fw_bwd_dk": (bwd, "fw_bwd_dk_kernel"), "wy_t": (bwd, "wy_t_kernel")}[kernel]
+                    "fw_bwd_dk": (bwd, "fw_bwd_dk_kernel"), "wy_t": (bwd, "wy_t_kernel"),
+                    "bwd_scan_phi": (bwd, "bwd_scan_phi_kernel"), "bwd_scan_carry": (bwd, "bwd_scan_carry_kernel")}[kernel]
     return getattr(module, name)
 
 
@@ -80,8 +81,8 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
 
     fn = kernel_fn(kernel)
     dt = dtype or ("fp16" if elem == 2 else "fp32")
-    consts = {"BK": BK, ("BVW" if kernel in ("wy", "kv_dq", "kv_dkdv") else "BV"): BV}
-    if kernel not in ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t"):
+    consts = {"BK": BK, {"wy": "BVW", "kv_dq": "BVW", "kv_dkdv": "BVW", "bwd_scan_phi": "BP"}.get(kernel, "BV"): BV}
+    if kernel not in ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t", "bwd_scan_carry"):
         consts.update(FEATURIZE=feat, EPS=1e-6)
     if kernel == "out":
         consts["STORE_LSE"] = True
@@ -91,6 +92,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         consts["LOCAL_IN"] = False
     consts["PRE_QDO"] = False   # bwd_scan, fw_bwd_dq: the default "scan" variant of settings.BWD_SCAN_QDO
     consts["T_PRE"] = False     # fw_bwd_wy: the default "wy" variant of settings.FW_BWD_T
+    consts["SEG"] = 0           # bwd_scan: the whole sequence (its segmented passes have the same loop)
     consts.update(extra or {})
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}

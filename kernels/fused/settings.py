@@ -104,6 +104,12 @@ BWD_SCAN_QDO = ("scan", "pre")
 # 1.281 / 1.400 / 3.252 ms instead of 1.331 / 1.521 / 3.339 at T 2048 / 8192 / 32768 (H100, same process).
 FW_BWD_T = ("wy", "pre")
 
+# Chunks per segment of the segmented reverse scan (a launch config's "bwd_scan_segment_chunks", default where the
+# scan would have fewer programs than the device has SMs; 0: one walk over the whole sequence). The local and the
+# final pass of a segment walk this many chunks, in (segments x value blocks x B*H) programs; the walk over the
+# segments (bwd_scan_carry_kernel) takes ceil(NC / SEGMENT_CHUNKS) - 1 steps.
+SEGMENT_CHUNKS = 32
+
 
 # ==================================================================================================
 # Launch configuration (the launchers in ``launch`` use it; no triton needed to compute it).
@@ -150,11 +156,15 @@ def config_keys() -> list[str]:
 
 def backward_kernels(cfg: dict | None = None) -> tuple[str, ...]:
     """The backward kernels a configuration launches (its ``"fw_bwd"`` variant, else ``fw_bwd_variant()``; the
-    split variant's ``wy_t`` with ``"fw_bwd_t": "pre"``), in no particular order."""
+    split variant's ``wy_t`` with ``"fw_bwd_t": "pre"``; the segmented reverse scan's two kernels when
+    ``"bwd_scan_segment_chunks"`` is set, whether or not a sequence is long enough to use them), in no particular
+    order."""
     cfg = dict(_default_config(1, 1, 64, 64), **config_overrides(), **(cfg or {}))
+    segmented = ("bwd_scan_phi", "bwd_scan_carry") if cfg["bwd_scan_segment_chunks"] else ()
     if cfg["fw_bwd"] == "split":
-        return BACKWARD_KERNELS[:3] + SPLIT_FW_BWD_KERNELS + (("wy_t",) if cfg["fw_bwd_t"] == "pre" else ())
-    return BACKWARD_KERNELS
+        return (BACKWARD_KERNELS[:3] + SPLIT_FW_BWD_KERNELS + (("wy_t",) if cfg["fw_bwd_t"] == "pre" else ())
+                + segmented)
+    return BACKWARD_KERNELS   # the single variant never segments its scan (launch.fused_backward)
 
 
 def pow2(n: int) -> int:
@@ -211,6 +221,11 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
             "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan", "fw_bwd_t": "pre",
+            # the reverse scan in segments of this many chunks when it has fewer programs than SMs (0: whole);
+            # a transition per segment and two passes instead of one walk over every chunk in 64 programs at
+            # B 1, T 32768, 8 x 128 (FUSED_NOTES.md "Round 9"; SEGMENT_CHUNKS)
+            "bwd_scan_segment_chunks": SEGMENT_CHUNKS if B * H * -(-dv // scan_bv) < sms else 0,
+            "bwd_scan_carry_warps": 8,
             "fw_bwd_bv": 16, "fw_bwd_warps": 8,
             "kv_bwd_warps": 4 if big else 8,
             # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): 8 warps for the dq and dk kernels from
@@ -224,8 +239,8 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
 
 def kernel_stages(cfg: dict, kernel: str) -> int:
     """Software-pipelining stages a kernel is launched with under ``cfg`` (wy: Triton's default, 3)."""
-    return {"wy": 3, "wy_t": 3, "scan": cfg["scan_stages"], "bwd_scan": cfg["bwd_scan_stages"]}.get(kernel,
-                                                                                                 cfg["num_stages"])
+    return {"wy": 3, "wy_t": 3, "scan": cfg["scan_stages"], "bwd_scan": cfg["bwd_scan_stages"],
+            "bwd_scan_phi": cfg["bwd_scan_stages"], "bwd_scan_carry": 1}.get(kernel, cfg["num_stages"])
 
 
 def kernel_tiles(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -241,7 +256,8 @@ def kernel_tiles_all(cfg: dict) -> dict[str, tuple[int, int]]:
     from ``SMEM_ENVELOPE``)."""
     bv = cfg["fw_bwd_split_bv"]
     return dict(kernel_tiles(cfg), **{k: (bv, cfg[f"{k}_warps"]) for k in SPLIT_FW_BWD_KERNELS},
-                wy_t=(64, cfg["wy_t_warps"]))
+                wy_t=(64, cfg["wy_t_warps"]), bwd_scan_phi=(cfg["bwd_scan_bv"], cfg["bwd_scan_warps"]),
+                bwd_scan_carry=(cfg["bwd_scan_bv"], cfg["bwd_scan_carry_warps"]))
 
 
 # ==================================================================================================
@@ -274,10 +290,15 @@ SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
     ("fw_bwd_dk", True): (0.167, 4.0, 1.334, 0.5, 0.0, 0.0, 0.0),
     # T of every chunk ("fw_bwd_t" "pre"): 14,336 B (bf16) and 16,384 B (float32) at BK 64 and 128, 4 or 8 warps
     ("wy_t", False): (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0),
+    # the segmented reverse scan's transitions and walk over the segments (FUSED_NOTES.md "Round 9"): fitted to 36
+    # sm_90 compiles (inputs of 2 and 4 bytes, BK 64/128, BV 16/32/64, the default warps and stages)
+    ("bwd_scan_phi", False): (4.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0),
+    ("bwd_scan_phi", True): (4.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0),
+    ("bwd_scan_carry", False): (0.0, 0.0, 0.0, 2.0, 0.0, 2.0, 0.0),
 }
 
 
-NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t")   # one compile serves both modes
+NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t", "bwd_scan_carry")   # one compile serves both modes
 
 
 def _key(kernel: str, elem_bytes: int, featurize: bool, BK: int, BV: int, warps: int, stages: int) -> str:
