@@ -24,6 +24,7 @@ Three groups:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -496,18 +497,66 @@ def test_interpreter_segmented_scan_route_and_values(variant):
             FL.fused_backward(*args, config={"bwd_scan_segment_chunks": bad}, **kw)
 
 
+
+@interp
+@pytest.mark.parametrize("features", ["kernel", "stored", "given"])
+def test_interpreter_segmented_forward_scan_route_and_values(features, monkeypatch):
+    # the forward scan in segments of L chunks ("scan_segment_chunks"): T 330 is 6 chunks; more than one segment
+    # launches the transitions (segments 0 .. S-2), the local passes (SEG 1), the forward walk over the segments and
+    # the final passes (SEG 2), in that order; one segment the single walk (SEG 0). Outputs and kept residuals agree
+    # with the single walk, poisoned buffers change nothing, and autograd through it (kept and recomputed states)
+    # matches the float64 reference; a bad value is a one-line ValueError naming the key
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.testing import watch_launches
+    low, _ = make_inputs(1, 330, 2, 32, 32, torch.float32, "cpu", 7)
+    kw = dict(window=8, kv_scale=0.2, fw_scale=0.2, return_aux=True)
+    if features == "given":
+        kw.update(q_fw=feat64(low["q"]).float(), k_fw=feat64(low["k"]).float())
+    args = (low["q"], low["k"], low["v"], low["beta"])
+    scan = ("bwd_scan_phi_kernel", "scan_kernel", "bwd_scan_carry_kernel")
+    outs = {}
+    for L, segmented in ((0, False), (1, True), (4, True), (6, False), (100, False)):
+        config = {"scan_features": "stored" if features == "stored" else "kernel", "scan_segment_chunks": L}
+        launched = []
+        with watch_launches(FL, lambda name, _a, kwargs: launched.append((name, kwargs.get("SEG"),
+                                                                          kwargs.get("FORWARD")))):
+            o_kv, o_fw, aux = FL.fused_forward(*args, config=config, **kw)
+        outs[L] = [o_kv, o_fw, *aux.values()]
+        got = [x for x in launched if x[0] in scan]
+        assert got == ([("bwd_scan_phi_kernel", None, None), ("scan_kernel", 1, None),
+                        ("bwd_scan_carry_kernel", None, True), ("scan_kernel", 2, None)] if segmented
+                       else [("scan_kernel", 0, None)]), (L, got)
+        poisoned = FL.fused_forward(*args, config=config, poison=True, **kw)
+        for a, b in zip([poisoned[0], poisoned[1], *poisoned[2].values()], outs[L]):
+            assert not a.isnan().any() and torch.equal(a, b), L
+    for L in (1, 4, 6, 100):
+        assert max(rel_rms(a, b) for a, b in zip(outs[L], outs[0])) <= 1e-5, L
+    for bad in (-1, 2.0, False, "1"):
+        with pytest.raises(ValueError, match="scan_segment_chunks"):
+            FL.fused_forward(*args, config={"scan_segment_chunks": bad}, **kw)
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", '{"scan_segment_chunks": 2}')
+    for save in (True, False):
+        errs = compare(1, 330, 2, 32, 32, 8, torch.float32, "cpu", featurize=features != "given", seed=11,
+                       fused_bwd=True, save_states=save)
+        assert max(errs.values()) <= 1e-5, (save, errs)
+
 def test_segmented_scan_default_where_the_scan_has_few_programs():
     # segments only where the reverse scan's programs (B*H value blocks) would not fill the SMs; its kernels are then
     # in the shared-memory check
     from hqlt.kernels.fused import settings as S
     cfg = S.default_config(1, 8, 128, 128, 132)
-    assert cfg["bwd_scan_bv"] == 16 and cfg["bwd_scan_segment_chunks"] == S.SEGMENT_CHUNKS > 0
+    assert cfg["bwd_scan_bv"] == cfg["scan_bv"] == 16
+    assert cfg["bwd_scan_segment_chunks"] == cfg["scan_segment_chunks"] == S.SEGMENT_CHUNKS > 0
     assert {"bwd_scan_phi", "bwd_scan_carry"} <= set(S.backward_kernels(cfg))
+    assert set(S.forward_kernels(cfg)) == {"wy", "scan", "out", "bwd_scan_phi", "bwd_scan_carry"}
+    assert S.forward_kernels(cfg, 1) == ("wy",)
     assert all(n > 0 for n in S.smem_needs(2, 128, 128, featurize=True, config=cfg,
-                                           kernels=S.backward_kernels(cfg)).values())
+                                           kernels=S.backward_kernels(cfg) + S.forward_kernels(cfg)).values())
     big = S.default_config(8, 8, 128, 128, 132)
-    assert big["bwd_scan_segment_chunks"] == 0 and "bwd_scan_phi" not in S.backward_kernels(big)
-    assert S.default_config(1, 8, 128, 128, 1)["bwd_scan_segment_chunks"] == 0
+    assert big["bwd_scan_segment_chunks"] == big["scan_segment_chunks"] == 0
+    assert "bwd_scan_phi" not in S.backward_kernels(big) + S.forward_kernels(big)
+    one_sm = S.default_config(1, 8, 128, 128, 1)
+    assert one_sm["bwd_scan_segment_chunks"] == one_sm["scan_segment_chunks"] == 0
 
 
 @interp
@@ -747,6 +796,34 @@ class TestGPUBackwardSwitches:
         for x, y in zip(b, a):   # "bwd_scan_qdo" passes the term through dH's bf16 slots: bf16 rounding
             assert rel_rms(x, y) <= 1e-2, rel_rms(x, y)
 
+
+
+class TestGPUForwardSegments:
+    """bf16: the forward scan in segments of one chunk (every chunk boundary a segment boundary) against one walk, incl.
+    T 4096 at d 128 (64 segments, eight value blocks): outputs and kept residuals to bf16 rounding, no poisoned element,
+    and autograd through it (kept and recomputed states) against the reference."""
+    pytestmark = gpu
+
+    @pytest.mark.parametrize("features", ["kernel", "stored"])
+    @pytest.mark.parametrize("case", [(2, 130, 1, 32, 32, 100), (1, 200, 1, 128, 64, 64), (1, 70, 2, 24, 40, 3),
+                                      (1, 4096, 2, 128, 128, 64)],
+                             ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-dk{c[3]}-dv{c[4]}-W{c[5]}")
+    def test_bf16_segments_agree(self, case, features, monkeypatch):
+        from hqlt.kernels.fused import launch as FL
+        B, T, H, dk, dv, W = case
+        low, _ = make_inputs(B, T, H, dk, dv, torch.bfloat16, "cuda", T)
+        kw = dict(window=W, kv_scale=dk ** -0.5, fw_scale=dk ** -0.5, return_aux=True)
+        args = (low["q"], low["k"], low["v"], low["beta"])
+        one, seg, poisoned = (FL.fused_forward(*args, config={"scan_features": features, "scan_segment_chunks": L},
+                                               poison=poison, **kw) for L, poison in ((0, False), (1, False), (1, True)))
+        for a, b, c in zip([one[0], one[1], *one[2].values()], [seg[0], seg[1], *seg[2].values()],
+                           [poisoned[0], poisoned[1], *poisoned[2].values()]):
+            assert rel_rms(b, a) <= 1e-2 and not c.isnan().any() and torch.equal(b, c)
+        monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps({"scan_features": features, "scan_segment_chunks": 1}))
+        for save in (True, False):
+            errs = compare(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=True, seed=T + W,
+                           fused_bwd=True, save_states=save)
+            assert max(errs.values()) <= 1e-2, (save, errs)
 
 class TestGPUFwBwdVariants:
     """bf16/fp16 checks of both FW-backward variants (HQLT_FUSED_FW_BWD), incl. the shape compute-sanitizer

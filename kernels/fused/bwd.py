@@ -251,16 +251,18 @@ def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr
 
 
 @triton.jit
-def bwd_scan_phi_kernel(k_ptr, kf_ptr, w_ptr, phi_ptr, T, H, NC, L, DK, BK: tl.constexpr, BP: tl.constexpr,
+def bwd_scan_phi_kernel(k_ptr, kf_ptr, w_ptr, phi_ptr, T, H, NC, L, DK, s0, BK: tl.constexpr, BP: tl.constexpr,
                         FEATURIZE: tl.constexpr, EPS: tl.constexpr):
-    """Segmented reverse scan, grid (ceil(Dk/BP), B*H, S - 1): the map Phi_s from the dH segment s (1 .. S-1)
-    receives at its end to the dH it passes on, i.e. the product over its chunks of A_c = I - W_c^T Kf_c (a step of
-    ``bwd_scan_kernel`` without the inputs' terms: dH <- dH - W^T (Kf dH), products in the inputs' dtype as there),
-    built by walking the chunks from the identity; columns i_p*BP .. of Phi_s, float32, in phi_ptr [B*H, S, Dk, Dk].
-    Kf: the FW keys' features (FEATURIZE: computed from the raw keys here, as the reverse scan does)."""
+    """Segmented scans, grid (ceil(Dk/BP), B*H, S - 1): for segments s0 .. s0 + S - 2 (reverse scan: s0 = 1; forward
+    scan: s0 = 0), the map Phi_s from the dH segment s receives at its end to the dH it passes on, i.e. the product
+    over its chunks of A_c = I - W_c^T Kf_c (a step of ``bwd_scan_kernel`` without the inputs' terms:
+    dH <- dH - W^T (Kf dH), products in the inputs' dtype as there), built by walking the chunks from the identity;
+    columns i_p*BP .. of Phi_s, float32, in phi_ptr [B*H, S, Dk, Dk]. Its transpose is the forward scan's map of
+    the segment's state (a step M <- M - Kf^T (W M), chunks in the other order).
+    Kf: the FW keys' features (FEATURIZE: computed from the raw keys here, as the scans do)."""
     i_p = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_s = tl.program_id(2) + 1
+    i_s = tl.program_id(2) + s0
     b = i_bh // H
     h = i_bh % H
     kbase = (b * T * H + h) * DK
@@ -283,12 +285,15 @@ def bwd_scan_phi_kernel(k_ptr, kf_ptr, w_ptr, phi_ptr, T, H, NC, L, DK, BK: tl.c
 
 
 @triton.jit
-def bwd_scan_carry_kernel(phi_ptr, carry_ptr, NC, L, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
-    """Segmented reverse scan, grid (ceil(Dv/BV), B*H), between the local and the final pass of ``bwd_scan_kernel``:
-    walks the S segments from last to first with G, the dH a segment receives (G = 0 for the last):
-    G_{s-1} = Phi_s G_s + E_s, E_s being the local pass's result in carry_ptr's slot s, which G_s replaces there
-    once read (slot 0 gets G_0). phi_ptr holds Phi_s - I: G + (Phi_s - I) G with the product in tf32 (float32
-    inputs rounded to 10 mantissa bits, the identity's part exact)."""
+def bwd_scan_carry_kernel(phi_ptr, carry_ptr, NC, L, DK, DV, BK: tl.constexpr, BV: tl.constexpr,
+                          FORWARD: tl.constexpr):
+    """Segmented scans, grid (ceil(Dv/BV), B*H), between the local and the final passes: walks the S segments with
+    G, what a segment receives, and E_s, the local pass's result in carry_ptr's slot s, which G_s replaces there
+    once read. Reverse scan (``bwd_scan_kernel``): from the last segment to the first, G = 0 for the last,
+    G_{s-1} = Phi_s G_s + E_s (slot 0 gets G_0). FORWARD (``fwd.scan_kernel``): from the first to the last, G = 0
+    for the first, G_{s+1} = Phi_s^T G_s + E_s (slot S-1 gets G_{S-1}). phi_ptr holds Phi_s - I
+    (``bwd_scan_phi_kernel``): G + (Phi_s - I) G with the product in tf32 (float32 inputs rounded to 10 mantissa
+    bits, the identity's part exact)."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     NS = tl.cdiv(NC, L)
@@ -297,15 +302,26 @@ def bwd_scan_carry_kernel(phi_ptr, carry_ptr, NC, L, DK, DV, BK: tl.constexpr, B
     h_mask = (rk[:, None] < DK) & (rv[None, :] < DV - i_v * BV)
     h_off = rk[:, None] * DV + (i_v * BV + rv)[None, :]
     p_mask = (rk[:, None] < DK) & (rk[None, :] < DK)
+    if FORWARD:   # the transpose: element [i, j] of the tile is Phi_s[j, i]
+        p_off = rk[None, :] * DK + rk[:, None]
+    else:
+        p_off = rk[:, None] * DK + rk[None, :]
     g = tl.zeros((BK, BV), dtype=tl.float32)
     for ss in range(NS - 1):
-        s = NS - 1 - ss
+        if FORWARD:
+            s = ss
+        else:
+            s = NS - 1 - ss
         slot = carry_ptr + (i_bh * NS + s) * DK * DV + h_off
         e = tl.load(slot, mask=h_mask, other=0.0)
         tl.store(slot, g, mask=h_mask)
-        dphi = tl.load(phi_ptr + (i_bh * NS + s) * DK * DK + rk[:, None] * DK + rk[None, :], mask=p_mask, other=0.0)
+        dphi = tl.load(phi_ptr + (i_bh * NS + s) * DK * DK + p_off, mask=p_mask, other=0.0)
         g += tl.dot(dphi, g, input_precision="tf32") + e
-    tl.store(carry_ptr + i_bh * NS * DK * DV + h_off, g, mask=h_mask)
+    if FORWARD:
+        last = NS - 1
+    else:
+        last = 0
+    tl.store(carry_ptr + (i_bh * NS + last) * DK * DV + h_off, g, mask=h_mask)
 
 
 @triton.jit

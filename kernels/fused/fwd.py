@@ -13,7 +13,9 @@ which makes them no-op writes that come after every real token):
 2. ``scan_kernel``, grid (ceil(Dv/BV), B*H), sequential over chunks with the ``Dk x BV`` state ``M`` in
    float32 registers: store ``M`` (the state before the chunk), ``v_new = u - w M``, ``M += K^T v_new``.
    Only two ``64 x Dk x BV`` products per chunk sit on the sequential path; with "stored" key features the
-   featurisation (silu, a row norm) leaves it too.
+   featurisation (silu, a row norm) leaves it too. Where those programs would not fill the SMs (long T, small
+   B*H), the scan runs in segments instead (``launch.fused_forward``, settings "scan_segment_chunks"): each
+   segment's transition and local pass at once, a walk over the segments, then each segment's final pass.
 3. ``out_kernel``, grid (n, B*H, ceil(Dv/BV)): loads the chunk's q and k tiles once and uses them for
    both memories: FW ``o_fw = fw_scale (Q M + causal(Q K^T) v_new)`` on the featurised copies, KV
    online-softmax over the chunk itself (diagonal block first, so every row has a finite max) and the
@@ -101,10 +103,19 @@ def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, kfo_ptr, T, H, DK, D
 # Kernel 2: the chunk-state recurrence.
 
 @triton.jit
-def scan_kernel(k_ptr, kf_ptr, w_ptr, u_ptr, vnew_ptr, h_ptr, T, H, NC, DK, DV,
-                BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr):
+def scan_kernel(k_ptr, kf_ptr, w_ptr, u_ptr, vnew_ptr, h_ptr, carry_ptr, T, H, NC, L, DK, DV,
+                BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr, SEG: tl.constexpr):
+    """The chunk-state recurrence, grid (ceil(Dv/BV), B*H, segments), chunks from first to last.
+
+    Segments (``settings`` "scan_segment_chunks" L; segment s holds chunks s*L .. min(NC, (s+1)*L) - 1), as in the
+    reverse scan (``bwd.bwd_scan_kernel``) with time running forward. SEG 0: one segment, L >= NC. SEG 1, the local
+    pass of segments 0 .. S-2 (grid axis 2 is S - 1): start from M = 0, store nothing per chunk, and leave the state
+    the segment ends with in carry_ptr's slot of the segment (float32 [B*H, S, Dk, Dv]). SEG 2, the final pass of
+    every segment: start from the state the segment receives, which ``bwd.bwd_scan_carry_kernel`` (FORWARD) left in
+    the slot, and store M and v_new as SEG 0 does."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2)
     b = i_bh // H
     h = i_bh % H
     kbase = (b * T * H + h) * DK
@@ -119,17 +130,25 @@ def scan_kernel(k_ptr, kf_ptr, w_ptr, u_ptr, vnew_ptr, h_ptr, T, H, NC, DK, DV,
     h_mask = (rk[:, None] < DK) & (rv[None, :] < dv_left)
     h_off = rk[:, None] * DV + (i_v * BV + rv)[None, :]
     hbase = i_bh * NC * DK * DV
+    cbase = (i_bh * tl.cdiv(NC, L) + i_s) * DK * DV
 
-    m = tl.zeros((BK, BV), dtype=tl.float32)
-    for c in range(NC):
+    if SEG == 2:
+        m = tl.load(carry_ptr + cbase + h_off, mask=h_mask, other=0.0)
+    else:
+        m = tl.zeros((BK, BV), dtype=tl.float32)
+    for c in range(i_s * L, tl.minimum(NC, (i_s + 1) * L)):
         t0 = c * 64
-        tl.store(h_ptr + hbase + c * DK * DV + h_off, m.to(h_ptr.dtype.element_ty), mask=h_mask)
+        if SEG != 1:
+            tl.store(h_ptr + hbase + c * DK * DV + h_off, m.to(h_ptr.dtype.element_ty), mask=h_mask)
         w = load_rows(w_ptr, kbase, t0, T, skt, DK, 64, BK)
         u = load_rows(u_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32)
         kft = tl.trans(fw_rows(k_ptr, kf_ptr, kbase, t0, T, skt, DK, 64, BK, FEATURIZE, EPS).to(DT))
         v_new = u - tl.dot(w.to(DT), m.to(DT))
-        store_rows(vnew_ptr, vbase, t0, T, svt, dv_left, v_new, 64, BV)
+        if SEG != 1:
+            store_rows(vnew_ptr, vbase, t0, T, svt, dv_left, v_new, 64, BV)
         m += tl.dot(kft, v_new.to(DT))
+    if SEG == 1:
+        tl.store(carry_ptr + cbase + h_off, m, mask=h_mask)
 
 
 # ==================================================================================================

@@ -11,8 +11,8 @@ from ..contract import FEATURE_EPS, MAX_GRID_ROWS
 from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel,
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import (BWD_SCAN_QDO, CHUNK, FORWARD_KERNELS, FW_BWD_T, FW_BWD_VARIANTS, MAX_HEAD_DIM, SCAN_FEATURES,
-                       backward_kernels, interpreting, pow2, smem_needs)
+from .settings import (BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, MAX_HEAD_DIM, SCAN_FEATURES,
+                       backward_kernels, forward_kernels, interpreting, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -48,13 +48,37 @@ def _check_choice(cfg: dict, key: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"config[{key!r}] must be one of {allowed}; got {cfg[key]!r}")
 
 
-def _check_segment_chunks(cfg: dict) -> int:
-    """A launch config's "bwd_scan_segment_chunks" (chunks per segment of the reverse scan; 0: not segmented)."""
-    value = cfg["bwd_scan_segment_chunks"]
+def _check_segment_chunks(cfg: dict, key: str) -> int:
+    """A launch config's chunks per segment of a scan (``key``: "scan_segment_chunks" of the forward scan,
+    "bwd_scan_segment_chunks" of the reverse scan; 0: not segmented)."""
+    value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"config['bwd_scan_segment_chunks'] must be an integer >= 0 (chunks of 64 tokens per "
-                         f"segment of the reverse scan; 0: one segment); got {value!r}")
+        raise ValueError(f"config[{key!r}] must be an integer >= 0 (chunks of 64 tokens per segment of the "
+                         f"{'reverse' if key.startswith('bwd') else 'forward'} scan; 0: one segment); got {value!r}")
     return value
+
+
+def _segmented_scan(scan_pass, k, kf, w, *, featurize: bool, cfg: dict, T: int, H: int, NC: int, L: int, dk: int,
+                    dv: int, buf, forward: bool) -> None:
+    """A scan in segments of L chunks (bwd.py, FUSED_NOTES.md "Round 9"): the transitions of the segments that
+    pass something on (the forward scan's 0 .. S-2, the reverse scan's 1 .. S-1) and their local passes, each over
+    all of those segments at once; the walk over the segments; every segment's final pass.
+    ``scan_pass(carry, segments, seg)`` launches the scan's kernel with SEG ``seg`` over ``segments`` segments;
+    ``buf(shape, dtype)`` allocates. The transitions and the walk run at the reverse scan's tiles ("bwd_scan_bv",
+    "bwd_scan_warps", "bwd_scan_carry_warps") in both directions."""
+    S = triton.cdiv(NC, L)
+    BH = kf.shape[0] * H
+    carry = buf((BH, S, dk, dv), torch.float32)
+    phi = buf((BH, S, dk, dk), torch.float32)
+    bp = cfg["bwd_scan_bv"]
+    bwd_scan_phi_kernel[(triton.cdiv(dk, bp), BH, S - 1)](
+        k, kf, w, phi, T, H, NC, L, dk, 0 if forward else 1, BK=cfg["BK"], BP=bp, num_warps=cfg["bwd_scan_warps"],
+        num_stages=cfg["bwd_scan_stages"], FEATURIZE=featurize, EPS=FEATURE_EPS)
+    scan_pass(carry, S - 1, 1)
+    bwd_scan_carry_kernel[(triton.cdiv(dv, bp), BH)](phi, carry, NC, L, dk, dv, BK=cfg["BK"], BV=bp,
+                                                     num_warps=cfg["bwd_scan_carry_warps"], num_stages=1,
+                                                     FORWARD=forward)
+    scan_pass(carry, S, 2)
 
 
 def kernel_dim(d: int) -> int:
@@ -133,8 +157,9 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
     cfg = dict(default_config(B, H, dk, dv, q.device, q.element_size()), **(config or {}))
     _check_choice(cfg, "scan_features", SCAN_FEATURES)
+    seg_chunks = _check_segment_chunks(cfg, "scan_segment_chunks")
     if not config:   # overrides (benchmark sweeps) are the caller's experiment: Triton says if one does not fit
-        check_shared_memory(cfg, q.element_size(), dk, dv, featurize, q.device, FORWARD_KERNELS[:stages])
+        check_shared_memory(cfg, q.element_size(), dk, dv, featurize, q.device, forward_kernels(cfg, stages))
     NC = triton.cdiv(T, CHUNK)
 
     def buf(*shape, dtype=v.dtype):
@@ -165,10 +190,19 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
                                num_warps=cfg["wy_warps"], STORE_KF=store_kf, **common)
         if stages < 2:
             return result()
-        scan_kernel[(triton.cdiv(dv, cfg["scan_bv"]), B * H)](
-            k, kf_scan, w, u, v_new, states, T, H, NC, dk, dv, BK=cfg["BK"], BV=cfg["scan_bv"],
-            num_warps=cfg["scan_warps"], num_stages=cfg["scan_stages"], FEATURIZE=featurize and not store_kf,
-            EPS=FEATURE_EPS)
+        feat_scan = featurize and not store_kf
+
+        def scan_pass(carry, segments, seg):
+            scan_kernel[(triton.cdiv(dv, cfg["scan_bv"]), B * H, segments)](
+                k, kf_scan, w, u, v_new, states, carry, T, H, NC, seg_chunks if seg else NC, dk, dv, BK=cfg["BK"],
+                BV=cfg["scan_bv"], num_warps=cfg["scan_warps"], num_stages=cfg["scan_stages"], FEATURIZE=feat_scan,
+                EPS=FEATURE_EPS, SEG=seg)
+
+        if seg_chunks and NC > seg_chunks:
+            _segmented_scan(scan_pass, k, kf_scan, w, featurize=feat_scan, cfg=cfg, T=T, H=H, NC=NC, L=seg_chunks,
+                            dk=dk, dv=dv, buf=lambda shape, dtype: buf(*shape, dtype=dtype), forward=True)
+        else:
+            scan_pass(states, 1, 0)   # states: an unused placeholder for the carry
         if stages < 3:
             return result()
         out_kernel[(NC, B * H, triton.cdiv(dv, cfg["out_bv"]))](
@@ -217,7 +251,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     split = cfg["fw_bwd"] == "split"
     pre_qdo = split and cfg["bwd_scan_qdo"] == "pre"
     pre_t = split and cfg["fw_bwd_t"] == "pre"
-    seg_chunks = _check_segment_chunks(cfg)
+    seg_chunks = _check_segment_chunks(cfg, "bwd_scan_segment_chunks")
     if not config:
         check_shared_memory(cfg, q.element_size(), dk_, dv_, featurize, q.device, backward_kernels(cfg))
     NC = triton.cdiv(T, CHUNK)
@@ -247,30 +281,24 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
         nv = triton.cdiv(dv_, cfg["bwd_scan_bv"])
         # segments only in the split variant: the single variant's segmented scan crashed (d 128) and gave wrong
         # gradients (d 64) on an H100 while the interpreter agreed (FUSED_NOTES.md "Round 9"); unresolved
-        segments = triton.cdiv(NC, seg_chunks) if seg_chunks and split else 1
+        segmented = split and seg_chunks and NC > seg_chunks
 
         def reverse_scan(qf_, kf_, feat: bool, local_in: bool):
-            """The reverse scan (bwd_scan_kernel) over the whole sequence, or, with more than one segment, its
-            segmented form: transitions and local passes of segments 1.., the walk over the segments, the final
-            passes (bwd.py)."""
+            """The reverse scan (bwd_scan_kernel) over the whole sequence, or in segments (_segmented_scan)."""
             kw = dict(BK=cfg["BK"], BV=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"],
                       num_stages=cfg["bwd_scan_stages"], FEATURIZE=feat, EPS=FEATURE_EPS, LOCAL_IN=local_in,
                       PRE_QDO=pre_qdo)
-            args = (q, k, qf_, kf_, w, do_fw, dvn, dh)
-            if segments == 1:
-                bwd_scan_kernel[(nv, B * H, 1)](*args, dvn, T, H, NC, NC, dk_, dv_, float(fw_scale), SEG=0, **kw)
-                return
-            L = seg_chunks
-            carry = buf((B * H, segments, dk_, dv_), f32)
-            phi = buf((B * H, segments, dk_, dk_), f32)
-            bwd_scan_phi_kernel[(triton.cdiv(dk_, cfg["bwd_scan_bv"]), B * H, segments - 1)](
-                k, kf_, w, phi, T, H, NC, L, dk_, BK=cfg["BK"], BP=cfg["bwd_scan_bv"], num_warps=cfg["bwd_scan_warps"],
-                num_stages=cfg["bwd_scan_stages"], FEATURIZE=feat, EPS=FEATURE_EPS)
-            bwd_scan_kernel[(nv, B * H, segments - 1)](*args, carry, T, H, NC, L, dk_, dv_, float(fw_scale), SEG=1,
+
+            def scan_pass(carry, segments, seg):
+                bwd_scan_kernel[(nv, B * H, segments)](q, k, qf_, kf_, w, do_fw, dvn, dh, carry, T, H, NC,
+                                                       seg_chunks if seg else NC, dk_, dv_, float(fw_scale), SEG=seg,
                                                        **kw)
-            bwd_scan_carry_kernel[(nv, B * H)](phi, carry, NC, L, dk_, dv_, BK=cfg["BK"], BV=cfg["bwd_scan_bv"],
-                                               num_warps=cfg["bwd_scan_carry_warps"], num_stages=1)
-            bwd_scan_kernel[(nv, B * H, segments)](*args, carry, T, H, NC, L, dk_, dv_, float(fw_scale), SEG=2, **kw)
+
+            if segmented:
+                _segmented_scan(scan_pass, k, kf_, w, featurize=feat, cfg=cfg, T=T, H=H, NC=NC, L=seg_chunks, dk=dk_,
+                                dv=dv_, buf=buf, forward=False)
+            else:
+                scan_pass(dvn, 1, 0)   # dvn: an unused placeholder for the carry
 
         kv = dict(BK=cfg["BK"], BVW=cfg["BVW"], num_warps=cfg["kv_bwd_warps"], num_stages=cfg["num_stages"])
         launches = [

@@ -30,7 +30,7 @@ from .settings import (BACKWARD_KERNELS, FORWARD_KERNELS, SMEM_TABLE, _key, defa
 
 HEAD_DIMS = (16, 32, 64, 128)
 F32_POINTERS = {  # pointers whose buffers are float32 whatever the input dtype (launch.py)
-    "wy": ("beta_ptr",), "scan": (), "out": ("lse_ptr",),
+    "wy": ("beta_ptr",), "scan": ("carry_ptr",), "out": ("lse_ptr",),
     "kv_dq": ("lse_ptr", "delta_ptr", "dq_ptr"), "kv_dkdv": ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"),
     "bwd_scan": ("dvn_ptr", "carry_ptr"), "bwd_scan_phi": ("phi_ptr",), "bwd_scan_carry": ("phi_ptr", "carry_ptr"),
     "fw_bwd": ("dvn_ptr", "dqkv_ptr", "dkkv_ptr", "dvkv_ptr", "dbeta_ptr", "beta_ptr"),
@@ -92,7 +92,8 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         consts["LOCAL_IN"] = False
     consts["PRE_QDO"] = False   # bwd_scan, fw_bwd_dq: the default "scan" variant of settings.BWD_SCAN_QDO
     consts["T_PRE"] = False     # fw_bwd_wy: the default "wy" variant of settings.FW_BWD_T
-    consts["SEG"] = 0           # bwd_scan: the whole sequence (its segmented passes have the same loop)
+    consts["SEG"] = 0           # scan, bwd_scan: the whole sequence (their segmented passes have the same loop)
+    consts["FORWARD"] = False   # bwd_scan_carry: the reverse scan's walk (the forward one differs in addresses only)
     consts.update(extra or {})
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}

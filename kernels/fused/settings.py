@@ -104,11 +104,13 @@ BWD_SCAN_QDO = ("scan", "pre")
 # 1.281 / 1.400 / 3.252 ms instead of 1.331 / 1.521 / 3.339 at T 2048 / 8192 / 32768 (H100, same process).
 FW_BWD_T = ("wy", "pre")
 
-# Chunks per segment of the segmented reverse scan (a launch config's "bwd_scan_segment_chunks", default where the
-# scan would have fewer programs than the device has SMs; 0: one walk over the whole sequence). The local and the
-# final pass of a segment walk this many chunks, in (segments x value blocks x B*H) programs; the walk over the
-# segments (bwd_scan_carry_kernel) takes ceil(NC / SEGMENT_CHUNKS) - 1 steps.
+# Chunks per segment of the segmented scans (a launch config's "scan_segment_chunks" for the forward scan and
+# "bwd_scan_segment_chunks" for the reverse scan, default where that scan would have fewer programs than the device
+# has SMs; 0: one walk over the whole sequence). The local and the final pass of a segment walk this many chunks,
+# in (segments x value blocks x B*H) programs; the walk over the segments (bwd_scan_carry_kernel) takes
+# ceil(NC / SEGMENT_CHUNKS) - 1 steps.
 SEGMENT_CHUNKS = 32
+SEGMENT_KERNELS = ("bwd_scan_phi", "bwd_scan_carry")   # the transitions and the walk, for either scan
 
 
 # ==================================================================================================
@@ -154,13 +156,22 @@ def config_keys() -> list[str]:
     return sorted(_default_config(1, 1, 64, 64))
 
 
+def forward_kernels(cfg: dict | None = None, stages: int = 3) -> tuple[str, ...]:
+    """The forward kernels a configuration launches when it runs its first ``stages`` launches (the segmented
+    scan's transitions and walk with the scan when ``"scan_segment_chunks"`` is set, whether or not a sequence is
+    long enough to use them)."""
+    cfg = {**_default_config(1, 1, 64, 64), **config_overrides(), **(cfg or {})}   # later entries win
+    segmented = SEGMENT_KERNELS if cfg["scan_segment_chunks"] and stages >= 2 else ()
+    return FORWARD_KERNELS[:stages] + segmented
+
+
 def backward_kernels(cfg: dict | None = None) -> tuple[str, ...]:
     """The backward kernels a configuration launches (its ``"fw_bwd"`` variant, else ``fw_bwd_variant()``; the
     split variant's ``wy_t`` with ``"fw_bwd_t": "pre"``; the segmented reverse scan's two kernels when
     ``"bwd_scan_segment_chunks"`` is set, whether or not a sequence is long enough to use them), in no particular
     order."""
-    cfg = dict(_default_config(1, 1, 64, 64), **config_overrides(), **(cfg or {}))
-    segmented = ("bwd_scan_phi", "bwd_scan_carry") if cfg["bwd_scan_segment_chunks"] else ()
+    cfg = {**_default_config(1, 1, 64, 64), **config_overrides(), **(cfg or {})}   # later entries win
+    segmented = SEGMENT_KERNELS if cfg["bwd_scan_segment_chunks"] else ()
     if cfg["fw_bwd"] == "split":
         return (BACKWARD_KERNELS[:3] + SPLIT_FW_BWD_KERNELS + (("wy_t",) if cfg["fw_bwd_t"] == "pre" else ())
                 + segmented)
@@ -218,6 +229,8 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             # not depend on the state); the reverse scan's 3 and 4 stages measured no faster than 2
             "scan_stages": 3 if elem_bytes == 2 else 2, "bwd_scan_stages": 2,
             "scan_features": features,
+            # the forward scan in segments where it has fewer programs than SMs, as the reverse scan below
+            "scan_segment_chunks": SEGMENT_CHUNKS if B * H * -(-dv // scan_bv) < sms else 0,
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
             "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan", "fw_bwd_t": "pre",
