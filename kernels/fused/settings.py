@@ -229,8 +229,9 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             # not depend on the state); the reverse scan's 3 and 4 stages measured no faster than 2
             "scan_stages": 3 if elem_bytes == 2 else 2, "bwd_scan_stages": 2,
             "scan_features": features,
-            # the forward scan in segments where it has fewer programs than SMs, as the reverse scan below
-            "scan_segment_chunks": SEGMENT_CHUNKS if B * H * -(-dv // scan_bv) < sms else 0,
+            # the forward scan in segments (as the reverse scan below): opt-in, e.g. SEGMENT_CHUNKS, until it has
+            # run on a GPU (FUSED_NOTES.md "Round 10"); then the reverse scan's rule, B*H*blocks < #SMs
+            "scan_segment_chunks": 0,
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
             "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan", "fw_bwd_t": "pre",
