@@ -541,8 +541,8 @@ def test_interpreter_segmented_forward_scan_route_and_values(features, monkeypat
         assert max(errs.values()) <= 1e-5, (save, errs)
 
 def test_segmented_scan_default_where_the_scan_has_few_programs():
-    # segments only where the reverse scan's programs (B*H value blocks) would not fill the SMs; its kernels are then
-    # in the shared-memory check
+    # segments only where the reverse scan's programs (B*H value blocks) would fill at most half the SMs; its kernels
+    # are then in the shared-memory check
     from hqlt.kernels.fused import settings as S
     cfg = S.default_config(1, 8, 128, 128, 132)
     assert cfg["bwd_scan_bv"] == cfg["scan_bv"] == 16
@@ -557,6 +557,9 @@ def test_segmented_scan_default_where_the_scan_has_few_programs():
                                            kernels=S.backward_kernels(cfg) + S.forward_kernels(cfg)).values())
     big = S.default_config(8, 8, 128, 128, 132)
     assert big["bwd_scan_segment_chunks"] == 0 and "bwd_scan_phi" not in S.backward_kernels(big)
+    # 128 programs on 132 SMs: one walk (segments measured slower there)
+    two = S.default_config(2, 8, 128, 128, 132)
+    assert two["bwd_scan_bv"] == 16 and two["bwd_scan_segment_chunks"] == 0
     assert S.default_config(1, 8, 128, 128, 1)["bwd_scan_segment_chunks"] == 0
 
 

@@ -104,9 +104,9 @@ BWD_SCAN_QDO = ("scan", "pre")
 # 1.281 / 1.400 / 3.252 ms instead of 1.331 / 1.521 / 3.339 at T 2048 / 8192 / 32768 (H100, same process).
 FW_BWD_T = ("wy", "pre")
 
-# Chunks per segment of the segmented scans (a launch config's "scan_segment_chunks" for the forward scan and
-# "bwd_scan_segment_chunks" for the reverse scan, default where that scan would have fewer programs than the device
-# has SMs; 0: one walk over the whole sequence). The local and the final pass of a segment walk this many chunks,
+# Chunks per segment of the segmented scans (a launch config's "scan_segment_chunks" for the forward scan, opt-in,
+# and "bwd_scan_segment_chunks" for the reverse scan, default where that scan's programs would fill at most half the
+# device's SMs; 0: one walk over the whole sequence). The local and the final pass of a segment walk this many chunks,
 # in (segments x value blocks x B*H) programs; the walk over the segments (bwd_scan_carry_kernel) takes
 # ceil(NC / SEGMENT_CHUNKS) - 1 steps.
 SEGMENT_CHUNKS = 32
@@ -235,10 +235,11 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
             "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan", "fw_bwd_t": "pre",
-            # the reverse scan in segments of this many chunks when it has fewer programs than SMs (0: whole);
-            # a transition per segment and two passes instead of one walk over every chunk in 64 programs at
-            # B 1, T 32768, 8 x 128 (FUSED_NOTES.md "Round 9"; SEGMENT_CHUNKS)
-            "bwd_scan_segment_chunks": SEGMENT_CHUNKS if B * H * -(-dv // scan_bv) < sms else 0,
+            # the reverse scan in segments of this many chunks when its programs would fill at most half the SMs
+            # (0: whole); a transition per segment and two passes instead of one walk over every chunk: faster with
+            # 64 programs (B 1, T 32768; FUSED_NOTES.md "Round 9"), slower with 128 on 132 SMs (B 2, T 8192, 8 x 128;
+            # "Round 10"); SEGMENT_CHUNKS
+            "bwd_scan_segment_chunks": SEGMENT_CHUNKS if 2 * B * H * -(-dv // scan_bv) <= sms else 0,
             "bwd_scan_carry_warps": 8,
             "fw_bwd_bv": 16, "fw_bwd_warps": 8,
             "kv_bwd_warps": 4 if big else 8,
