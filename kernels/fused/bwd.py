@@ -8,7 +8,7 @@ not kept, ``HQLT_FUSED_SAVE_STATES=0``):
    them (no atomics: score tiles are recomputed in both kernels);
 6. ``bwd_scan_kernel``, grid (ceil(Dv/BV), B*H), chunks last to first with dH (gradient w.r.t. the
    state after the chunk) in float32 registers: store dH, dv_new = s causal(Qf Kf^T)^T dO_fw + Kf dH,
-   dH += s Qf^T dO_fw - W^T dv_new; at small B*H*ceil(Dv/BV) (fewer programs than SMs) it runs segmented
+   dH += s Qf^T dO_fw - W^T dv_new; at small B*H*ceil(Dv/BV) (programs for at most half the SMs) it runs segmented
    (``settings`` "bwd_scan_segment_chunks", FUSED_NOTES.md "Round 9"): ``bwd_scan_phi_kernel`` (each segment's
    transition) and a local pass of every segment in parallel, ``bwd_scan_carry_kernel`` (a short walk over the
    segments), then the final pass of every segment from the dH it receives;

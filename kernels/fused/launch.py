@@ -58,18 +58,24 @@ def _check_segment_chunks(cfg: dict, key: str) -> int:
     return value
 
 
+def _buffer(shape, dtype, device, poison: bool) -> torch.Tensor:
+    """A launcher's buffer: uninitialised, or NaN-filled with ``poison`` (tests: catches unwritten elements)."""
+    return (torch.full(shape, float("nan"), dtype=dtype, device=device) if poison
+            else torch.empty(shape, dtype=dtype, device=device))
+
+
 def _segmented_scan(scan_pass, k, kf, w, *, featurize: bool, cfg: dict, T: int, H: int, NC: int, L: int, dk: int,
-                    dv: int, buf, forward: bool) -> None:
+                    dv: int, poison: bool, forward: bool) -> None:
     """A scan in segments of L chunks (bwd.py, FUSED_NOTES.md "Round 9"): the transitions of the segments that
     pass something on (the forward scan's 0 .. S-2, the reverse scan's 1 .. S-1) and their local passes, each over
     all of those segments at once; the walk over the segments; every segment's final pass.
-    ``scan_pass(carry, segments, seg)`` launches the scan's kernel with SEG ``seg`` over ``segments`` segments;
-    ``buf(shape, dtype)`` allocates. The transitions and the walk run at the reverse scan's tiles ("bwd_scan_bv",
+    ``scan_pass(carry, segments, seg)`` launches the scan's kernel with SEG ``seg`` over ``segments`` segments.
+    The transitions and the walk run at the reverse scan's tiles ("bwd_scan_bv",
     "bwd_scan_warps", "bwd_scan_carry_warps") in both directions."""
     S = triton.cdiv(NC, L)
     BH = kf.shape[0] * H
-    carry = buf((BH, S, dk, dv), torch.float32)
-    phi = buf((BH, S, dk, dk), torch.float32)
+    carry = _buffer((BH, S, dk, dv), torch.float32, kf.device, poison)
+    phi = _buffer((BH, S, dk, dk), torch.float32, kf.device, poison)
     bp = cfg["bwd_scan_bv"]
     bwd_scan_phi_kernel[(triton.cdiv(dk, bp), BH, S - 1)](
         k, kf, w, phi, T, H, NC, L, dk, 0 if forward else 1, BK=cfg["BK"], BP=bp, num_warps=cfg["bwd_scan_warps"],
@@ -163,8 +169,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     NC = triton.cdiv(T, CHUNK)
 
     def buf(*shape, dtype=v.dtype):
-        return (torch.full(shape, float("nan"), dtype=dtype, device=q.device) if poison
-                else torch.empty(shape, dtype=dtype, device=q.device))
+        return _buffer(shape, dtype, q.device, poison)
 
     w = buf(B, T, H, dk, dtype=q.dtype)
     u = buf(B, T, H, dv)
@@ -200,7 +205,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
 
         if seg_chunks and NC > seg_chunks:
             _segmented_scan(scan_pass, k, kf_scan, w, featurize=feat_scan, cfg=cfg, T=T, H=H, NC=NC, L=seg_chunks,
-                            dk=dk, dv=dv, buf=lambda shape, dtype: buf(*shape, dtype=dtype), forward=True)
+                            dk=dk, dv=dv, poison=poison, forward=True)
         else:
             scan_pass(states, 1, 0)   # states: an unused placeholder for the carry
         if stages < 3:
@@ -262,8 +267,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
         w, v_new, states = aux["w"], aux["v_new"], aux["states"]
 
     def buf(shape, dtype):
-        return (torch.full(shape, float("nan"), dtype=dtype, device=q.device) if poison
-                else torch.empty(shape, dtype=dtype, device=q.device))
+        return _buffer(shape, dtype, q.device, poison)
 
     f32 = torch.float32
     dq_kv = buf(q.shape, f32 if featurize else q.dtype)     # partial (summed in fw_bwd_kernel) or final
@@ -296,7 +300,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
 
             if segmented:
                 _segmented_scan(scan_pass, k, kf_, w, featurize=feat, cfg=cfg, T=T, H=H, NC=NC, L=seg_chunks, dk=dk_,
-                                dv=dv_, buf=buf, forward=False)
+                                dv=dv_, poison=poison, forward=False)
             else:
                 scan_pass(dvn, 1, 0)   # dvn: an unused placeholder for the carry
 

@@ -156,11 +156,16 @@ def config_keys() -> list[str]:
     return sorted(_default_config(1, 1, 64, 64))
 
 
+def _with_defaults(cfg: dict | None) -> dict:
+    """``cfg`` over ``HQLT_FUSED_CONFIG`` over the defaults (later entries win; any of them may name the same key)."""
+    return {**_default_config(1, 1, 64, 64), **config_overrides(), **(cfg or {})}
+
+
 def forward_kernels(cfg: dict | None = None, stages: int = 3) -> tuple[str, ...]:
     """The forward kernels a configuration launches when it runs its first ``stages`` launches (the segmented
     scan's transitions and walk with the scan when ``"scan_segment_chunks"`` is set, whether or not a sequence is
     long enough to use them)."""
-    cfg = {**_default_config(1, 1, 64, 64), **config_overrides(), **(cfg or {})}   # later entries win
+    cfg = _with_defaults(cfg)
     segmented = SEGMENT_KERNELS if cfg["scan_segment_chunks"] and stages >= 2 else ()
     return FORWARD_KERNELS[:stages] + segmented
 
@@ -170,7 +175,7 @@ def backward_kernels(cfg: dict | None = None) -> tuple[str, ...]:
     split variant's ``wy_t`` with ``"fw_bwd_t": "pre"``; the segmented reverse scan's two kernels when
     ``"bwd_scan_segment_chunks"`` is set, whether or not a sequence is long enough to use them), in no particular
     order."""
-    cfg = {**_default_config(1, 1, 64, 64), **config_overrides(), **(cfg or {})}   # later entries win
+    cfg = _with_defaults(cfg)
     segmented = SEGMENT_KERNELS if cfg["bwd_scan_segment_chunks"] else ()
     if cfg["fw_bwd"] == "split":
         return (BACKWARD_KERNELS[:3] + SPLIT_FW_BWD_KERNELS + (("wy_t",) if cfg["fw_bwd_t"] == "pre" else ())
@@ -229,8 +234,9 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             # not depend on the state); the reverse scan's 3 and 4 stages measured no faster than 2
             "scan_stages": 3 if elem_bytes == 2 else 2, "bwd_scan_stages": 2,
             "scan_features": features,
-            # the forward scan in segments (as the reverse scan below): opt-in, e.g. SEGMENT_CHUNKS, until it has
-            # run on a GPU (FUSED_NOTES.md "Round 10"); then the reverse scan's rule, B*H*blocks < #SMs
+            # the forward scan in segments (as the reverse scan below), opt-in: slower than one walk at B 1, T 32768
+            # (64 programs) and B 2, T 8192 (128) on an H200, a forward step costing what a transition step does
+            # (FUSED_NOTES.md "Round 10")
             "scan_segment_chunks": 0,
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
