@@ -252,14 +252,32 @@ def test_resolve_auto_never_names_a_backend_with_a_shape_class(tmp_path, monkeyp
         auto_table.load_table.cache_clear()
 
 
-def test_shipped_table_never_picks_fused(monkeypatch, fake_gpu):
+def test_shipped_table_picks_fused_only_on_its_verified_card_where_its_row_is_fastest(monkeypatch, fake_gpu):
+    """The committed table: on the card whose gate lists fused, each measured sync row picks its faster backend of
+    fla and fused (kernels/results/auto_table.json); on every other card, and on one the table does not name, never
+    fused."""
     monkeypatch.delenv("HQLT_AUTO_TABLE", raising=False)
     auto_table.load_table.cache_clear()
     try:
         table = auto_table.load_table()
-        for e in table["entries"]:
-            for dtype in ("bfloat16", "float16"):
-                assert _pick(blend=e["blend"], W=e["window"], T=e["seq_len"], d=e["head_dim"], dtype=dtype) != "fused"
+        gate = table["verified"]
+        assert isinstance(gate, dict) and [c for c, names in gate.items() if "fused" in names] == ["NVIDIA H200"]
+        picked = []
+        for e in (e for e in table["entries"] if e["blend"] == "sync"):
+            card = auto_table.entry_device(table, e)
+            fastest = min(("fla", "fused"), key=lambda n: e["ms"].get(n) or float("inf"))
+            for device in (card, "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"):
+                auto_table._CHOICES.clear()   # the choice is kept per shape; here the same shape asks again per card
+                got = auto_table.pick("hybrid_memory", "sync", e["window"], e["seq_len"], e["head_dim"],
+                                      available=lambda: {"fla", "flex", "fused"}, fallback=lambda: "fla",
+                                      heads=e["heads"], batch=e["batch"], eligible=dispatch.eligible, device=device)
+                if device == "NVIDIA H200" and card == device:
+                    assert got == fastest, (e, got)
+                    picked.append(got)
+                else:
+                    assert got != "fused", (device, e)
+        # the H200 rows have both outcomes: fused at 8 x 128, fla at 16 x 64 with W 1024 at T 2048 and 8192
+        assert set(picked) == {"fla", "fused"}
     finally:
         auto_table.load_table.cache_clear()
 
