@@ -165,14 +165,14 @@ def bench_shape(B: int, T: int, args, row: dict) -> dict:
     # as a layer calls it (FW features computed outside, both q/k pairs differentiated): the kernels alone, then
     # through hybrid_memory's checks and the backend "fused" (what `hqlt bench kernels` and the auto table time)
     fl = [x.detach().requires_grad_() for x in (q, k, qf, kf, v, beta)]
+    lq, lk, lqf, lkf, lv, lbeta = fl
     row["fused_fwd_bwd_given_features"] = _time(_grad_step(lambda: FA.sync_hybrid_memory(
-        fl[0], fl[1], fl[4], fl[5], q_fw=fl[2], k_fw=fl[3], window=W, kv_scale=scale, fw_scale=scale), fl, grads),
-        args)
+        lq, lk, lv, lbeta, q_fw=lqf, k_fw=lkf, window=W, kv_scale=scale, fw_scale=scale), fl, grads), args)
     _show("fused fwd+bwd (features given)", row["fused_fwd_bwd_given_features"])
     row["backend_fused_fwd_bwd"] = _time(_grad_step(lambda: hybrid_memory(
         *fl, blend="sync", window=W, fw="delta", kv_scale=scale, fw_scale=scale, backend="fused"), fl, grads), args)
     _show("backend 'fused' fwd+bwd (hybrid_memory)", row["backend_fused_fwd_bwd"])
-    del fl
+    del fl, lq, lk, lqf, lkf, lv, lbeta
     row["fused_fwd_bwd_recompute_states"] = _time(fused_fb(fused_backward=True, save_states=False), args)
     _show("fused fwd+bwd (fused bwd, states recomputed)", row["fused_fwd_bwd_recompute_states"])
     with torch.no_grad():

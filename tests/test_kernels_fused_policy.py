@@ -162,9 +162,11 @@ def _row(blend, W, T, d, **ms):
             "ms": ms}
 
 
-def _pick(op="hybrid_memory", blend="sync", W=64, T=2048, d=128, fw="delta", dtype="bfloat16"):
+def _pick(op="hybrid_memory", blend="sync", W=64, T=2048, d=128, fw="delta", dtype="bfloat16", heads=8, batch=8,
+          device=None):
     return auto_table.pick(op, blend, W, T, d, available=lambda: {"fla", "flex", "fused"},
-                           fallback=lambda: "fla", fw=fw, dtype=dtype, heads=8, batch=8, eligible=dispatch.eligible)
+                           fallback=lambda: "fla", fw=fw, dtype=dtype, heads=heads, batch=batch,
+                           eligible=dispatch.eligible, device=device)
 
 
 def test_auto_takes_fused_only_where_a_row_of_its_class_has_it_fastest(tmp_path, monkeypatch, fake_gpu):
@@ -268,9 +270,8 @@ def test_shipped_table_picks_fused_only_on_its_verified_card_where_its_row_is_fa
             fastest = min(("fla", "fused"), key=lambda n: e["ms"].get(n) or float("inf"))
             for device in (card, "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"):
                 auto_table._CHOICES.clear()   # the choice is kept per shape; here the same shape asks again per card
-                got = auto_table.pick("hybrid_memory", "sync", e["window"], e["seq_len"], e["head_dim"],
-                                      available=lambda: {"fla", "flex", "fused"}, fallback=lambda: "fla",
-                                      heads=e["heads"], batch=e["batch"], eligible=dispatch.eligible, device=device)
+                got = _pick(W=e["window"], T=e["seq_len"], d=e["head_dim"], heads=e["heads"], batch=e["batch"],
+                            device=device)
                 if device == "NVIDIA H200" and card == device:
                     assert got == fastest, (e, got)
                     picked.append(got)
