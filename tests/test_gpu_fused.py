@@ -410,7 +410,10 @@ BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_ker
                 "fw_bwd_t": ("wy", "pre", 0.0, "T_PRE", ("fw_bwd_wy_kernel",), "forward")}
 # The segmented reverse scan ("Round 9"), one chunk per segment (every chunk boundary a segment boundary) against one
 # walk: the same sums in another order (float32 rounding); its route has its own test
-BWD_VALUES = dict({k: v[:3] for k, v in BWD_SWITCHES.items()}, bwd_scan_segment_chunks=(0, 1, 1e-5))
+# The KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows", "Round 12"): the same per-element sums; the blocks past a row's window
+# add exact zeros
+BWD_VALUES = dict({k: v[:3] for k, v in BWD_SWITCHES.items()}, bwd_scan_segment_chunks=(0, 1, 1e-5),
+                  kv_dq_rows=(64, 128, 1e-6), kv_dkdv_rows=(64, 128, 1e-6))
 QDO_CASES = [(1, 1, 1, 16, 16, 1), (2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)]
 
 
@@ -429,6 +432,30 @@ def test_interpreter_backward_switch_values_agree(case, featurize, switch):
                                 config={"fw_bwd": "split", switch: other})
     for x, y in zip(b, a):
         assert rel_rms(x, y) <= tol, rel_rms(x, y)
+
+
+@interp
+@pytest.mark.parametrize("rows,window,dtype,want", [(0, 8, torch.float16, 64), (0, 511, torch.float16, 64),
+                                                    (0, 512, torch.float16, 128), (0, 512, torch.float32, 64),
+                                                    (64, 600, torch.float16, 64), (128, 8, torch.float32, 128)])
+def test_interpreter_kv_backward_rows_route(rows, window, dtype, want):
+    # "kv_dq_rows" 0 takes 128-row tiles from settings.KV_WIDE_WINDOW on with 2-byte inputs; an explicit
+    # value wins; "kv_dkdv_rows" the same; a value outside KV_BWD_ROWS is a one-line error
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.fused import settings as S
+    from hqlt.kernels.testing import watch_launches
+    assert S.KV_WIDE_WINDOW == 512 and FL.default_config(1, 1, 32, 32, torch.device("cpu"))["kv_dq_rows"] == 64
+    seen = {}
+    low, gout = make_inputs(1, 130, 1, 32, 32, dtype, "cpu", 0)
+    kw = dict(window=window, kv_scale=0.2, fw_scale=0.2)
+    o_kv, _, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
+    with watch_launches(FL, lambda name, _a, kwargs: seen.setdefault(name, kwargs.get("BM"))):
+        FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
+                          config={"kv_dq_rows": rows, "kv_dkdv_rows": rows}, **kw)
+    assert seen["kv_bwd_dq_kernel"] == want and seen["kv_bwd_dkdv_kernel"] == want
+    with pytest.raises(ValueError, match="kv_dq_rows"):
+        FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
+                          config={"kv_dq_rows": 96}, **kw)
 
 
 @interp
@@ -625,8 +652,10 @@ LONG_WINDOW_CASES = [  # B, T, H, dk, dv, W
 @interp
 @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
 @pytest.mark.parametrize("case", LONG_WINDOW_CASES, ids=[f"T{c[1]}-dk{c[3]}-dv{c[4]}-W{c[5]}" for c in LONG_WINDOW_CASES])
-def test_interpreter_long_windows(case, featurize):
+def test_interpreter_long_windows(case, featurize, monkeypatch):
     B, T, H, dk, dv, W = case
+    if T < 1000:   # the KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows") where a window spans several 64-token chunks
+        monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps({"kv_dq_rows": 128, "kv_dkdv_rows": 128}))
     errs = compare(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + W, fused_bwd=True,
                    save_states=featurize)
     assert max(errs.values()) <= 1e-5, errs
@@ -638,12 +667,14 @@ class TestGPULongWindow:
     """bf16 values and gradients at W 512 - 2048 (the issue's W 1024 shape class), kept and recomputed states."""
     pytestmark = gpu
 
+    @pytest.mark.parametrize("rows", [64, 128], ids=lambda r: f"kv-rows{r}")
     @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
     @pytest.mark.parametrize("case", [(1, 2048, 2, 128, 128, 1024), (2, 1100, 2, 64, 64, 512),
                                       (1, 2048, 2, 64, 64, 2048)],
                              ids=lambda c: f"B{c[0]}-T{c[1]}-d{c[3]}-W{c[5]}")
-    def test_bf16(self, case, featurize):
+    def test_bf16(self, case, featurize, rows, monkeypatch):
         B, T, H, dk, dv, W = case
+        monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps({"kv_dq_rows": rows, "kv_dkdv_rows": rows}))
         for save in (True, False):
             errs = compare(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T + W,
                            fused_bwd=True, save_states=save)

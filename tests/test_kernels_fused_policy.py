@@ -6,6 +6,7 @@ writer. No GPU and no triton needed.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -378,3 +379,24 @@ def test_fused_benchmark_refuses_unknown_config_keys(capsys):
         with pytest.raises(SystemExit) as exc:
             bench.main(["--device", "cpu", flag, '{"fw_bwd_t": "wy"}', '{"fw_bwd_tt": "wy"}'])
         assert exc.value.code == 2 and "unknown keys ['fw_bwd_tt']; allowed: ['BK'" in capsys.readouterr().err
+
+
+def test_kv_backward_rows_by_window_and_their_shared_memory(monkeypatch):
+    # rows 0 (the default of kv_dq_rows) means 128 from KV_WIDE_WINDOW on with 2-byte inputs, else 64; 128-row tiles count twice the
+    # 64-row shared memory, so a window that takes them can tip a shape over a device's limit, and only such a window
+    from hqlt.kernels.fused import settings as S
+    assert [S.kv_rows(0, w) for w in (1, S.KV_WIDE_WINDOW - 1, S.KV_WIDE_WINDOW)] == [64, 64, 128]
+    assert S.kv_rows(64, 10 ** 6) == 64 and S.kv_rows(128, 1) == 128 and S.kv_rows(0, None) == 128
+    assert S.kv_rows(0, 10 ** 6, elem_bytes=4) == 64 and S.kv_rows(128, 1, elem_bytes=4) == 128
+    by_window = {"kv_dq_rows": 0}
+    narrow = S.smem_needs(2, 128, 128, featurize=False, window=64, config=by_window)
+    wide = S.smem_needs(2, 128, 128, featurize=False, window=S.KV_WIDE_WINDOW, config=by_window)
+    assert wide["kv_dq"] == 2 * narrow["kv_dq"] and wide["kv_dkdv"] == narrow["kv_dkdv"]
+    assert {k: v for k, v in wide.items() if k != "kv_dq"} == {k: v for k, v in narrow.items() if k != "kv_dq"}
+    limit = (narrow["kv_dq"] + wide["kv_dq"]) // 2
+    fits = functools.partial(S.fits_shared_memory, 2, 128, 128, limit, featurize=False, kernels=("kv_dq",))
+    assert fits(window=64, config=by_window) and fits(window=S.KV_WIDE_WINDOW)   # the default: 64 rows
+    assert not fits(window=S.KV_WIDE_WINDOW, config=by_window)
+    assert not fits(config=by_window)   # window unknown: the larger need
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", '{"kv_dq_rows": 0}')   # the cached default configuration reads it
+    assert fits(window=64) and not fits(window=S.KV_WIDE_WINDOW)

@@ -75,7 +75,8 @@ def fused_covers(*, blend: str, fw: str, window: int, batch: int, heads: int, dk
         return False
     # the kernels run at power-of-two head dims (launch.kernel_dim zero-pads the others): their tiles are what fits
     return smem_limit is None or smem_limit >= NO_LIMIT or fits_shared_memory(
-        DTYPE_BYTES[kernel_dtype], pow2(dk), pow2(dv), smem_limit, featurize=False, batch=batch, heads=heads, sms=sms)
+        DTYPE_BYTES[kernel_dtype], pow2(dk), pow2(dv), smem_limit, featurize=False, batch=batch, heads=heads, sms=sms,
+        window=window)
 
 
 def covers_shape(shape: dict) -> bool:

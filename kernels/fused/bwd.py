@@ -91,10 +91,11 @@ def _chunk_t_matrix(k_ptr, kf_ptr, beta_ptr, kbase, bbase, t0, T, H, skt, DK,
 
 @triton.jit
 def kv_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                     T, H, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr):
-    """Sliding-window softmax backward, queries: grid (n, B*H); program c stores delta = rowsum(dO * O)
-    of chunk c's queries ([B*H, T] float32, for kv_bwd_dkdv_kernel) and their dq, over the key chunks
-    their windows reach. Probabilities recomputed from the forward's log2-domain LSE."""
+                     T, H, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr, BM: tl.constexpr):
+    """Sliding-window softmax backward, queries: grid (ceil(T / BM), B*H); program c stores delta = rowsum(dO * O)
+    of queries c*BM .. c*BM + BM - 1 ([B*H, T] float32, for kv_bwd_dkdv_kernel) and their dq, over the 64-key
+    chunks their windows reach. Probabilities recomputed from the forward's log2-domain LSE. BM (64 or 128, a launch
+    config's "kv_dq_rows"): with 128 rows each key tile loaded serves twice the queries (FUSED_NOTES.md "Round 12")."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -103,38 +104,40 @@ def kv_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_
     vbase = (b * T * H + h) * DV
     skt = H * DK
     svt = H * DV
-    t0 = i_c * 64
+    t0 = i_c * BM
     DT = v_ptr.dtype.element_ty
-    r = tl.arange(0, 64)
+    r = tl.arange(0, BM)
+    rn = tl.arange(0, 64)
     scale2 = kv_scale * 1.4426950408889634
 
-    q = load_rows(q_ptr, kbase, t0, T, skt, DK, 64, BK)
-    do = load_rows(do_ptr, vbase, t0, T, svt, DV, 64, BVW)
-    delta = tl.sum(do.to(tl.float32) * load_rows(o_ptr, vbase, t0, T, svt, DV, 64, BVW).to(tl.float32), axis=1)
+    q = load_rows(q_ptr, kbase, t0, T, skt, DK, BM, BK)
+    do = load_rows(do_ptr, vbase, t0, T, svt, DV, BM, BVW)
+    delta = tl.sum(do.to(tl.float32) * load_rows(o_ptr, vbase, t0, T, svt, DV, BM, BVW).to(tl.float32), axis=1)
     qpos = t0 + r
     tl.store(delta_ptr + i_bh * T + qpos, delta, mask=qpos < T)
     lse = tl.load(lse_ptr + i_bh * T + qpos, mask=qpos < T, other=float("inf"))
-    dq = tl.zeros((64, BK), dtype=tl.float32)
+    dq = tl.zeros((BM, BK), dtype=tl.float32)
     lo = tl.maximum(t0 - W + 1, 0) // 64
-    for kc in range(lo, i_c + 1):
+    hi = tl.minimum(t0 + BM, T) - 1   # the last query of the block; rows past T have lse inf (p = 0)
+    for kc in range(lo, hi // 64 + 1):
         kk = load_rows(k_ptr, kbase, kc * 64, T, skt, DK, 64, BK)
         vv = load_rows(v_ptr, vbase, kc * 64, T, svt, DV, 64, BVW)
-        kpos = kc * 64 + r
+        kpos = kc * 64 + rn
         vis = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < W)
         s = tl.dot(q, tl.trans(kk)) * scale2
         p = tl.exp2(tl.where(vis, s - lse[:, None], float("-inf")))
         dp = tl.dot(do, tl.trans(vv))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(DT), kk)
-    store_rows(dq_ptr, kbase, t0, T, skt, DK, dq * kv_scale, 64, BK)
+    store_rows(dq_ptr, kbase, t0, T, skt, DK, dq * kv_scale, BM, BK)
 
 
 @triton.jit
 def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                       T, H, NC, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr):
-    """Sliding-window softmax backward, keys: grid (n, B*H); program c computes dk, dv of chunk c's keys
-    over the query chunks that see them (at most 1 + ceil((W-1)/64)). No atomics: every score tile is
-    recomputed here and in kv_bwd_dq_kernel (cheap at small W)."""
+                       T, H, NC, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr, BM: tl.constexpr):
+    """Sliding-window softmax backward, keys: grid (ceil(T / BM), B*H); program c computes dk, dv of keys
+    c*BM .. c*BM + BM - 1 over the 64-query chunks that see them (at most ceil((BM + W - 1) / 64)). No atomics:
+    every score tile is recomputed here and in kv_bwd_dq_kernel (cheap at small W). BM: "kv_dkdv_rows", as in kv_bwd_dq_kernel."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -143,21 +146,22 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
     vbase = (b * T * H + h) * DV
     skt = H * DK
     svt = H * DV
-    t0 = i_c * 64
+    t0 = i_c * BM
     DT = v_ptr.dtype.element_ty
-    r = tl.arange(0, 64)
+    r = tl.arange(0, BM)
+    rn = tl.arange(0, 64)
     scale2 = kv_scale * 1.4426950408889634
 
-    k = load_rows(k_ptr, kbase, t0, T, skt, DK, 64, BK)
-    v = load_rows(v_ptr, vbase, t0, T, svt, DV, 64, BVW)
+    k = load_rows(k_ptr, kbase, t0, T, skt, DK, BM, BK)
+    v = load_rows(v_ptr, vbase, t0, T, svt, DV, BM, BVW)
     kpos = t0 + r
-    dk = tl.zeros((64, BK), dtype=tl.float32)
-    dv = tl.zeros((64, BVW), dtype=tl.float32)
-    hi = tl.minimum(NC - 1, (t0 + 62 + W) // 64)    # the last query that sees key t0+63 is t0+63+W-1
-    for qc in range(i_c, hi + 1):
+    dk = tl.zeros((BM, BK), dtype=tl.float32)
+    dv = tl.zeros((BM, BVW), dtype=tl.float32)
+    hi = tl.minimum(NC - 1, (t0 + BM - 2 + W) // 64)    # the last query that sees key t0+BM-1 is t0+BM-1+W-1
+    for qc in range(t0 // 64, hi + 1):
         qq = load_rows(q_ptr, kbase, qc * 64, T, skt, DK, 64, BK)
         dd = load_rows(do_ptr, vbase, qc * 64, T, svt, DV, 64, BVW)
-        qp = qc * 64 + r
+        qp = qc * 64 + rn
         ll = tl.load(lse_ptr + i_bh * T + qp, mask=qp < T, other=float("inf"))
         de = tl.load(delta_ptr + i_bh * T + qp, mask=qp < T, other=0.0)
         vis = (kpos[None, :] <= qp[:, None]) & (qp[:, None] - kpos[None, :] < W)
@@ -167,8 +171,8 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
         dp = tl.dot(dd, tl.trans(v))
         ds = p * (dp - de[:, None])
         dk += tl.dot(tl.trans(ds).to(DT), qq)
-    store_rows(dk_ptr, kbase, t0, T, skt, DK, dk * kv_scale, 64, BK)
-    store_rows(dv_ptr, vbase, t0, T, svt, DV, dv, 64, BVW)
+    store_rows(dk_ptr, kbase, t0, T, skt, DK, dk * kv_scale, BM, BK)
+    store_rows(dv_ptr, vbase, t0, T, svt, DV, dv, BM, BVW)
 
 
 @triton.jit

@@ -11,8 +11,8 @@ from ..contract import FEATURE_EPS, MAX_GRID_ROWS
 from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel,
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import (BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, MAX_HEAD_DIM, SCAN_FEATURES,
-                       backward_kernels, forward_kernels, interpreting, pow2, smem_needs)
+from .settings import (BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD_ROWS, MAX_HEAD_DIM, SCAN_FEATURES,
+                       backward_kernels, forward_kernels, interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -253,6 +253,9 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     _check_choice(cfg, "fw_bwd", FW_BWD_VARIANTS)
     _check_choice(cfg, "bwd_scan_qdo", BWD_SCAN_QDO)
     _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
+    _check_choice(cfg, "kv_dq_rows", KV_BWD_ROWS)
+    _check_choice(cfg, "kv_dkdv_rows", KV_BWD_ROWS)
+    cfg.update({key: kv_rows(cfg[key], window, q.element_size()) for key in ("kv_dq_rows", "kv_dkdv_rows")})
     split = cfg["fw_bwd"] == "split"
     pre_qdo = split and cfg["bwd_scan_qdo"] == "pre"
     pre_t = split and cfg["fw_bwd_t"] == "pre"
@@ -305,11 +308,14 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                 scan_pass(dvn, 1, 0)   # dvn: an unused placeholder for the carry
 
         kv = dict(BK=cfg["BK"], BVW=cfg["BVW"], num_warps=cfg["kv_bwd_warps"], num_stages=cfg["num_stages"])
+        dq_rows, dkdv_rows = cfg["kv_dq_rows"], cfg["kv_dkdv_rows"]
         launches = [
-            lambda: kv_bwd_dq_kernel[(NC, B * H)](q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_,
-                                                  int(window), float(kv_scale), **kv),
-            lambda: kv_bwd_dkdv_kernel[(NC, B * H)](q, k, v, do_kv, lse, delta, dk_kv, dv_kv, T, H, NC, dk_, dv_,
-                                                    int(window), float(kv_scale), **kv)]
+            lambda: kv_bwd_dq_kernel[(triton.cdiv(T, dq_rows), B * H)](
+                q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_, int(window), float(kv_scale), BM=dq_rows,
+                **kv),
+            lambda: kv_bwd_dkdv_kernel[(triton.cdiv(T, dkdv_rows), B * H)](
+                q, k, v, do_kv, lse, delta, dk_kv, dv_kv, T, H, NC, dk_, dv_, int(window), float(kv_scale),
+                BM=dkdv_rows, **kv)]
         if not split:
             launches += [
                 lambda: reverse_scan(q_fw, k_fw, featurize, False),

@@ -94,6 +94,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
     consts["T_PRE"] = False     # fw_bwd_wy: the default "wy" variant of settings.FW_BWD_T
     consts["SEG"] = 0           # scan, bwd_scan: the whole sequence (their segmented passes have the same loop)
     consts["FORWARD"] = False   # bwd_scan_carry: the reverse scan's walk (the forward one differs in addresses only)
+    consts["BM"] = 64           # kv_dq, kv_dkdv: the default "kv_dq_rows", "kv_dkdv_rows"
     consts.update(extra or {})
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}

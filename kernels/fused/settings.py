@@ -112,6 +112,23 @@ FW_BWD_T = ("wy", "pre")
 SEGMENT_CHUNKS = 32
 SEGMENT_KERNELS = ("bwd_scan_phi", "bwd_scan_carry")   # the transitions and the walk, for either scan
 
+# Rows of the KV backward's own tile (a launch config's "kv_dq_rows", "kv_dkdv_rows"): the queries of one kv_dq
+# program, the keys of one kv_dkdv program; the other side is walked in 64-row chunks either way. 128 loads each walked
+# tile once for twice the rows (fla's parallel_attn backward uses 128-row blocks on Hopper), at the price of the masked
+# part of the diagonal blocks and more registers (sm_90, bf16, 8 warps: kv_dq spills nothing at d 64 and 16 B at
+# d 128; kv_dkdv spills 344 B at d 64, 1.2 KB at d 128; FUSED_NOTES.md "Round 12"). 0: by the window (kv_rows).
+KV_BWD_ROWS = (0, 64, 128)
+KV_WIDE_WINDOW = 512   # from this window on, rows 0 means 128
+
+
+def kv_rows(value: int, window: int | None, elem_bytes: int = 2) -> int:
+    """The rows a KV-backward kernel runs with for a config value of ``KV_BWD_ROWS`` at ``window`` (None: not known;
+    0 then gives 128, the larger need) with inputs of ``elem_bytes`` bytes (0 gives 128 only with 2-byte inputs, the
+    ones measured: float32 tiles of 128 rows would double a need that is near the limit already)."""
+    if value:
+        return value
+    return 128 if elem_bytes == 2 and (window is None or window >= KV_WIDE_WINDOW) else 64
+
 
 # ==================================================================================================
 # Launch configuration (the launchers in ``launch`` use it; no triton needed to compute it).
@@ -248,7 +265,9 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             "bwd_scan_segment_chunks": SEGMENT_CHUNKS if 2 * B * H * -(-dv // scan_bv) <= sms else 0,
             "bwd_scan_carry_warps": 8,
             "fw_bwd_bv": 16, "fw_bwd_warps": 8,
-            "kv_bwd_warps": 4 if big else 8,
+            # the KV backward's rows (KV_BWD_ROWS): 64 until an A/B on a GPU says otherwise ("Round 12": 0, by the window,
+            # is the candidate for kv_dq)
+            "kv_bwd_warps": 4 if big else 8, "kv_dq_rows": 64, "kv_dkdv_rows": 64,
             # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): 8 warps for the dq and dk kernels from
             # Dk = 64 (4 spill); 32-column blocks with a 4-warp WY kernel, faster at T 2048, 8192 and 32768 on an
             # H100 despite the spills, at d 128 ("Round 7") and at d 64 ("Round 8": backward 4.26 -> 3.34 ms at
@@ -357,31 +376,41 @@ def smem_need(kernel: str, elem_bytes: int, BK: int, BV: int, warps: int, *, fea
 
 def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int = 1, heads: int = 1,
                sms: int | None = None, config: dict | None = None,
-               kernels: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNELS) -> dict[str, int]:
+               kernels: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNELS, window: int | None = None
+               ) -> dict[str, int]:
     """Bytes of shared memory per program of each kernel for a call (default configuration, with
-    ``config``'s overrides). ``sms`` None: one multiprocessor (the scan's widest value blocks)."""
+    ``config``'s overrides). ``sms`` None: one multiprocessor (the scan's widest value blocks); ``window`` None: the
+    KV backward's rows "by window" count as 128 (``kv_rows``)."""
     cfg = dict(default_config(batch, heads, dk, dv, sms or 1, elem_bytes), **(config or {}))
     tiles = kernel_tiles_all(cfg)
-    return {k: smem_need(k, elem_bytes, cfg["BK"], tiles[k][0], tiles[k][1],
-                         featurize=featurize and not (k == "scan" and cfg["scan_features"] == "stored"),
-                         stages=kernel_stages(cfg, k)) for k in kernels}
+    # the KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows"): every term of its table and envelope is a 64-row tile or a
+    # 64 x 64 score tile; twice the 64-row need bounds it
+    rows = {k: kv_rows(cfg[f"{k}_rows"], window, elem_bytes) // 64 if k in ("kv_dq", "kv_dkdv") else 1
+            for k in kernels}
+    return {k: rows[k] * smem_need(k, elem_bytes, cfg["BK"], tiles[k][0], tiles[k][1],
+                                   featurize=featurize and not (k == "scan" and cfg["scan_features"] == "stored"),
+                                   stages=kernel_stages(cfg, k)) for k in kernels}
 
 
 def fits_shared_memory(elem_bytes: int, dk: int, dv: int, limit: int, *, featurize: bool, batch: int = 1,
                        heads: int = 1, sms: int | None = None, config: dict | None = None,
-                       kernels: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNELS) -> bool:
+                       kernels: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNELS,
+                       window: int | None = None) -> bool:
     """Whether every kernel's shared memory (``smem_needs``) is within ``limit`` bytes per block (cached for
     the default configuration: the backend asks on every call)."""
     if config is None:   # the environment switches are in the cache key: the default configuration reads them
-        return _fits_default(elem_bytes, dk, dv, limit, bool(featurize), batch, heads, sms, tuple(kernels),
+        rows = None if window is None else kv_rows(0, window)   # all the window changes: a small cache key
+        return _fits_default(elem_bytes, dk, dv, limit, bool(featurize), batch, heads, sms, tuple(kernels), rows,
                              fw_bwd_variant(), scan_features(), os.environ.get("HQLT_FUSED_CONFIG", ""))
     needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, config=config,
-                       kernels=kernels)
+                       kernels=kernels, window=window)
     return max(needs.values()) <= limit
 
 
 @functools.lru_cache(maxsize=4096)
-def _fits_default(elem_bytes, dk, dv, limit, featurize, batch, heads, sms, kernels, _fw_bwd, _scan_features,
+def _fits_default(elem_bytes, dk, dv, limit, featurize, batch, heads, sms, kernels, rows, _fw_bwd, _scan_features,
                   _overrides) -> bool:
-    needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, kernels=kernels)
+    window = None if rows is None else (KV_WIDE_WINDOW if rows == 128 else 1)   # a window giving those rows
+    needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, kernels=kernels,
+                       window=window)
     return max(needs.values()) <= limit
