@@ -164,13 +164,22 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
         qp = qc * 64 + rn
         ll = tl.load(lse_ptr + i_bh * T + qp, mask=qp < T, other=float("inf"))
         de = tl.load(delta_ptr + i_bh * T + qp, mask=qp < T, other=0.0)
-        vis = (kpos[None, :] <= qp[:, None]) & (qp[:, None] - kpos[None, :] < W)
-        s = tl.dot(qq, tl.trans(k)) * scale2
-        p = tl.exp2(tl.where(vis, s - ll[:, None], float("-inf")))
-        dv += tl.dot(tl.trans(p).to(DT), dd)
-        dp = tl.dot(dd, tl.trans(v))
-        ds = p * (dp - de[:, None])
-        dk += tl.dot(tl.trans(ds).to(DT), qq)
+        if BM == 64:   # queries x keys, transposed into the products (round 11's form, the one run on GPUs)
+            vis = (kpos[None, :] <= qp[:, None]) & (qp[:, None] - kpos[None, :] < W)
+            s = tl.dot(qq, tl.trans(k)) * scale2
+            p = tl.exp2(tl.where(vis, s - ll[:, None], float("-inf")))
+            dv += tl.dot(tl.trans(p).to(DT), dd)
+            dp = tl.dot(dd, tl.trans(v))
+            ds = p * (dp - de[:, None])
+            dk += tl.dot(tl.trans(ds).to(DT), qq)
+        else:   # keys x queries from the start: at 128 rows and 8 warps (sm_90, bf16) 0 B of spills at d 64 and
+            # 436 B at d 128, against 344 B and 1,192 B for the form above (FUSED_NOTES.md "Round 12")
+            vis = (kpos[:, None] <= qp[None, :]) & (qp[None, :] - kpos[:, None] < W)
+            st = tl.dot(k, tl.trans(qq)) * scale2
+            pt = tl.exp2(tl.where(vis, st - ll[None, :], float("-inf")))
+            dv += tl.dot(pt.to(DT), dd)
+            dpt = tl.dot(v, tl.trans(dd))
+            dk += tl.dot((pt * (dpt - de[None, :])).to(DT), qq)
     store_rows(dk_ptr, kbase, t0, T, skt, DK, dk * kv_scale, BM, BK)
     store_rows(dv_ptr, vbase, t0, T, svt, DV, dv, BM, BVW)
 

@@ -116,7 +116,8 @@ SEGMENT_KERNELS = ("bwd_scan_phi", "bwd_scan_carry")   # the transitions and the
 # program, the keys of one kv_dkdv program; the other side is walked in 64-row chunks either way. 128 loads each walked
 # tile once for twice the rows (fla's parallel_attn backward uses 128-row blocks on Hopper), at the price of the masked
 # part of the diagonal blocks and more registers (sm_90, bf16, 8 warps: kv_dq spills nothing at d 64 and 16 B at
-# d 128; kv_dkdv spills 344 B at d 64, 1.2 KB at d 128; FUSED_NOTES.md "Round 12"). 0: by the window (kv_rows).
+# d 128; kv_dkdv, in its keys x queries form for 128 rows, nothing at d 64 and 436 B at d 128; FUSED_NOTES.md
+# "Round 12"). 0: by the window (kv_rows).
 KV_BWD_ROWS = (0, 64, 128)
 KV_WIDE_WINDOW = 512   # from this window on, rows 0 means 128
 
