@@ -70,7 +70,6 @@ BWD_SWEEP = (  # the same for the fused backward (timed alone on a saved forward
     {"fw_bwd": "single"}, {"fw_bwd_dq_warps": 4}, {"fw_bwd_dk_warps": 4},
     # the KV backward's 128-row tiles (FUSED_NOTES.md "Round 12"; they pay off, if at all, at long windows: --window)
     {"kv_dq_rows": 128}, {"kv_dkdv_rows": 128}, {"kv_dq_rows": 128, "kv_dkdv_rows": 128},
-    {"kv_dq_rows": 128, "kv_dkdv_rows": 128, "kv_bwd_warps": 8},
 )
 
 

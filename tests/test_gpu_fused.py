@@ -449,10 +449,11 @@ def test_interpreter_kv_backward_rows_route(rows, window, dtype, want):
     low, gout = make_inputs(1, 130, 1, 32, 32, dtype, "cpu", 0)
     kw = dict(window=window, kv_scale=0.2, fw_scale=0.2)
     o_kv, _, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
-    with watch_launches(FL, lambda name, _a, kwargs: seen.setdefault(name, kwargs.get("BM"))):
+    with watch_launches(FL, lambda name, _a, kwargs: seen.setdefault(name, (kwargs.get("BM"), kwargs["num_warps"]))):
         FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
-                          config={"kv_dq_rows": rows, "kv_dkdv_rows": rows}, **kw)
-    assert seen["kv_bwd_dq_kernel"] == want and seen["kv_bwd_dkdv_kernel"] == want
+                          config={"kv_dq_rows": rows, "kv_dkdv_rows": rows, "kv_bwd_warps": 4}, **kw)
+    # 128-row programs run 8 warps whatever "kv_bwd_warps" (the 64-row programs' count) says
+    assert seen["kv_bwd_dq_kernel"] == seen["kv_bwd_dkdv_kernel"] == (want, 4 if want == 64 else 8)
     with pytest.raises(ValueError, match="kv_dq_rows"):
         FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
                           config={"kv_dq_rows": 96}, **kw)

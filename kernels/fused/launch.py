@@ -307,15 +307,18 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
             else:
                 scan_pass(dvn, 1, 0)   # dvn: an unused placeholder for the carry
 
-        kv = dict(BK=cfg["BK"], BVW=cfg["BVW"], num_warps=cfg["kv_bwd_warps"], num_stages=cfg["num_stages"])
+        def kv(rows: int) -> dict:
+            # 128-row programs run 8 warps: with 4 they spill 1-6 KB per thread on sm_90 (settings.KV_BWD_ROWS)
+            return dict(BK=cfg["BK"], BVW=cfg["BVW"], BM=rows, num_warps=cfg["kv_bwd_warps"] if rows == 64 else 8,
+                        num_stages=cfg["num_stages"])
+
         dq_rows, dkdv_rows = cfg["kv_dq_rows"], cfg["kv_dkdv_rows"]
         launches = [
             lambda: kv_bwd_dq_kernel[(triton.cdiv(T, dq_rows), B * H)](
-                q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_, int(window), float(kv_scale), BM=dq_rows,
-                **kv),
+                q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_, int(window), float(kv_scale), **kv(dq_rows)),
             lambda: kv_bwd_dkdv_kernel[(triton.cdiv(T, dkdv_rows), B * H)](
                 q, k, v, do_kv, lse, delta, dk_kv, dv_kv, T, H, NC, dk_, dv_, int(window), float(kv_scale),
-                BM=dkdv_rows, **kv)]
+                **kv(dkdv_rows))]
         if not split:
             launches += [
                 lambda: reverse_scan(q_fw, k_fw, featurize, False),

@@ -117,7 +117,8 @@ SEGMENT_KERNELS = ("bwd_scan_phi", "bwd_scan_carry")   # the transitions and the
 # tile once for twice the rows (fla's parallel_attn backward uses 128-row blocks on Hopper), at the price of the masked
 # part of the diagonal blocks and more registers (sm_90, bf16, 8 warps: kv_dq spills nothing at d 64 and 16 B at
 # d 128; kv_dkdv, in its keys x queries form for 128 rows, nothing at d 64 and 436 B at d 128; FUSED_NOTES.md
-# "Round 12"). 0: by the window (kv_rows).
+# "Round 12"; with 4 warps both spill 1-6 KB, so 128-row programs always run 8, whatever "kv_bwd_warps" says, which
+# is the 64-row programs' count). 0: by the window (kv_rows).
 KV_BWD_ROWS = (0, 64, 128)
 KV_WIDE_WINDOW = 512   # from this window on, rows 0 means 128
 
