@@ -457,6 +457,11 @@ def test_interpreter_kv_backward_rows_route(rows, window, dtype, want):
     with pytest.raises(ValueError, match="kv_dq_rows"):
         FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
                           config={"kv_dq_rows": 96}, **kw)
+    with pytest.raises(ValueError, match=r"unknown keys \['kv_rows'\]"):   # a misspelt key is not ignored
+        FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
+                          config={"kv_rows": 128}, **kw)
+    with pytest.raises(ValueError, match="unknown keys"):
+        FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], config={"out_rows": 128}, **kw)
 
 
 @interp

@@ -12,7 +12,7 @@ from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, f
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
 from .settings import (BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD_ROWS, MAX_HEAD_DIM, SCAN_FEATURES,
-                       backward_kernels, forward_kernels, interpreting, kv_rows, pow2, smem_needs)
+                       backward_kernels, config_keys, forward_kernels, interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -40,6 +40,15 @@ def check_shared_memory(cfg: dict, elem_bytes: int, dk: int, dv: int, featurize:
                          f"memory than this device's {limit} B per block (inputs of {elem_bytes} bytes, Dk={dk}, "
                          f"Dv={dv}, features {'in the kernel' if featurize else 'given'}); use bf16/fp16 inputs "
                          f"or the backend 'fused', which routes such calls to its fallback")
+
+
+def _config(B: int, H: int, dk: int, dv: int, device, elem_bytes: int, config: dict | None) -> dict:
+    """The default configuration with a caller's overrides; a key the launchers do not read is a ValueError (it would
+    be ignored silently)."""
+    unknown = sorted(set(config or {}) - set(config_keys()))
+    if unknown:
+        raise ValueError(f"config: unknown keys {unknown}; allowed: {config_keys()}")
+    return dict(default_config(B, H, dk, dv, device, elem_bytes), **(config or {}))
 
 
 def _check_choice(cfg: dict, key: str, allowed: tuple[str, ...]) -> None:
@@ -161,7 +170,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
         return (o_kv, o_fw, aux) if return_aux else (o_kv, o_fw)
     q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
-    cfg = dict(default_config(B, H, dk, dv, q.device, q.element_size()), **(config or {}))
+    cfg = _config(B, H, dk, dv, q.device, q.element_size(), config)
     _check_choice(cfg, "scan_features", SCAN_FEATURES)
     seg_chunks = _check_segment_chunks(cfg, "scan_segment_chunks")
     if not config:   # overrides (benchmark sweeps) are the caller's experiment: Triton says if one does not fit
@@ -249,7 +258,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
     do_kv = do_kv.to(v.dtype).contiguous()
     do_fw = do_fw.to(v.dtype).contiguous()
-    cfg = dict(default_config(B, H, dk_, dv_, q.device, q.element_size()), **(config or {}))
+    cfg = _config(B, H, dk_, dv_, q.device, q.element_size(), config)
     _check_choice(cfg, "fw_bwd", FW_BWD_VARIANTS)
     _check_choice(cfg, "bwd_scan_qdo", BWD_SCAN_QDO)
     _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
