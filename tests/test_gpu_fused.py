@@ -410,8 +410,8 @@ BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_ker
                 "fw_bwd_t": ("wy", "pre", 0.0, "T_PRE", ("fw_bwd_wy_kernel",), "forward")}
 # The segmented reverse scan ("Round 9"), one chunk per segment (every chunk boundary a segment boundary) against one
 # walk: the same sums in another order (float32 rounding); its route has its own test
-# The KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows", "Round 12"): the same per-element sums; the blocks past a row's window
-# add exact zeros
+# The KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows", "Round 12"): the same per-element sums; the blocks
+# past a row's window add exact zeros
 BWD_VALUES = dict({k: v[:3] for k, v in BWD_SWITCHES.items()}, bwd_scan_segment_chunks=(0, 1, 1e-5),
                   kv_dq_rows=(64, 128, 1e-6), kv_dkdv_rows=(64, 128, 1e-6))
 QDO_CASES = [(1, 1, 1, 16, 16, 1), (2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)]

@@ -382,8 +382,8 @@ def test_fused_benchmark_refuses_unknown_config_keys(capsys):
 
 
 def test_kv_backward_rows_by_window_and_their_shared_memory(monkeypatch):
-    # rows 0 (the default of kv_dq_rows) means 128 from KV_WIDE_WINDOW on with 2-byte inputs, else 64; 128-row tiles count twice the
-    # 64-row shared memory, so a window that takes them can tip a shape over a device's limit, and only such a window
+    # rows 0 means 128 from KV_WIDE_WINDOW on with 2-byte inputs, else 64; 128-row tiles count twice the 64-row
+    # shared memory, so a window that takes them can tip a shape over a device's limit, and only such a window
     from hqlt.kernels.fused import settings as S
     assert [S.kv_rows(0, w) for w in (1, S.KV_WIDE_WINDOW - 1, S.KV_WIDE_WINDOW)] == [64, 64, 128]
     assert S.kv_rows(64, 10 ** 6) == 64 and S.kv_rows(128, 1) == 128 and S.kv_rows(0, None) == 128

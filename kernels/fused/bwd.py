@@ -137,7 +137,8 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
                        T, H, NC, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr, BM: tl.constexpr):
     """Sliding-window softmax backward, keys: grid (ceil(T / BM), B*H); program c computes dk, dv of keys
     c*BM .. c*BM + BM - 1 over the 64-query chunks that see them (at most ceil((BM + W - 1) / 64)). No atomics:
-    every score tile is recomputed here and in kv_bwd_dq_kernel (cheap at small W). BM: "kv_dkdv_rows", as in kv_bwd_dq_kernel."""
+    every score tile is recomputed here and in kv_bwd_dq_kernel (cheap at small W). BM: "kv_dkdv_rows", as in
+    kv_bwd_dq_kernel."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H

@@ -267,8 +267,8 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             "bwd_scan_segment_chunks": SEGMENT_CHUNKS if 2 * B * H * -(-dv // scan_bv) <= sms else 0,
             "bwd_scan_carry_warps": 8,
             "fw_bwd_bv": 16, "fw_bwd_warps": 8,
-            # the KV backward's rows (KV_BWD_ROWS): 64 until an A/B on a GPU says otherwise ("Round 12": 0, by the window,
-            # is the candidate for kv_dq)
+            # the KV backward's rows (KV_BWD_ROWS): 64 until an A/B on a GPU says otherwise ("Round 12": 0, by
+            # the window, is the candidate for kv_dq)
             "kv_bwd_warps": 4 if big else 8, "kv_dq_rows": 64, "kv_dkdv_rows": 64,
             # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): 8 warps for the dq and dk kernels from
             # Dk = 64 (4 spill); 32-column blocks with a 4-warp WY kernel, faster at T 2048, 8192 and 32768 on an
@@ -385,8 +385,8 @@ def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int
     KV backward's rows "by window" count as 128 (``kv_rows``)."""
     cfg = dict(default_config(batch, heads, dk, dv, sms or 1, elem_bytes), **(config or {}))
     tiles = kernel_tiles_all(cfg)
-    # the KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows"): every term of its table and envelope is a 64-row tile or a
-    # 64 x 64 score tile; twice the 64-row need bounds it
+    # the KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows"): every term of its table and envelope is a
+    # 64-row tile or a 64 x 64 score tile; twice the 64-row need bounds it
     rows = {k: kv_rows(cfg[f"{k}_rows"], window, elem_bytes) // 64 if k in ("kv_dq", "kv_dkdv") else 1
             for k in kernels}
     return {k: rows[k] * smem_need(k, elem_bytes, cfg["BK"], tiles[k][0], tiles[k][1],
