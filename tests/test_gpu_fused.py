@@ -660,7 +660,7 @@ LONG_WINDOW_CASES = [  # B, T, H, dk, dv, W
 @pytest.mark.parametrize("case", LONG_WINDOW_CASES, ids=[f"T{c[1]}-dk{c[3]}-dv{c[4]}-W{c[5]}" for c in LONG_WINDOW_CASES])
 def test_interpreter_long_windows(case, featurize, monkeypatch):
     B, T, H, dk, dv, W = case
-    if T < 1000:   # the KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows") where a window spans several 64-token chunks
+    if T < 1000:   # the KV backward's 128-row tiles where a window spans several 64-token chunks
         monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps({"kv_dq_rows": 128, "kv_dkdv_rows": 128}))
     errs = compare(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + W, fused_bwd=True,
                    save_states=featurize)

@@ -12,7 +12,7 @@ from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, f
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
 from .settings import (BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD_ROWS, MAX_HEAD_DIM, SCAN_FEATURES,
-                       backward_kernels, config_keys, forward_kernels, interpreting, kv_rows, pow2, smem_needs)
+                       backward_kernels, check_config_keys, forward_kernels, interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -43,11 +43,11 @@ def check_shared_memory(cfg: dict, elem_bytes: int, dk: int, dv: int, featurize:
 
 
 def _config(B: int, H: int, dk: int, dv: int, device, elem_bytes: int, config: dict | None) -> dict:
-    """The default configuration with a caller's overrides; a key the launchers do not read is a ValueError (it would
-    be ignored silently)."""
-    unknown = sorted(set(config or {}) - set(config_keys()))
-    if unknown:
-        raise ValueError(f"config: unknown keys {unknown}; allowed: {config_keys()}")
+    """The default configuration with a caller's overrides (``settings.check_config_keys``: no unknown keys)."""
+    try:
+        check_config_keys(config or {})
+    except ValueError as exc:
+        raise ValueError(f"config: {exc}") from None
     return dict(default_config(B, H, dk, dv, device, elem_bytes), **(config or {}))
 
 
@@ -262,9 +262,9 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     _check_choice(cfg, "fw_bwd", FW_BWD_VARIANTS)
     _check_choice(cfg, "bwd_scan_qdo", BWD_SCAN_QDO)
     _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
-    _check_choice(cfg, "kv_dq_rows", KV_BWD_ROWS)
-    _check_choice(cfg, "kv_dkdv_rows", KV_BWD_ROWS)
-    cfg.update({key: kv_rows(cfg[key], window, q.element_size()) for key in ("kv_dq_rows", "kv_dkdv_rows")})
+    for key in ("kv_dq_rows", "kv_dkdv_rows"):   # 0 (by the window) resolved here, where the window is known
+        _check_choice(cfg, key, KV_BWD_ROWS)
+        cfg[key] = kv_rows(cfg[key], window, q.element_size())
     split = cfg["fw_bwd"] == "split"
     pre_qdo = split and cfg["bwd_scan_qdo"] == "pre"
     pre_t = split and cfg["fw_bwd_t"] == "pre"

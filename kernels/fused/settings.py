@@ -164,10 +164,16 @@ def parse_config(text: str) -> dict:
         raise ValueError(f"not JSON ({exc}); e.g. '{{\"fw_bwd_t\": \"wy\"}}'") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"a JSON object of launch-configuration keys, e.g. '{{\"fw_bwd_t\": \"wy\"}}'; got {text!r}")
-    unknown = sorted(set(cfg) - set(config_keys()))
-    if unknown:   # the launchers would ignore them silently
-        raise ValueError(f"unknown keys {unknown}; allowed: {config_keys()}")
+    check_config_keys(cfg)
     return cfg
+
+
+def check_config_keys(cfg: dict) -> None:
+    """ValueError for keys of a launch configuration that ``default_config`` does not have (the launchers would
+    otherwise ignore them silently)."""
+    unknown = sorted(set(cfg) - set(config_keys()))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; allowed: {config_keys()}")
 
 
 def config_keys() -> list[str]:
@@ -401,8 +407,7 @@ def fits_shared_memory(elem_bytes: int, dk: int, dv: int, limit: int, *, featuri
     """Whether every kernel's shared memory (``smem_needs``) is within ``limit`` bytes per block (cached for
     the default configuration: the backend asks on every call)."""
     if config is None:   # the environment switches are in the cache key: the default configuration reads them
-        rows = None if window is None else kv_rows(0, window)   # all the window changes: a small cache key
-        return _fits_default(elem_bytes, dk, dv, limit, bool(featurize), batch, heads, sms, tuple(kernels), rows,
+        return _fits_default(elem_bytes, dk, dv, limit, bool(featurize), batch, heads, sms, tuple(kernels), window,
                              fw_bwd_variant(), scan_features(), os.environ.get("HQLT_FUSED_CONFIG", ""))
     needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, config=config,
                        kernels=kernels, window=window)
@@ -410,9 +415,8 @@ def fits_shared_memory(elem_bytes: int, dk: int, dv: int, limit: int, *, featuri
 
 
 @functools.lru_cache(maxsize=4096)
-def _fits_default(elem_bytes, dk, dv, limit, featurize, batch, heads, sms, kernels, rows, _fw_bwd, _scan_features,
+def _fits_default(elem_bytes, dk, dv, limit, featurize, batch, heads, sms, kernels, window, _fw_bwd, _scan_features,
                   _overrides) -> bool:
-    window = None if rows is None else (KV_WIDE_WINDOW if rows == 128 else 1)   # a window giving those rows
     needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, batch=batch, heads=heads, sms=sms, kernels=kernels,
                        window=window)
     return max(needs.values()) <= limit
