@@ -1,9 +1,22 @@
 """HQLT_OP_WATCH=FILE: log every redefinition or destruction of an ``hqlt::`` custom op with its stack, and after
 each test whether every op's registration is still the live one (``hqlt.kernels.testing.watch_op_registry``;
-for the GPU runs in kernels/FUSED_NOTES.md, "Round 5"). Unset: this file does nothing."""
+for the GPU runs in kernels/FUSED_NOTES.md, "Round 5"). Unset: it does nothing.
+
+A test module's ``QUICK`` (patterns of test names, parameters included; ``*`` matches anything, every other character
+itself) marks those tests ``quick``: the README's short run of the Triton kernels in the CPU interpreter selects
+them with ``-m quick``."""
+import fnmatch
 import os
 
 import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        patterns = getattr(getattr(item, "module", None), "QUICK", ())
+        if any(fnmatch.fnmatchcase(item.name, p.replace("[", "[[]")) for p in patterns):   # "[": literal
+            item.add_marker(pytest.mark.quick)
+
 
 WATCH = os.environ.get("HQLT_OP_WATCH")
 if WATCH:

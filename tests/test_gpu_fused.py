@@ -14,8 +14,9 @@ Three groups:
   backward with NaN-poisoned buffers.
 * Interpreter (CPU, float32): the same comparisons on small shapes (and the fused backward's gradients
   for every input over T x W x d x B pairs, poisoned backward buffers) when ``TRITON_INTERPRET=1`` and
-  triton is importable (CI has no triton: skipped). Tolerance 1e-5 (the contract's float32 bound).
-  Run:  TRITON_INTERPRET=1 PYTHONPATH=/path/to/triton-site python -m pytest -q tests/test_gpu_fused.py
+  triton is importable (skipped otherwise). Tolerance 1e-5 (the contract's float32 bound).
+  All of them (about 20 min on 2 cores):  TRITON_INTERPRET=1 python -m pytest -q tests/test_gpu_fused.py
+  The ``QUICK`` ones below (56 cases, about 3 min; CI runs them, README "Run the tests"): add ``-m quick``.
   The custom op pair ``hqlt::fused_sync_hybrid`` (what the backend and torch.compile call): opcheck, and a
   compiled call (fullgraph) against the reference.
 * Registration (CPU, always): "fused" is registered, lazily probed, never the priority fallback; the op's
@@ -43,6 +44,29 @@ gpu = [pytest.mark.gpu,
 interp = pytest.mark.skipif(not (INTERPRET and HAS_TRITON),
                             reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
 NAMES = ("q_kv", "k_kv", "q_fw", "k_fw", "v", "beta")
+# The interpreter tests of the short run (``-m quick``; tests/conftest.py marks them): every kernel, every launch
+# switch and route, multi-chunk shapes with odd and 128 head dims, poisoned buffers, the op's opcheck and compiled
+# call, a 1024 window, the bounds checker. test_quick_patterns_each_name_a_test keeps each pattern live.
+QUICK = (
+    "test_interpreter_float32_matches_reference[B2-T63-*", "test_interpreter_float32_matches_reference[B1-T150-*",
+    "test_interpreter_float32_matches_reference[B1-T70-*", "test_interpreter_float16[*",
+    "test_interpreter_large_beta_and_values", "test_interpreter_backend_falls_back[*",
+    "test_interpreter_fused_backward_matches_reference[B1-T200-d128-W100-*",
+    "test_interpreter_fused_backward_matches_reference[B2-T130-d64-W8-*",
+    "test_interpreter_fused_backward_poisoned[T65-*", "test_interpreter_fused_backward_odd_dims_and_recompute_path[*",
+    "test_interpreter_fused_backward_float16[*", "test_interpreter_fused_backward_large_values_and_partial_outputs",
+    "test_interpreter_fw_bwd_variants_match_reference[B1-T150-*",
+    "test_interpreter_fw_bwd_split_poisoned_and_equal_to_single[T65-*-raw-qk]",
+    "test_interpreter_backward_switch_values_agree[B1-T65-*-given-features-*",
+    "test_interpreter_kv_backward_rows_route[*", "test_interpreter_backward_switch_route[*",
+    "test_interpreter_segmented_scan_route_and_values[split]", "test_interpreter_long_windows[T1100-*-given-features]",
+    "test_interpreter_scan_features_route[*", "test_interpreter_scan_features_stored[B1-T70-*",
+    "test_interpreter_profile_driver_launches_each_kernel_once_per_step",
+    "test_interpreter_fused_op_opcheck[given-kept]",
+    "test_interpreter_compiled_fused_call_is_fullgraph_and_matches_reference",
+    "test_interpreter_fused_in_bounds_h200_failing_shape[given-features-split-cpu-config]",
+    "test_interpreter_bounds_checker_self_test",
+)
 
 
 def rel_rms(a, b) -> float:
@@ -998,6 +1022,25 @@ def test_import_does_not_pull_in_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_quick_patterns_each_name_a_test():
+    """Every QUICK pattern selects at least one interpreter test under ``-m quick`` (a renamed test or case would
+    otherwise drop out of the short run silently), and ``-m quick`` selects nothing else."""
+    import fnmatch
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "quick", "-p",
+                          "no:cacheprovider", __file__], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(__file__))
+    names = [line.split("::", 1)[1] for line in out.stdout.splitlines() if "::" in line]
+    assert names, out.stdout + out.stderr
+    # matched as tests/conftest.py matches them ("[" literal)
+    unmatched = [p for p in QUICK if not any(fnmatch.fnmatchcase(n, p.replace("[", "[[]")) for n in names)]
+    assert not unmatched, unmatched
+    assert all(n.startswith("test_interpreter_") for n in names), names
+    assert 40 <= len(names) <= 80, len(names)   # the short run stays short (about 3 min on 2 cores)
 
 
 def test_fused_op_fake_implementation_needs_no_triton():
