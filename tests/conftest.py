@@ -11,10 +11,20 @@ import os
 import pytest
 
 
+def _quick_match(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern.replace("[", "[[]"))   # "[": literal, not fnmatch's character class
+
+
+@pytest.fixture
+def quick_match():
+    """The rule by which a ``QUICK`` pattern selects a test name (for the test that keeps the patterns live)."""
+    return _quick_match
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         patterns = getattr(getattr(item, "module", None), "QUICK", ())
-        if any(fnmatch.fnmatchcase(item.name, p.replace("[", "[[]")) for p in patterns):   # "[": literal
+        if any(_quick_match(item.name, p) for p in patterns):
             item.add_marker(pytest.mark.quick)
 
 

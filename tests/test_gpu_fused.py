@@ -1024,10 +1024,9 @@ def test_import_does_not_pull_in_triton():
     assert out.stdout.strip() == "False"
 
 
-def test_quick_patterns_each_name_a_test():
+def test_quick_patterns_each_name_a_test(quick_match):
     """Every QUICK pattern selects at least one interpreter test under ``-m quick`` (a renamed test or case would
     otherwise drop out of the short run silently), and ``-m quick`` selects nothing else."""
-    import fnmatch
     import subprocess
     import sys
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -1036,8 +1035,7 @@ def test_quick_patterns_each_name_a_test():
                          cwd=os.path.dirname(__file__))
     names = [line.split("::", 1)[1] for line in out.stdout.splitlines() if "::" in line]
     assert names, out.stdout + out.stderr
-    # matched as tests/conftest.py matches them ("[" literal)
-    unmatched = [p for p in QUICK if not any(fnmatch.fnmatchcase(n, p.replace("[", "[[]")) for n in names)]
+    unmatched = [p for p in QUICK if not any(quick_match(n, p) for n in names)]
     assert not unmatched, unmatched
     assert all(n.startswith("test_interpreter_") for n in names), names
     assert 40 <= len(names) <= 80, len(names)   # the short run stays short (3-4 min on 2 cores)
