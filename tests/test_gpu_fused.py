@@ -301,16 +301,18 @@ BWD_CASES = [(1 + (i + j) % 2, T, BWD_D[(i + 2 * j) % 4], W)
 def poisoned_backward_check(B, T, H, dk, dv, W, dtype, device, *, featurize: bool, seed: int = 0,
                             config: dict | None = None):
     """fused_backward with NaN-filled buffers (also the recomputed-states path) must leave no NaN and
-    equal the unpoisoned result bit for bit; returns the gradients. ``config``: the backward's launch config."""
+    equal the unpoisoned result bit for bit; returns the gradients. ``config``: the launch config of the forward
+    (which stores T under "fw_bwd_t" "fwd") and of the backward."""
     from hqlt.kernels.fused import launch as FL
     low, gout = make_inputs(B, T, H, dk, dv, dtype, device, seed)
     scale = dk ** -0.5
     kw = dict(window=W, kv_scale=scale, fw_scale=scale)
     if not featurize:
         kw.update(q_fw=feat64(low["q"]).to(dtype), k_fw=feat64(low["k"]).to(dtype))
-    o_kv, o_fw, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
+    o_kv, o_fw, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, config=config,
+                                       **kw)
     args = (low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout)
-    kept = dict(w=aux["w"], v_new=aux["v_new"], states=aux["states"])
+    kept = dict(w=aux["w"], v_new=aux["v_new"], states=aux["states"], t=aux.get("t"))
     clean = FL.fused_backward(*args, **kept, config=config, **kw)
     for poison, states in ((True, kept), (False, {}), (True, {})):
         got = FL.fused_backward(*args, **states, poison=poison, config=config, **kw)
@@ -428,27 +430,29 @@ def test_interpreter_fw_bwd_split_poisoned_and_equal_to_single(case, featurize, 
 
 # Switches of the split backward (launch-config keys; FUSED_NOTES.md "Round 7", "Round 8"): "bwd_scan_qdo" "pre" (opt-in)
 # has the reverse scan read fw_scale Qf^T dO that fw_bwd_dq left in its dH slots; "fw_bwd_t" "pre" (the default) has
-# wy_t_kernel build every chunk's T for the WY kernel, "wy" has that kernel build it. Per switch: its two values, the
-# interpreter's tolerance between them (the same T tile: bit for bit), the kernel flag, the kernels taking it, a bad value.
+# wy_t_kernel build every chunk's T for the WY kernel, "wy" has that kernel build it ("fwd", the forward's T: its own
+# tests). Per switch: its two values, the interpreter's tolerance between them (the same T tile: bit for bit), the
+# kernel flag, the kernels taking it, a bad value.
 BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_kernel", "bwd_scan_kernel"), "early"),
                 "fw_bwd_t": ("wy", "pre", 0.0, "T_PRE", ("fw_bwd_wy_kernel",), "forward")}
 # The segmented reverse scan ("Round 9"), one chunk per segment (every chunk boundary a segment boundary) against one
 # walk: the same sums in another order (float32 rounding); its route has its own test
 # The KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows", "Round 12"): the same per-element sums; the blocks
 # past a row's window add exact zeros
-BWD_VALUES = dict({k: v[:3] for k, v in BWD_SWITCHES.items()}, bwd_scan_segment_chunks=(0, 1, 1e-5),
-                  kv_dq_rows=(64, 128, 1e-6), kv_dkdv_rows=(64, 128, 1e-6))
+# "fw_bwd_t" "fwd" ("Round 14"): T from the forward's wy_kernel, the same blocks solved the same way (bit for bit)
+BWD_VALUES = [(k, *v[:3]) for k, v in BWD_SWITCHES.items()] + [
+    ("fw_bwd_t", "pre", "fwd", 0.0), ("bwd_scan_segment_chunks", 0, 1, 1e-5), ("kv_dq_rows", 64, 128, 1e-6),
+    ("kv_dkdv_rows", 64, 128, 1e-6)]
 QDO_CASES = [(1, 1, 1, 16, 16, 1), (2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)]
 
 
 @interp
-@pytest.mark.parametrize("switch", list(BWD_VALUES))
+@pytest.mark.parametrize("switch,one,other,tol", BWD_VALUES, ids=[f"{v[0]}-{v[1]}-{v[2]}" for v in BWD_VALUES])
 @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
 @pytest.mark.parametrize("case", QDO_CASES, ids=[f"B{c[0]}-T{c[1]}-dk{c[3]}-dv{c[4]}-W{c[5]}" for c in QDO_CASES])
-def test_interpreter_backward_switch_values_agree(case, featurize, switch):
+def test_interpreter_backward_switch_values_agree(case, featurize, switch, one, other, tol):
     # no poisoned element left (the extra buffers are poisoned too), independent of buffer contents and of kept vs
     # recomputed states, and both values give the same gradients (to float32 rounding, or bit for bit)
-    one, other, tol = BWD_VALUES[switch]
     B, T, H, dk, dv, W = case
     a = poisoned_backward_check(B, T, H, dk, dv, W, torch.float32, "cpu", featurize=featurize, seed=T + 3,
                                 config={"fw_bwd": "split", switch: one})
@@ -523,6 +527,64 @@ def test_interpreter_backward_switch_route(switch, value, variant):
     with pytest.raises(ValueError, match=switch):
         FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
                           config={switch: bad}, **kw)
+
+
+@interp
+@pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+def test_interpreter_forward_t_route(featurize, monkeypatch):
+    # "fw_bwd_t" "fwd": the forward's wy_kernel stores every chunk's T (aux["t"]) only where the split backward will
+    # read it; the backward then launches no wy_t, but does when it gets no T (states recomputed: the recomputing
+    # forward stores T itself); gradients equal "pre"'s bit for bit; a T of the wrong shape is a one-line error;
+    # under HQLT_FUSED_CONFIG the autograd path and the op carry T from the forward to the backward
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.fused import ops as fused_ops
+    from hqlt.kernels.fused.autograd import sync_hybrid_memory
+    from hqlt.kernels.testing import watch_launches
+    low, gout = make_inputs(2, 130, 2, 32, 32, torch.float32, "cpu", 4)
+    kw = dict(window=8, kv_scale=0.2, fw_scale=0.2)
+    if not featurize:
+        kw.update(q_fw=feat64(low["q"]).float(), k_fw=feat64(low["k"]).float())
+    fwd_cfg = {"fw_bwd": "split", "fw_bwd_t": "fwd"}
+    qkvb = (low["q"], low["k"], low["v"], low["beta"])
+    for cfg, stores in (({"fw_bwd": "split"}, False), ({"fw_bwd": "single", "fw_bwd_t": "fwd"}, False),
+                        (fwd_cfg, True)):
+        flags = {}
+        with watch_launches(FL, lambda name, _a, kwargs: flags.setdefault(name, kwargs.get("STORE_T"))):
+            out = FL.fused_forward(*qkvb, return_aux=True, config=cfg, **kw)
+        assert flags["wy_kernel"] is stores and ("t" in out[2]) is stores, cfg
+        o_plain = FL.fused_forward(*qkvb, config=cfg, **kw)   # no residuals wanted: no T either
+        assert torch.equal(o_plain[0], out[0]) and torch.equal(o_plain[1], out[1])
+    o_kv, _, aux = out
+    assert aux["t"].shape == (4, 3, 64, 64) and aux["t"].dtype == torch.float32
+    args = (*qkvb, o_kv, aux["lse"], *gout)
+    kept = dict(w=aux["w"], v_new=aux["v_new"], states=aux["states"])
+    want = FL.fused_backward(*args, **kept, config={"fw_bwd": "split", "fw_bwd_t": "pre"}, **kw)
+    for extra, wy_t in (({"t": aux["t"]}, 0), ({}, 1), (None, 0)):   # None: states recomputed
+        launched = []
+        with watch_launches(FL, lambda name, _a, kwargs: launched.append((name, kwargs.get("T_PRE")))):
+            got = FL.fused_backward(*args, **(kept if extra is not None else {}), **(extra or {}), config=fwd_cfg,
+                                    **kw)
+        assert [n for n, _ in launched].count("wy_t_kernel") == wy_t and ("fw_bwd_wy_kernel", True) in launched
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), extra
+    with pytest.raises(ValueError, match=r"t must be the forward's aux\['t'\], contiguous float32"):
+        FL.fused_backward(*args, **kept, t=aux["t"][:, :2], config=fwd_cfg, **kw)
+    # the autograd path and the op, configured by the environment as a model run would be
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps(fwd_cfg))
+    leaves = [x.detach().requires_grad_() for x in qkvb]
+    fkw = {k: v for k, v in kw.items() if k not in ("q_fw", "k_fw")}
+    fw_leaves = [] if featurize else [kw["q_fw"].detach().requires_grad_(), kw["k_fw"].detach().requires_grad_()]
+    fw_kw = {} if featurize else dict(q_fw=fw_leaves[0], k_fw=fw_leaves[1])
+    launched = []
+    with watch_launches(FL, lambda name, _a, _k: launched.append(name)):
+        outs = sync_hybrid_memory(*leaves, **fw_kw, **fkw)
+        g_env = torch.autograd.grad(outs, leaves + fw_leaves, gout)
+    assert "wy_t_kernel" not in launched and "fw_bwd_wy_kernel" in launched
+    monkeypatch.delenv("HQLT_FUSED_CONFIG")
+    g_pre = torch.autograd.grad(sync_hybrid_memory(*leaves, **fw_kw, **fkw), leaves + fw_leaves, gout)
+    assert all(torch.equal(a, b) for a, b in zip(g_env, g_pre))
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps(fwd_cfg))
+    res = fused_ops.fused_sync_hybrid(*qkvb[:2], fw_kw.get("q_fw"), fw_kw.get("k_fw"), *qkvb[2:], 8, 0.2, 0.2, True)
+    assert torch.equal(res[6], aux["t"])
 
 
 @interp
@@ -847,12 +909,12 @@ class TestGPUBackwardSwitches:
     (64 chunks walked, two value blocks of the dq kernel)."""
     pytestmark = gpu
 
-    @pytest.mark.parametrize("switch", list(BWD_VALUES))
+    @pytest.mark.parametrize("switch,one,other", [v[:3] for v in BWD_VALUES], ids=[f"{v[0]}-{v[1]}-{v[2]}"
+                                                                                  for v in BWD_VALUES])
     @pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
     @pytest.mark.parametrize("case", QDO_CASES[1:] + [(1, 4096, 2, 128, 128, 64)],
                              ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-dk{c[3]}-dv{c[4]}-W{c[5]}")
-    def test_bf16_values_agree(self, case, featurize, switch):
-        one, other = BWD_VALUES[switch][:2]
+    def test_bf16_values_agree(self, case, featurize, switch, one, other):
         B, T, H, dk, dv, W = case
         a = poisoned_backward_check(B, T, H, dk, dv, W, torch.bfloat16, "cuda", featurize=featurize, seed=T,
                                     config={"fw_bwd": "split", switch: one})
@@ -1041,32 +1103,45 @@ def test_quick_patterns_each_name_a_test(quick_match):
     assert 40 <= len(names) <= 80, len(names)   # the short run stays short (3-4 min on 2 cores)
 
 
-def test_fused_op_fake_implementation_needs_no_triton():
+def test_fused_op_fake_implementation_needs_no_triton(monkeypatch):
     """``hqlt::fused_sync_hybrid`` (and its backward) on fake tensors: shapes and dtypes of every output
-    without running (or importing) a kernel — what torch.compile traces."""
+    without running (or importing) a kernel — what torch.compile traces; the chunks' T only where the launch
+    configuration has the forward store it ("fw_bwd_t" "fwd", here from HQLT_FUSED_CONFIG)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from hqlt.kernels.fused import ops as fused_ops
     B, T, H, dk, dv = 2, 130, 3, 32, 48
+    monkeypatch.delenv("HQLT_FUSED_CONFIG", raising=False)
     with FakeTensorMode():
         q, k = torch.empty(B, T, H, dk, dtype=torch.bfloat16), torch.empty(B, T, H, dk, dtype=torch.bfloat16)
         v, beta = torch.empty(B, T, H, dv, dtype=torch.bfloat16), torch.empty(B, T, H)
-        o_kv, o_fw, lse, w, v_new, states = fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, True)
+        o_kv, o_fw, lse, w, v_new, states, t = fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, True)
         assert o_kv.shape == o_fw.shape == v.shape and o_kv.dtype == torch.bfloat16
         assert lse.shape == (B * H, T) and lse.dtype == torch.float32
         assert w.shape == q.shape and v_new.shape == v.shape and states.shape == (B * H, 3, dk, dv)
+        assert t.numel() == 0 and t.dtype == torch.float32
         assert fused_ops.fused_sync_hybrid(q, k, None, None, v, beta, 16, 0.2, 0.2, False)[3].numel() == 0
         grads = fused_ops.fused_sync_hybrid_backward(o_kv, o_fw, q, k, None, None, v, beta, o_kv, lse, w, v_new,
-                                                     states, 16, 0.2, 0.2, True)
+                                                     states, t, 16, 0.2, 0.2, True)
         assert [tuple(g.shape) for g in grads] == [q.shape, k.shape, (0,), (0,), v.shape, beta.shape]
+        for cfg, stored in (({"fw_bwd": "split", "fw_bwd_t": "fwd"}, True), ({"fw_bwd": "single", "fw_bwd_t": "fwd"},
+                                                                                False)):
+            monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps(cfg))
+            t = fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, True)[6]
+            assert tuple(t.shape) == ((B * H, 3, 64, 64) if stored else (0,)) and t.dtype == torch.float32
+            assert fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, False)[6].numel() == 0
 
 
 @interp
-@pytest.mark.parametrize("featurize,save", [(False, True), (True, False)], ids=["given-kept", "raw-recomputed"])
-def test_interpreter_fused_op_opcheck(featurize, save):
+@pytest.mark.parametrize("featurize,save,t_fwd", [(False, True, False), (True, False, False), (True, True, True)],
+                         ids=["given-kept", "raw-recomputed", "raw-kept-forward-T"])
+def test_interpreter_fused_op_opcheck(featurize, save, t_fwd, monkeypatch):
     """torch.library.opcheck of the fused op pair: schema, fake vs real outputs, autograd registration, and
-    AOT dispatch with dynamic shapes (forward and backward through the backward op)."""
+    AOT dispatch with dynamic shapes (forward and backward through the backward op); ``t_fwd``: the forward keeps
+    the chunks' T ("fw_bwd_t" "fwd") as a seventh output."""
     from hqlt.kernels.fused import ops as fused_ops
     from hqlt.kernels.testing import assert_opcheck
+    if t_fwd:
+        monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps({"fw_bwd": "split", "fw_bwd_t": "fwd"}))
     low, _ = make_inputs(1, 70, 2, 16, 32, torch.float32, "cpu", 5)
     q, k, v, beta = (low[n].detach().requires_grad_() for n in ("q", "k", "v", "beta"))
     qf, kf = (None, None) if featurize else (feat64(q).float().detach().requires_grad_(),

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import featurize_rows, fw_rows, inv4_unit_lower16, load_beta, load_rows, solve4, store_rows
+from .common import eye_rows, featurize_rows, fw_rows, inv4_unit_lower16, load_beta, load_rows, solve4, store_rows
 
 
 @triton.jit
@@ -41,14 +41,6 @@ def _featurize_bwd(x, g, EPS: tl.constexpr):
     f = y / n[:, None]
     dy = (g - f * tl.sum(f * g, axis=1)[:, None]) / n[:, None]
     return dy * (sig * (1.0 + x * (1.0 - sig)))
-
-
-@triton.jit
-def _eye_rows(i0, N: tl.constexpr):
-    """Rows i0 .. i0+15 of the N x N identity (float32)."""
-    r = tl.arange(0, 16)
-    c = tl.arange(0, N)
-    return tl.where((i0 + r)[:, None] == c[None, :], 1.0, 0.0)
 
 
 @triton.jit
@@ -85,7 +77,7 @@ def _chunk_t_matrix(k_ptr, kf_ptr, beta_ptr, kbase, bbase, t0, T, H, skt, DK,
     t_0, t_1, t_2, t_3 = inv4_unit_lower16(tl.dot(kb0, c0), tl.dot(kb1, c1), tl.dot(kb2, c2),
                                            tl.dot(kb3, tl.trans(k3.to(DT))))
     x0, x1, x2, x3 = solve4(t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32,
-                            _eye_rows(0, 64), _eye_rows(16, 64), _eye_rows(32, 64), _eye_rows(48, 64))
+                            eye_rows(0, 64), eye_rows(16, 64), eye_rows(32, 64), eye_rows(48, 64))
     return _vstack(_vstack(x0, x1, 16, 64), _vstack(x2, x3, 16, 64), 32, 64)
 
 

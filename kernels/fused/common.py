@@ -109,6 +109,14 @@ def inv4_unit_lower16(a0, a1, a2, a3):
 
 
 @triton.jit
+def eye_rows(i0, N: tl.constexpr):
+    """Rows i0 .. i0+15 of the N x N identity (float32)."""
+    r = tl.arange(0, 16)
+    c = tl.arange(0, N)
+    return tl.where((i0 + r)[:, None] == c[None, :], 1.0, 0.0)
+
+
+@triton.jit
 def solve4(t0, t1, t2, t3, a10, a20, a21, a30, a31, a32, r0, r1, r2, r3):
     """Blocked forward substitution: (I + A) X = R with A's 16x16 blocks (t_i = diagonal inverses)."""
     x0 = tl.dot(t0, r0)

@@ -9,7 +9,7 @@ which makes them no-op writes that come after every real token):
    ``A = strict_lower(diag(beta) K K^T)`` as 16x16 blocks, invert the four diagonal blocks by forward
    substitution (row by row, 15 steps each) and solve ``(I + A) [W | U] = diag(beta) [K | V]`` by blocked
    forward substitution (10 block products per right-hand side). Writes ``w`` and ``u`` (dtype of the
-   inputs).
+   inputs), and with ``STORE_T`` the chunk's whole ``T = (I + A)^-1`` for the backward (settings.FW_BWD_T "fwd").
 2. ``scan_kernel``, grid (ceil(Dv/BV), B*H), sequential over chunks with the ``Dk x BV`` state ``M`` in
    float32 registers: store ``M`` (the state before the chunk), ``v_new = u - w M``, ``M += K^T v_new``.
    Only two ``64 x Dk x BV`` products per chunk sit on the sequential path; with "stored" key features the
@@ -26,16 +26,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import featurize_rows, fw_rows, inv4_unit_lower16, load_beta, load_rows, solve4, store_rows
+from .common import eye_rows, featurize_rows, fw_rows, inv4_unit_lower16, load_beta, load_rows, solve4, store_rows
 
 
 # ==================================================================================================
 # Kernel 1: WY representation per chunk.
 
 @triton.jit
-def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, kfo_ptr, T, H, DK, DV,
+def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, kfo_ptr, t_ptr, T, H, NC, DK, DV,
               BK: tl.constexpr, BVW: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
-              STORE_KF: tl.constexpr):
+              STORE_KF: tl.constexpr, STORE_T: tl.constexpr):
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -97,6 +97,16 @@ def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, kfo_ptr, T, H, DK, D
     store_rows(u_ptr, vbase, t0 + 16, T, svt, DV, u1, 16, BVW)
     store_rows(u_ptr, vbase, t0 + 32, T, svt, DV, u2, 16, BVW)
     store_rows(u_ptr, vbase, t0 + 48, T, svt, DV, u3, 16, BVW)
+    if STORE_T:
+        # T = (I + A)^-1 of the chunk for the backward's fw_bwd_wy_kernel (settings.FW_BWD_T "fwd"): the blocks
+        # above solved against the identity, float32 [B*H, NC, 64, 64]; the backward then skips wy_t_kernel
+        x0, x1, x2, x3 = solve4(t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32,
+                                eye_rows(0, 64), eye_rows(16, 64), eye_rows(32, 64), eye_rows(48, 64))
+        tbase = (i_bh * NC + i_c) * 4096
+        store_rows(t_ptr, tbase, 0, 64, 64, 64, x0, 16, 64)
+        store_rows(t_ptr, tbase, 16, 64, 64, 64, x1, 16, 64)
+        store_rows(t_ptr, tbase, 32, 64, 64, 64, x2, 16, 64)
+        store_rows(t_ptr, tbase, 48, 64, 64, 64, x3, 16, 64)
 
 
 # ==================================================================================================

@@ -12,7 +12,8 @@ from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, f
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
 from .settings import (BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD_ROWS, MAX_HEAD_DIM, SCAN_FEATURES,
-                       backward_kernels, check_config_keys, forward_kernels, interpreting, kv_rows, pow2, smem_needs)
+                       backward_kernels, check_config_keys, forward_kernels, forward_stores_t, interpreting, kv_rows,
+                       pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -134,9 +135,11 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     any float dtype. ``poison`` fills every buffer with NaN first (tests: catches unwritten elements).
     ``config`` overrides entries of ``default_config``; ``stages`` < 3 runs only the first launches
     (benchmarks time the kernels one by one; the outputs are then not written).
-    ``return_aux``: return ``(o_kv, o_fw, aux)`` with aux = dict(lse, w, v_new, states) — what the fused
+    ``return_aux``: return ``(o_kv, o_fw, aux)`` with aux = dict(lse, w, v_new, states[, t]) — what the fused
     backward needs: ``lse`` ``[B*H, T]`` float32 (log2-domain log-sum-exp of the KV scores, written only
-    when stages == 3), ``w``, ``v_new`` ``[B, T, H, D]`` and the chunk-start states ``[B*H, NC, Dk, Dv]``.
+    when stages == 3), ``w``, ``v_new`` ``[B, T, H, D]``, the chunk-start states ``[B*H, NC, Dk, Dv]`` and, where
+    the configuration says so (``settings.forward_stores_t``), every chunk's T ``[B*H, NC, 64, 64]`` float32
+    (else no ``t`` entry).
     """
     B, T, H, dk = q.shape
     dv = v.shape[-1]
@@ -166,7 +169,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
                             config=config, stages=stages, return_aux=True)
         o_kv, o_fw, aux = _cut(out[0], dv), _cut(out[1], dv), out[2]
         aux = dict(lse=aux["lse"], w=_cut(aux["w"], dk), v_new=_cut(aux["v_new"], dv),
-                   states=_cut(aux["states"], dk, dv))
+                   states=_cut(aux["states"], dk, dv), **({"t": aux["t"]} if "t" in aux else {}))
         return (o_kv, o_fw, aux) if return_aux else (o_kv, o_fw)
     q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
@@ -187,7 +190,11 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     o_kv = buf(B, T, H, dv)
     o_fw = buf(B, T, H, dv)
     lse = buf(B * H, T, dtype=torch.float32) if return_aux else o_kv   # o_kv: an unused placeholder
-    aux = dict(lse=lse, w=w, v_new=v_new, states=states)
+    _check_choice(cfg, "fw_bwd", FW_BWD_VARIANTS)
+    _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
+    store_t = return_aux and forward_stores_t(cfg)
+    t_mat = buf(B * H, NC, CHUNK, CHUNK, dtype=torch.float32) if store_t else w   # w: an unused placeholder
+    aux = dict(lse=lse, w=w, v_new=v_new, states=states, **({"t": t_mat} if store_t else {}))
     # "stored": the wy kernel writes the key features it computes anyway, and the scan reads them instead of
     # featurising on its sequential path (settings.scan_features); a transient buffer the size of k
     store_kf = featurize and cfg["scan_features"] == "stored"
@@ -200,8 +207,9 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
         return result()
     common = dict(FEATURIZE=featurize, EPS=FEATURE_EPS)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        wy_kernel[(NC, B * H)](k, k_fw, v, beta, w, u, kf_scan, T, H, dk, dv, BK=cfg["BK"], BVW=cfg["BVW"],
-                               num_warps=cfg["wy_warps"], STORE_KF=store_kf, **common)
+        wy_kernel[(NC, B * H)](k, k_fw, v, beta, w, u, kf_scan, t_mat, T, H, NC, dk, dv,
+                               BK=cfg["BK"], BVW=cfg["BVW"], num_warps=cfg["wy_warps"], STORE_KF=store_kf,
+                               STORE_T=store_t, **common)
         if stages < 2:
             return result()
         feat_scan = featurize and not store_kf
@@ -227,12 +235,14 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
 
 
 def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_scale: float, fw_scale: float,
-                   q_fw=None, k_fw=None, w=None, v_new=None, states=None, poison: bool = False,
+                   q_fw=None, k_fw=None, w=None, v_new=None, states=None, t=None, poison: bool = False,
                    config: dict | None = None, stages: int | None = None):
     """Gradients of ``fused_forward``'s (o_kv, o_fw) given (do_kv, do_fw); no autograd.
 
     ``o_kv`` and ``lse`` come from ``fused_forward(..., return_aux=True)``; ``w``, ``v_new``, ``states``
-    too when kept, else (any of them None) the forward's wy + scan kernels run again to recompute them.
+    too when kept, else (any of them None) the forward's wy + scan kernels run again to recompute them; ``t``
+    (the forward's ``aux["t"]`` where it has one, or None) is every chunk's T, which the split variant loads under
+    ``"fw_bwd_t": "fwd"`` instead of launching wy_t.
     Returns ``(dq, dk, dv, dbeta)`` when q_fw, k_fw are None (the FW features l2(silu(q)), l2(silu(k))
     computed in the kernel: dq, dk hold both branches), else ``(dq_kv, dk_kv, dq_fw, dk_fw, dv, dbeta)``.
     Gradients have the dtype of their input. ``poison`` fills every buffer with NaN first (tests).
@@ -240,7 +250,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     ``config`` entry ``"fw_bwd": "single" | "split"`` overrides it). ``stages``: run only the first that many
     launches (benchmarks time the kernels one by one; the gradients are then not all written): kv_dq,
     kv_dkdv, bwd_scan, fw_bwd (single) or kv_dq, kv_dkdv, fw_bwd_dq, bwd_scan, fw_bwd_wy, fw_bwd_dk (split; with
-    ``"fw_bwd_t": "pre"`` wy_t before fw_bwd_wy).
+    ``"fw_bwd_t"`` "pre", or "fwd" without a ``t``, wy_t before fw_bwd_wy).
     """
     featurize = q_fw is None
     B, T, H, dk_ = q.shape
@@ -250,8 +260,8 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
         g = fused_backward(_padded(q, pk), _padded(k, pk), _padded(v, pv), beta, _padded(o_kv, pv), lse,
                            _padded(do_kv, pv), _padded(do_fw, pv), window=window, kv_scale=kv_scale,
                            fw_scale=fw_scale, q_fw=_padded(q_fw, pk), k_fw=_padded(k_fw, pk), w=_padded(w, pk),
-                           v_new=_padded(v_new, pv), states=_padded(states, pk, pv), poison=poison, config=config,
-                           stages=stages)
+                           v_new=_padded(v_new, pv), states=_padded(states, pk, pv), t=t, poison=poison,
+                           config=config, stages=stages)
         dims = (dk_, dk_, dv_) if featurize else (dk_, dk_, dk_, dk_, dv_)
         return (*(_cut(x, d) for x, d in zip(g, dims)), g[-1])
     q, k, v, beta, o_kv = (t.contiguous() for t in (q, k, v, beta, o_kv))
@@ -267,7 +277,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
         cfg[key] = kv_rows(cfg[key], window, q.element_size())
     split = cfg["fw_bwd"] == "split"
     pre_qdo = split and cfg["bwd_scan_qdo"] == "pre"
-    pre_t = split and cfg["fw_bwd_t"] == "pre"
+    pre_t = split and cfg["fw_bwd_t"] != "wy"   # T loaded by fw_bwd_wy: built by wy_t, or the forward's
     seg_chunks = _check_segment_chunks(cfg, "bwd_scan_segment_chunks")
     if not config:
         check_shared_memory(cfg, q.element_size(), dk_, dv_, featurize, q.device, backward_kernels(cfg))
@@ -276,7 +286,12 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
         _, _, aux = fused_forward(q, k, v, beta, window=window, kv_scale=kv_scale, fw_scale=fw_scale,
                                   q_fw=None if featurize else q_fw, k_fw=None if featurize else k_fw,
                                   poison=poison, config=config, stages=2, return_aux=True)
-        w, v_new, states = aux["w"], aux["v_new"], aux["states"]
+        w, v_new, states, t = aux["w"], aux["v_new"], aux["states"], aux.get("t")
+    # the forward's T ("fwd"), else wy_t builds it (a T from a forward run under another configuration is still T)
+    t_given = pre_t and cfg["fw_bwd_t"] == "fwd" and t is not None
+    if t_given and (tuple(t.shape) != (B * H, NC, CHUNK, CHUNK) or t.dtype != torch.float32 or not t.is_contiguous()):
+        raise ValueError(f"t must be the forward's aux['t'], contiguous float32 {(B * H, NC, CHUNK, CHUNK)}; got "
+                         f"{t.dtype} {tuple(t.shape)}")
 
     def buf(shape, dtype):
         return _buffer(shape, dtype, q.device, poison)
@@ -339,7 +354,10 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
             # features computed in the kernel: fw_bwd_dq_kernel stores them once for the later kernels
             qf_b, kf_b = ((buf(q.shape, q.dtype), buf(k.shape, k.dtype)) if featurize else (q_fw, k_fw))
             dkw = buf(k.shape, f32)
-            t_mat = buf((B * H, NC, CHUNK, CHUNK), f32) if pre_t else dkw   # dkw: an unused placeholder
+            if t_given:
+                t_mat = t
+            else:   # dkw: an unused placeholder where fw_bwd_wy builds T itself
+                t_mat = buf((B * H, NC, CHUNK, CHUNK), f32) if pre_t else dkw
             bv = cfg["fw_bwd_split_bv"]
             launches += [
                 lambda: fw_bwd_dq_kernel[(NC, B * H)](
@@ -348,7 +366,8 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                     PRE_QDO=pre_qdo, **common),
                 lambda: reverse_scan(qf_b, kf_b, False, True),
                 *([lambda: wy_t_kernel[(NC, B * H)](kf_b, beta, t_mat, T, H, NC, dk_, BK=cfg["BK"],
-                                                    num_warps=cfg["wy_t_warps"])] if pre_t else []),
+                                                    num_warps=cfg["wy_t_warps"])] if pre_t and not t_given
+                  else []),
                 lambda: fw_bwd_wy_kernel[(NC, B * H)](
                     kf_b, v, beta, w, states, dvn, dv_kv, dkw, dv, dbeta, t_mat, T, H, NC, dk_, dv_, BK=cfg["BK"],
                     BV=bv, num_warps=cfg["fw_bwd_wy_warps"], num_stages=cfg["num_stages"], T_PRE=pre_t),

@@ -102,7 +102,17 @@ BWD_SCAN_QDO = ("scan", "pre")
 # first, in a program that holds nothing else, and store it (float32, 16 KB per chunk and head) for fw_bwd_wy_kernel
 # to load (FUSED_NOTES.md "Round 8"). Same tile either way. "pre" is the default: the backward at 8 x 128 took
 # 1.281 / 1.400 / 3.252 ms instead of 1.331 / 1.521 / 3.339 at T 2048 / 8192 / 32768 (H100, same process).
-FW_BWD_T = ("wy", "pre")
+# "fwd" (opt-in, "Round 14") has the forward's wy_kernel, which holds A's blocks and their diagonal inverses anyway,
+# solve them against the identity too and store T (forward_stores_t): the backward loads it and launches no wy_t. A
+# residual of the forward (16 KB per chunk and head, kept with the chunk states); where a backward gets no T from
+# its forward (states not kept, or a forward run without it) it builds T as "pre" does.
+FW_BWD_T = ("wy", "pre", "fwd")
+
+
+def forward_stores_t(cfg: dict) -> bool:
+    """Whether a forward run under launch configuration ``cfg`` stores every chunk's T for the backward
+    (``FW_BWD_T`` "fwd"; only the split FW backward reads it)."""
+    return cfg["fw_bwd"] == "split" and cfg["fw_bwd_t"] == "fwd"
 
 # Chunks per segment of the segmented scans (a launch config's "scan_segment_chunks" for the forward scan, opt-in,
 # and "bwd_scan_segment_chunks" for the reverse scan, default where that scan's programs would fill at most half the
@@ -197,13 +207,14 @@ def forward_kernels(cfg: dict | None = None, stages: int = 3) -> tuple[str, ...]
 
 def backward_kernels(cfg: dict | None = None) -> tuple[str, ...]:
     """The backward kernels a configuration launches (its ``"fw_bwd"`` variant, else ``fw_bwd_variant()``; the
-    split variant's ``wy_t`` with ``"fw_bwd_t": "pre"``; the segmented reverse scan's two kernels when
+    split variant's ``wy_t`` with ``"fw_bwd_t"`` "pre" or "fwd"; the segmented reverse scan's two kernels when
     ``"bwd_scan_segment_chunks"`` is set, whether or not a sequence is long enough to use them), in no particular
     order."""
     cfg = _with_defaults(cfg)
     segmented = SEGMENT_KERNELS if cfg["bwd_scan_segment_chunks"] else ()
     if cfg["fw_bwd"] == "split":
-        return (BACKWARD_KERNELS[:3] + SPLIT_FW_BWD_KERNELS + (("wy_t",) if cfg["fw_bwd_t"] == "pre" else ())
+        # "fwd" launches wy_t too when its forward left no T
+        return (BACKWARD_KERNELS[:3] + SPLIT_FW_BWD_KERNELS + (("wy_t",) if cfg["fw_bwd_t"] != "wy" else ())
                 + segmented)
     return BACKWARD_KERNELS   # the single variant never segments its scan (launch.fused_backward)
 
