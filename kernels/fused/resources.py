@@ -30,7 +30,7 @@ from .settings import (BACKWARD_KERNELS, FORWARD_KERNELS, SMEM_TABLE, _key, defa
 
 HEAD_DIMS = (16, 32, 64, 128)
 F32_POINTERS = {  # pointers whose buffers are float32 whatever the input dtype (launch.py)
-    "wy": ("beta_ptr",), "scan": ("carry_ptr",), "out": ("lse_ptr",),
+    "wy": ("beta_ptr", "t_ptr"), "scan": ("carry_ptr",), "out": ("lse_ptr",),
     "kv_dq": ("lse_ptr", "delta_ptr", "dq_ptr"), "kv_dkdv": ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"),
     "bwd_scan": ("dvn_ptr", "carry_ptr"), "bwd_scan_phi": ("phi_ptr",), "bwd_scan_carry": ("phi_ptr", "carry_ptr"),
     "fw_bwd": ("dvn_ptr", "dqkv_ptr", "dkkv_ptr", "dvkv_ptr", "dbeta_ptr", "beta_ptr"),
@@ -88,6 +88,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         consts["STORE_LSE"] = True
     if kernel == "wy":
         consts["STORE_KF"] = feat   # features computed here: the variant that stores them is the larger
+        consts["STORE_T"] = False   # the default "fw_bwd_t" ("pre"); "fwd" stores T here (FUSED_NOTES "Round 14")
     if kernel == "bwd_scan":
         consts["LOCAL_IN"] = False
     consts["PRE_QDO"] = False   # bwd_scan, fw_bwd_dq: the default "scan" variant of settings.BWD_SCAN_QDO
