@@ -363,6 +363,35 @@ def test_interpreter_fused_backward_float16(featurize):
 
 
 @interp
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("variant", ["single", "split"])
+@pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+def test_interpreter_bwd_partials_in_input_dtype(featurize, variant, monkeypatch):
+    # "bwd_partials" "input" (FUSED_NOTES.md "Round 14"): every partial-gradient buffer in the inputs' dtype, and
+    # the fp16 gradients still within the float32-partials test's bound of the float64 reference
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.testing import watch_launches
+    monkeypatch.setenv("HQLT_FUSED_FW_BWD", variant)
+    errs = {}
+    for partials in ("float32", "input"):
+        monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps({"bwd_partials": partials}))
+        seen = {}
+        with watch_launches(FL, lambda name, args, _kw: seen.setdefault(name, args)):
+            errs[partials] = compare(1, 130, 2, 32, 32, 40, torch.float16, "cpu", featurize=featurize, seed=6,
+                                     fused_bwd=True)
+        want = torch.float32 if partials == "float32" else torch.float16
+        # (kernel, positions of its partial-gradient buffers): dv_kv; dq_kv, dk_kv only as partials (features
+        # computed in the kernel); dv_new's gradient; the WY part of dk
+        parts = ([("kv_bwd_dkdv_kernel", (7,))] + ([("kv_bwd_dq_kernel", (7,)), ("kv_bwd_dkdv_kernel", (6,))]
+                                                  if featurize else []))
+        parts += ([("fw_bwd_kernel", (9, 13)), ("bwd_scan_kernel", (6,))] if variant == "single" else
+                  [("fw_bwd_dq_kernel", (9,)), ("fw_bwd_wy_kernel", (5, 6, 7)), ("fw_bwd_dk_kernel", (5,))])
+        for name, positions in parts:
+            assert all(seen[name][i].dtype == want for i in positions), (partials, name)
+    assert max(errs["input"].values()) <= 5e-3, errs
+
+
+@interp
 def test_interpreter_fused_backward_large_values_and_partial_outputs():
     # large raw q/k (sharp softmax, saturated silu) and beta in (0, 4); gradient of one output only
     from hqlt.kernels.fused import autograd as FA
@@ -439,9 +468,11 @@ BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_ker
 # walk: the same sums in another order (float32 rounding); its route has its own test
 # The KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows", "Round 12"): the same per-element sums; the blocks
 # past a row's window add exact zeros
-# "fw_bwd_t" "fwd" ("Round 14"): T from the forward's wy_kernel, the same blocks solved the same way (bit for bit)
+# "fw_bwd_t" "fwd" ("Round 14"): T from the forward's wy_kernel, the same blocks solved the same way (bit for bit);
+# "bwd_partials" "input" ("Round 14"): the same in float32 (the inputs' dtype), the bf16 class below is the real check
 BWD_VALUES = [(k, *v[:3]) for k, v in BWD_SWITCHES.items()] + [
-    ("fw_bwd_t", "pre", "fwd", 0.0), ("bwd_scan_segment_chunks", 0, 1, 1e-5), ("kv_dq_rows", 64, 128, 1e-6),
+    ("fw_bwd_t", "pre", "fwd", 0.0), ("bwd_partials", "float32", "input", 0.0),
+    ("bwd_scan_segment_chunks", 0, 1, 1e-5), ("kv_dq_rows", 64, 128, 1e-6),
     ("kv_dkdv_rows", 64, 128, 1e-6)]
 QDO_CASES = [(1, 1, 1, 16, 16, 1), (2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)]
 

@@ -619,7 +619,7 @@ def fw_bwd_dk_kernel(k_ptr, qf_ptr, vnew_ptr, dh_ptr, do_ptr, dkw_ptr, dkkv_ptr,
         dpt += tl.dot(vnew, tl.trans(do))
     qf = load_rows(qf_ptr, kbase, t0, T, skt, DK, 64, BK).to(DT)
     dk += fw_scale * tl.dot(tl.where(r[:, None] <= r[None, :], dpt, 0.0).to(DT), qf)   # dpt[j, i], j <= i
-    dk += load_rows(dkw_ptr, kbase, t0, T, skt, DK, 64, BK)
+    dk += load_rows(dkw_ptr, kbase, t0, T, skt, DK, 64, BK).to(tl.float32)
     if FEATURIZE:
         dk = _featurize_bwd(load_rows(k_ptr, kbase, t0, T, skt, DK, 64, BK), dk, EPS) \
             + load_rows(dkkv_ptr, kbase, t0, T, skt, DK, 64, BK).to(tl.float32)

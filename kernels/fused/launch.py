@@ -11,7 +11,7 @@ from ..contract import FEATURE_EPS, MAX_GRID_ROWS
 from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel,
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import (BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD_ROWS, MAX_HEAD_DIM, SCAN_FEATURES,
+from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD_ROWS, MAX_HEAD_DIM, SCAN_FEATURES,
                        backward_kernels, check_config_keys, forward_kernels, forward_stores_t, interpreting, kv_rows,
                        pow2, smem_needs)
 from .settings import default_config as settings_default_config
@@ -272,6 +272,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     _check_choice(cfg, "fw_bwd", FW_BWD_VARIANTS)
     _check_choice(cfg, "bwd_scan_qdo", BWD_SCAN_QDO)
     _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
+    _check_choice(cfg, "bwd_partials", BWD_PARTIALS)
     for key in ("kv_dq_rows", "kv_dkdv_rows"):   # 0 (by the window) resolved here, where the window is known
         _check_choice(cfg, key, KV_BWD_ROWS)
         cfg[key] = kv_rows(cfg[key], window, q.element_size())
@@ -297,12 +298,14 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
         return _buffer(shape, dtype, q.device, poison)
 
     f32 = torch.float32
-    dq_kv = buf(q.shape, f32 if featurize else q.dtype)     # partial (summed in fw_bwd_kernel) or final
-    dk_kv = buf(k.shape, f32 if featurize else k.dtype)
-    dv_kv = buf(v.shape, f32)
+    # partial gradients (settings.BWD_PARTIALS): float32, or the inputs' dtype
+    pq, pv_ = (f32, f32) if cfg["bwd_partials"] == "float32" else (q.dtype, v.dtype)
+    dq_kv = buf(q.shape, pq if featurize else q.dtype)     # partial (summed in the FW kernels) or final
+    dk_kv = buf(k.shape, pq if featurize else k.dtype)
+    dv_kv = buf(v.shape, pv_)
     delta = buf((B * H, T), f32)
     dh = buf((B * H, NC, dk_, dv_), states.dtype)
-    dvn = buf(v.shape, f32)
+    dvn = buf(v.shape, pv_)
     dq = buf(q.shape, q.dtype if featurize else q_fw.dtype)
     dk = buf(k.shape, k.dtype if featurize else k_fw.dtype)
     dv = buf(v.shape, v.dtype)
@@ -353,7 +356,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
         else:
             # features computed in the kernel: fw_bwd_dq_kernel stores them once for the later kernels
             qf_b, kf_b = ((buf(q.shape, q.dtype), buf(k.shape, k.dtype)) if featurize else (q_fw, k_fw))
-            dkw = buf(k.shape, f32)
+            dkw = buf(k.shape, pq)
             if t_given:
                 t_mat = t
             else:   # dkw: an unused placeholder where fw_bwd_wy builds T itself

@@ -114,6 +114,15 @@ def forward_stores_t(cfg: dict) -> bool:
     (``FW_BWD_T`` "fwd"; only the split FW backward reads it)."""
     return cfg["fw_bwd"] == "split" and cfg["fw_bwd_t"] == "fwd"
 
+# The dtype of the backward's partial gradients, the buffers one kernel writes for a later one to read and add to
+# (a launch config's "bwd_partials"): the KV branch's dv (and dq, dk with the features computed in the kernel), the
+# FW branch's dv_new gradient (written by fw_bwd_dq, completed by the reverse scan, read by fw_bwd_wy) and the WY part
+# of dk. "float32" (the default) keeps them exact to float32; "input" stores them in the inputs' dtype, as fla's
+# chunked DeltaNet backward does with its dv intermediates: at d 128 it moves 128 KB less per chunk of the
+# backward's ~1.3 MB (FUSED_NOTES.md "Round 14"; opt-in until a GPU A/B), at the cost of one rounding to bf16 of each
+# partial before the sums.
+BWD_PARTIALS = ("float32", "input")
+
 # Chunks per segment of the segmented scans (a launch config's "scan_segment_chunks" for the forward scan, opt-in,
 # and "bwd_scan_segment_chunks" for the reverse scan, default where that scan's programs would fill at most half the
 # device's SMs; 0: one walk over the whole sequence). The local and the final pass of a segment walk this many chunks,
@@ -277,6 +286,7 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
             "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan", "fw_bwd_t": "pre",
+            "bwd_partials": "float32",
             # the reverse scan in segments of this many chunks when its programs would fill at most half the SMs
             # (0: whole); a transition per segment and two passes instead of one walk over every chunk: faster with
             # 64 programs (B 1, T 32768; FUSED_NOTES.md "Round 9"), slower with 128 on 132 SMs (B 2, T 8192, 8 x 128;
