@@ -388,7 +388,9 @@ def test_interpreter_bwd_partials_in_input_dtype(featurize, variant, monkeypatch
                   [("fw_bwd_dq_kernel", (9,)), ("fw_bwd_wy_kernel", (5, 6, 7)), ("fw_bwd_dk_kernel", (5,))])
         for name, positions in parts:
             assert all(seen[name][i].dtype == want for i in positions), (partials, name)
+    # one more fp16 rounding per partial: measured 1.0-1.4x the float32-partials errors (all <= 8.4e-4)
     assert max(errs["input"].values()) <= 5e-3, errs
+    assert all(errs["input"][k] <= 2 * errs["float32"][k] + 1e-4 for k in errs["input"]), errs
 
 
 @interp
