@@ -381,6 +381,25 @@ def test_fused_benchmark_refuses_unknown_config_keys(capsys):
         assert exc.value.code == 2 and "unknown keys ['fw_bwd_tt']; allowed: ['BK'" in capsys.readouterr().err
 
 
+def test_fused_ab_checks_its_arguments_before_any_work(capsys, monkeypatch):
+    # the A/B runner: an unknown config key or a malformed row stops it at parsing (exit 2, naming what is wrong);
+    # without a CUDA device it says so and does nothing
+    from hqlt.benchmarks import fused_ab
+    for argv, says in ((["--configs", '{"fw_bwd_tt": "fwd"}', "--rows", "2048:8x128:64"],
+                        "unknown keys ['fw_bwd_tt']; allowed: ['BK'"),
+                       (["--configs", "{}", "--rows", "2048:8x128"],
+                        "a row is T:HxD:W, e.g. 2048:8x128:64; got '2048:8x128'"),
+                       (["--configs", "{}", "--rows", "0:8x128:64"], "must be >= 1"),
+                       (["--rows", "2048:8x128:64"], "--configs")):
+        with pytest.raises(SystemExit) as exc:
+            fused_ab.main(argv)
+        assert exc.value.code == 2 and says in capsys.readouterr().err, argv
+    assert fused_ab.parse_row("32768:16X64:1024") == (32768, 16, 64, 1024)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fused_ab.main(["--configs", "{}", "--rows", "2048:8x128:64"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
 def test_kv_backward_rows_by_window_and_their_shared_memory(monkeypatch):
     # rows 0 means 128 from KV_WIDE_WINDOW on with 2-byte inputs, else 64; 128-row tiles count twice the 64-row
     # shared memory, so a window that takes them can tip a shape over a device's limit, and only such a window

@@ -1,0 +1,165 @@
+"""A/B of fused launch configurations as a model layer runs the kernel: fwd+bwd of ``hybrid_memory(backend="fused")``
+(FW features given, every input differentiated) under each configuration, all in one process.
+
+    python -m hqlt.benchmarks.fused_ab --configs '{"fw_bwd_t": "pre"}' '{"fw_bwd_t": "fwd"}' \\
+        --rows 2048:8x128:64 32768:16x64:1024 [--fla] [--tokens 16384] [--passes 2] [--budget-s 200] [--out F.json]
+
+Each configuration is a JSON object of ``settings.default_config`` keys, applied as ``HQLT_FUSED_CONFIG`` (what a
+training run would set); an unknown key stops the run before any work. A row is ``T:HxD:W`` with
+B = max(1, tokens // T), bf16. Per row: the host's time to issue one step without a sync (first configuration,
+and fla with ``--fla``: whether a shape is bound by the host rather than the GPU), then ``--passes`` passes over the
+configurations (the spread between passes is the noise; compare within a row), each a median of 30 CUDA-event
+timings after 5 (first pass) or 3 warm-up steps, with the gradients' largest relative RMS difference from the first
+configuration's; ``--fla`` times the fla composition once per pass. ``--budget-s`` stops between timings once
+spent; the JSON is written after every row and on SIGTERM. Needs a CUDA device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .fused_profile import parse_config
+from .kernels import _version, cuda_time_ms
+
+CONFIG_ENV = "HQLT_FUSED_CONFIG"
+
+
+def parse_row(text: str) -> tuple[int, int, int, int]:
+    """'T:HxD:W' -> (T, H, D, W), for argparse ``type=``."""
+    try:
+        t, hd, w = text.split(":")
+        h, d = hd.lower().split("x")
+        row = int(t), int(h), int(d), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a row is T:HxD:W, e.g. 2048:8x128:64; got {text!r}") from None
+    if min(row) < 1:
+        raise argparse.ArgumentTypeError(f"T, H, D and W must be >= 1; got {text!r}")
+    return row
+
+
+def _host_ms(step, steps: int = 20) -> float:
+    """Mean wall time to issue one step (no sync inside; the queue holds 20 steps), after 3 untimed ones."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host = (time.perf_counter() - t) / steps * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
+def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> None:
+    from hqlt.kernels import hybrid_memory
+    from hqlt.kernels.testing import random_inputs
+
+    T, H, d, W = row
+    B = max(1, args.tokens // T)
+    x = random_inputs(B, T, H, d, fw="delta", dtype=torch.bfloat16, device=torch.device("cuda"), seed=T + H + W,
+                      requires_grad=True)
+    leaves = [x[n] for n in ("q_kv", "k_kv", "q_fw", "k_fw", "v", "beta")]
+    grads = [torch.randn_like(x["v"]), torch.randn_like(x["v"])]
+    scale = d ** -0.5
+
+    def call(backend):
+        return hybrid_memory(*leaves, blend="sync", window=W, fw="delta", kv_scale=scale, fw_scale=scale,
+                             backend=backend)
+
+    def step(backend):
+        return lambda: torch.autograd.grad(call(backend), leaves, grads)
+
+    label = f"T{T} {H}x{d} W{W} B{B}"
+    r = {"T": T, "H": H, "d": d, "W": W, "B": B, "ms": {}, "grad_diff": {}}
+    out["rows"].append(r)
+    os.environ[CONFIG_ENV] = json.dumps(args.configs[0])
+    for backend in ("fused",) + (("fla",) if args.fla else ()):
+        if backend == "fla":
+            os.environ[CONFIG_ENV] = ""
+        r[f"host_ms_{backend}"] = _host_ms(step(backend))
+        print(f"{label} host issue time {backend}: {r[f'host_ms_{backend}']:.3f} ms", flush=True)
+    ref = None
+    for rep in range(args.passes):
+        for cfg in args.configs:
+            if over_budget():
+                r["stopped"] = "budget reached"
+                return
+            key = json.dumps(cfg, sort_keys=True)
+            os.environ[CONFIG_ENV] = json.dumps(cfg)
+            try:
+                ms = cuda_time_ms(step("fused"), 3 if rep else 5, 30)
+                g = [t.float() for t in torch.autograd.grad(call("fused"), leaves, grads)]
+                ref = g if ref is None else ref
+                err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(g, ref))
+            except Exception as exc:   # a configuration that fails (resources, a bad value) is reported, the run goes on
+                ms, err = None, f"{type(exc).__name__}: {exc}"[:300]
+            r["ms"].setdefault(key, []).append(ms)
+            r["grad_diff"][key] = err
+            print(f"{label} pass {rep} {key:<60} {ms if ms is None else f'{ms:.3f}'} ms  grad diff {err}", flush=True)
+        if args.fla:
+            os.environ[CONFIG_ENV] = ""
+            ms = cuda_time_ms(step("fla"), 5, 30)
+            r["ms"].setdefault("fla", []).append(ms)
+            print(f"{label} pass {rep} fla {ms:.3f} ms", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hqlt.benchmarks.fused_ab", description=__doc__.splitlines()[0])
+    p.add_argument("--configs", type=parse_config, nargs="+", required=True, metavar="JSON",
+                   help="launch-config overrides, the first the baseline, e.g. '{\"fw_bwd_t\": \"pre\"}' (an empty "
+                        "object '{}' is the defaults)")
+    p.add_argument("--rows", type=parse_row, nargs="+", required=True, metavar="T:HxD:W")
+    p.add_argument("--fla", action="store_true", help="time the fla composition at every row too")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = max(1, tokens // T))")
+    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--budget-s", type=float, default=None, help="stop between timings after this many seconds")
+    p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("hqlt.benchmarks.fused_ab: needs a CUDA device", file=sys.stderr)
+        return 2
+    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": _version("triton"),
+           "fla": _version("fla-core"), "dtype": "bfloat16", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "command": "python -m hqlt.benchmarks.fused_ab " + " ".join(sys.argv[1:] if argv is None else argv),
+           "rows": []}
+    print(f"# {out['device']}, torch {out['torch']}, triton {out['triton']}, fla {out['fla']}", flush=True)
+    start = time.time()
+    saved_env = os.environ.get(CONFIG_ENV)
+
+    def save():
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=1))
+
+    def stopped(signum, _frame):   # `timeout` (SIGTERM): keep what was measured
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stopped)
+    try:
+        for row in args.rows:
+            if args.budget_s is not None and time.time() - start > args.budget_s:
+                print("budget reached", flush=True)
+                break
+            bench_row(row, args, out, lambda: args.budget_s is not None and time.time() - start > args.budget_s)
+            save()
+    except KeyboardInterrupt as exc:
+        out["stopped"] = f"stopped midway ({exc or 'SIGINT'})"
+        save()
+        return 130
+    finally:
+        if saved_env is None:
+            os.environ.pop(CONFIG_ENV, None)
+        else:
+            os.environ[CONFIG_ENV] = saved_env
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
