@@ -98,7 +98,7 @@ def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> N
                 g = [t.float() for t in torch.autograd.grad(call("fused"), leaves, grads)]
                 ref = g if ref is None else ref
                 err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(g, ref))
-            except Exception as exc:   # a configuration that fails (resources, a bad value) is reported, the run goes on
+            except Exception as exc:   # a configuration that fails (resources, a value) is reported; the run goes on
                 ms, err = None, f"{type(exc).__name__}: {exc}"[:300]
             r["ms"].setdefault(key, []).append(ms)
             r["grad_diff"][key] = err

@@ -38,7 +38,8 @@ def fused_sync_hybrid(q_kv: Tensor, k_kv: Tensor, q_fw: Optional[Tensor], k_fw: 
     if save_states:
         t = aux.get("t", v.new_empty(0, dtype=torch.float32))
         return o_kv, o_fw, aux["lse"], aux["w"], aux["v_new"], aux["states"], t
-    return o_kv, o_fw, aux["lse"], q_kv.new_empty(0), v.new_empty(0), v.new_empty(0), v.new_empty(0, dtype=torch.float32)
+    return (o_kv, o_fw, aux["lse"], q_kv.new_empty(0), v.new_empty(0), v.new_empty(0),
+            v.new_empty(0, dtype=torch.float32))
 
 
 def _stores_t(q_kv: Tensor, v: Tensor) -> bool:
