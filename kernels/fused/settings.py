@@ -285,7 +285,7 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             "scan_segment_chunks": 0,
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
-            "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan", "fw_bwd_t": "pre",
+            "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan", "fw_bwd_t": "fwd",
             "bwd_partials": "float32",
             # the reverse scan in segments of this many chunks when its programs would fill at most half the SMs
             # (0: whole); a transition per segment and two passes instead of one walk over every chunk: faster with
@@ -294,9 +294,9 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             "bwd_scan_segment_chunks": SEGMENT_CHUNKS if 2 * B * H * -(-dv // scan_bv) <= sms else 0,
             "bwd_scan_carry_warps": 8,
             "fw_bwd_bv": 16, "fw_bwd_warps": 8,
-            # the KV backward's rows (KV_BWD_ROWS): 64 until an A/B on a GPU says otherwise ("Round 12": 0, by
-            # the window, is the candidate for kv_dq)
-            "kv_bwd_warps": 4 if big else 8, "kv_dq_rows": 64, "kv_dkdv_rows": 64,
+            # the KV backward's rows (KV_BWD_ROWS): by the window, 128 from KV_WIDE_WINDOW on (FUSED_NOTES.md
+            # "Round 15": at W 1024 on an H100, 16 x 64, 2.53 -> 1.93 ms fwd+bwd at T 2048 and 3.05 -> 2.31 at T 8192)
+            "kv_bwd_warps": 4 if big else 8, "kv_dq_rows": 0, "kv_dkdv_rows": 0,
             # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): 8 warps for the dq and dk kernels from
             # Dk = 64 (4 spill); 32-column blocks with a 4-warp WY kernel, faster at T 2048, 8192 and 32768 on an
             # H100 despite the spills, at d 128 ("Round 7") and at d 64 ("Round 8": backward 4.26 -> 3.34 ms at
