@@ -462,9 +462,9 @@ def test_interpreter_fw_bwd_split_poisoned_and_equal_to_single(case, featurize, 
 
 
 # Switches of the split backward (launch-config keys; FUSED_NOTES.md "Round 7", "Round 8"): "bwd_scan_qdo" "pre" (opt-in)
-# has the reverse scan read fw_scale Qf^T dO that fw_bwd_dq left in its dH slots; "fw_bwd_t" "pre" (the default) has
-# wy_t_kernel build every chunk's T for the WY kernel, "wy" has that kernel build it ("fwd", the forward's T: its own
-# tests). Per switch: its two values, the interpreter's tolerance between them (the same T tile: bit for bit), the
+# has the reverse scan read fw_scale Qf^T dO that fw_bwd_dq left in its dH slots; "fw_bwd_t" "pre" has
+# wy_t_kernel build every chunk's T for the WY kernel, "wy" has that kernel build it ("fwd", the default, the forward's
+# T: its own tests). Per switch: its two values, the interpreter's tolerance between them (the same T tile: bit for bit), the
 # kernel flag, the kernels taking it, a bad value.
 BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_kernel", "bwd_scan_kernel"), "early"),
                 "fw_bwd_t": ("wy", "pre", 0.0, "T_PRE", ("fw_bwd_wy_kernel",), "forward")}
@@ -507,7 +507,7 @@ def test_interpreter_kv_backward_rows_route(rows, window, dtype, want):
     from hqlt.kernels.fused import launch as FL
     from hqlt.kernels.fused import settings as S
     from hqlt.kernels.testing import watch_launches
-    assert S.KV_WIDE_WINDOW == 512 and FL.default_config(1, 1, 32, 32, torch.device("cpu"))["kv_dq_rows"] == 64
+    assert S.KV_WIDE_WINDOW == 512 and FL.default_config(1, 1, 32, 32, torch.device("cpu"))["kv_dq_rows"] == 0
     seen = {}
     low, gout = make_inputs(1, 130, 1, 32, 32, dtype, "cpu", 0)
     kw = dict(window=window, kv_scale=0.2, fw_scale=0.2)
@@ -581,8 +581,8 @@ def test_interpreter_forward_t_route(featurize, monkeypatch):
         kw.update(q_fw=feat64(low["q"]).float(), k_fw=feat64(low["k"]).float())
     fwd_cfg = {"fw_bwd": "split", "fw_bwd_t": "fwd"}
     qkvb = (low["q"], low["k"], low["v"], low["beta"])
-    for cfg, stores in (({"fw_bwd": "split"}, False), ({"fw_bwd": "single", "fw_bwd_t": "fwd"}, False),
-                        (fwd_cfg, True)):
+    for cfg, stores in (({"fw_bwd": "split", "fw_bwd_t": "pre"}, False), ({"fw_bwd": "single", "fw_bwd_t": "fwd"},
+                                                                            False), (fwd_cfg, True), ({}, True)):
         flags = {}
         with watch_launches(FL, lambda name, _a, kwargs: flags.setdefault(name, kwargs.get("STORE_T"))):
             out = FL.fused_forward(*qkvb, return_aux=True, config=cfg, **kw)
@@ -614,7 +614,7 @@ def test_interpreter_forward_t_route(featurize, monkeypatch):
         outs = sync_hybrid_memory(*leaves, **fw_kw, **fkw)
         g_env = torch.autograd.grad(outs, leaves + fw_leaves, gout)
     assert "wy_t_kernel" not in launched and "fw_bwd_wy_kernel" in launched
-    monkeypatch.delenv("HQLT_FUSED_CONFIG")
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps({"fw_bwd_t": "pre"}))
     g_pre = torch.autograd.grad(sync_hybrid_memory(*leaves, **fw_kw, **fkw), leaves + fw_leaves, gout)
     assert all(torch.equal(a, b) for a, b in zip(g_env, g_pre))
     monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps(fwd_cfg))
@@ -1141,11 +1141,11 @@ def test_quick_patterns_each_name_a_test(quick_match):
 def test_fused_op_fake_implementation_needs_no_triton(monkeypatch):
     """``hqlt::fused_sync_hybrid`` (and its backward) on fake tensors: shapes and dtypes of every output
     without running (or importing) a kernel — what torch.compile traces; the chunks' T only where the launch
-    configuration has the forward store it ("fw_bwd_t" "fwd", here from HQLT_FUSED_CONFIG)."""
+    configuration has the forward store it ("fw_bwd_t" "fwd", the default; "pre" here from HQLT_FUSED_CONFIG)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from hqlt.kernels.fused import ops as fused_ops
     B, T, H, dk, dv = 2, 130, 3, 32, 48
-    monkeypatch.delenv("HQLT_FUSED_CONFIG", raising=False)
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps({"fw_bwd_t": "pre"}))
     with FakeTensorMode():
         q, k = torch.empty(B, T, H, dk, dtype=torch.bfloat16), torch.empty(B, T, H, dk, dtype=torch.bfloat16)
         v, beta = torch.empty(B, T, H, dv, dtype=torch.bfloat16), torch.empty(B, T, H)
@@ -1159,8 +1159,11 @@ def test_fused_op_fake_implementation_needs_no_triton(monkeypatch):
                                                      states, t, 16, 0.2, 0.2, True)
         assert [tuple(g.shape) for g in grads] == [q.shape, k.shape, (0,), (0,), v.shape, beta.shape]
         for cfg, stored in (({"fw_bwd": "split", "fw_bwd_t": "fwd"}, True), ({"fw_bwd": "single", "fw_bwd_t": "fwd"},
-                                                                                False)):
-            monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps(cfg))
+                                                                                False), (None, True)):
+            if cfg is None:   # the default configuration
+                monkeypatch.delenv("HQLT_FUSED_CONFIG")
+            else:
+                monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps(cfg))
             t = fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, True)[6]
             assert tuple(t.shape) == ((B * H, 3, 64, 64) if stored else (0,)) and t.dtype == torch.float32
             assert fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, False)[6].numel() == 0

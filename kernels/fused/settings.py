@@ -100,12 +100,14 @@ BWD_SCAN_QDO = ("scan", "pre")
 # builds it in fw_bwd_wy_kernel (A's blocks, the 16x16 inversions, the solves against the identity: the most
 # registers of that kernel, the largest of the backward at T 2048); "pre" has wy_t_kernel build every chunk's T
 # first, in a program that holds nothing else, and store it (float32, 16 KB per chunk and head) for fw_bwd_wy_kernel
-# to load (FUSED_NOTES.md "Round 8"). Same tile either way. "pre" is the default: the backward at 8 x 128 took
+# to load (FUSED_NOTES.md "Round 8"). Same tile either way. "pre" beat "wy": the backward at 8 x 128 took
 # 1.281 / 1.400 / 3.252 ms instead of 1.331 / 1.521 / 3.339 at T 2048 / 8192 / 32768 (H100, same process).
-# "fwd" (opt-in, "Round 14") has the forward's wy_kernel, which holds A's blocks and their diagonal inverses anyway,
-# solve them against the identity too and store T (forward_stores_t): the backward loads it and launches no wy_t. A
-# residual of the forward (16 KB per chunk and head, kept with the chunk states); where a backward gets no T from
-# its forward (states not kept, or a forward run without it) it builds T as "pre" does.
+# "fwd" ("Round 14", the default since "Round 15") has the forward's wy_kernel, which holds A's blocks and their
+# diagonal inverses anyway, solve them against the identity too and store T (forward_stores_t): the backward loads it
+# and launches no wy_t (fwd+bwd at 8 x 128, W 64 on an H100: 3.73 -> 3.51 ms at T 32768, 1.73 -> 1.59 at T 8192,
+# same gradients bit for bit). A residual of the forward (16 KB per chunk and head, float32: B*H*T*256 bytes, as
+# much as a bf16 copy of v at d 128, kept with the chunk states); where a backward gets no T from its forward
+# (states not kept, or a forward run without it) it builds T as "pre" does.
 FW_BWD_T = ("wy", "pre", "fwd")
 
 
@@ -294,9 +296,10 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             "bwd_scan_segment_chunks": SEGMENT_CHUNKS if 2 * B * H * -(-dv // scan_bv) <= sms else 0,
             "bwd_scan_carry_warps": 8,
             "fw_bwd_bv": 16, "fw_bwd_warps": 8,
-            # the KV backward's rows (KV_BWD_ROWS): by the window, 128 from KV_WIDE_WINDOW on (FUSED_NOTES.md
-            # "Round 15": at W 1024 on an H100, 16 x 64, 2.53 -> 1.93 ms fwd+bwd at T 2048 and 3.05 -> 2.31 at T 8192)
-            "kv_bwd_warps": 4 if big else 8, "kv_dq_rows": 0, "kv_dkdv_rows": 0,
+            # the KV backward's rows (KV_BWD_ROWS): at d <= 64 by the window, 128 from KV_WIDE_WINDOW on; 64 at d 128
+            # (FUSED_NOTES.md "Round 15", W 1024 on an H100, fwd+bwd: 16 x 64 2.53 -> 1.93 ms at T 2048, 3.05 -> 2.31
+            # at T 8192; 8 x 128 1.92 -> 1.99 and 2.24 -> 2.28, where kv_dkdv's 128-row tile spills)
+            "kv_bwd_warps": 4 if big else 8, "kv_dq_rows": 64 if big else 0, "kv_dkdv_rows": 64 if big else 0,
             # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): 8 warps for the dq and dk kernels from
             # Dk = 64 (4 spill); 32-column blocks with a 4-warp WY kernel, faster at T 2048, 8192 and 32768 on an
             # H100 despite the spills, at d 128 ("Round 7") and at d 64 ("Round 8": backward 4.26 -> 3.34 ms at
