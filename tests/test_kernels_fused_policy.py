@@ -414,9 +414,14 @@ def test_kv_backward_rows_by_window_and_their_shared_memory(monkeypatch):
     assert {k: v for k, v in wide.items() if k != "kv_dq"} == {k: v for k, v in narrow.items() if k != "kv_dq"}
     limit = (narrow["kv_dq"] + wide["kv_dq"]) // 2
     fits = functools.partial(S.fits_shared_memory, 2, 128, 128, limit, featurize=False, kernels=("kv_dq",))
-    assert fits(window=64, config=by_window) and fits(window=S.KV_WIDE_WINDOW, config={"kv_dq_rows": 64})
+    assert fits(window=64, config=by_window) and fits(window=S.KV_WIDE_WINDOW)   # the default at d 128: 64 rows
     assert not fits(window=S.KV_WIDE_WINDOW, config=by_window)
     assert not fits(config=by_window)   # window unknown: the larger need
-    assert fits(window=64) and not fits(window=S.KV_WIDE_WINDOW)   # the default: by the window
-    monkeypatch.setenv("HQLT_FUSED_CONFIG", '{"kv_dq_rows": 64}')   # the cached default configuration reads it
-    assert fits(window=64) and fits(window=S.KV_WIDE_WINDOW)
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", '{"kv_dq_rows": 0}')   # the cached default configuration reads it
+    assert fits(window=64) and not fits(window=S.KV_WIDE_WINDOW)
+    monkeypatch.delenv("HQLT_FUSED_CONFIG")
+    # at d <= 64 the default is by the window (FUSED_NOTES.md "Round 15")
+    narrow64, wide64 = (S.smem_needs(2, 64, 64, featurize=False, window=w) for w in (64, S.KV_WIDE_WINDOW))
+    assert all(wide64[k] == 2 * narrow64[k] for k in ("kv_dq", "kv_dkdv"))
+    assert {k: v for k, v in wide64.items() if not k.startswith("kv_")} == {
+        k: v for k, v in narrow64.items() if not k.startswith("kv_")}
