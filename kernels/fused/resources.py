@@ -88,14 +88,15 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         consts["STORE_LSE"] = True
     if kernel == "wy":
         consts["STORE_KF"] = feat   # features computed here: the variant that stores them is the larger
-        consts["STORE_T"] = False   # the default "fw_bwd_t" ("pre"); "fwd" stores T here (FUSED_NOTES "Round 14")
+        # the default "fw_bwd_t" "fwd" stores T here: the same shared memory as without (FUSED_NOTES "Round 14")
+        consts["STORE_T"] = True
     if kernel == "bwd_scan":
         consts["LOCAL_IN"] = False
     consts["PRE_QDO"] = False   # bwd_scan, fw_bwd_dq: the default "scan" variant of settings.BWD_SCAN_QDO
     consts["T_PRE"] = False     # fw_bwd_wy: the default "wy" variant of settings.FW_BWD_T
     consts["SEG"] = 0           # scan, bwd_scan: the whole sequence (their segmented passes have the same loop)
     consts["FORWARD"] = False   # bwd_scan_carry: the reverse scan's walk (the forward one differs in addresses only)
-    consts["BM"] = 64           # kv_dq, kv_dkdv: the default "kv_dq_rows", "kv_dkdv_rows"
+    consts["BM"] = 64           # kv_dq, kv_dkdv: 64-row tiles (settings.smem_needs counts a 128-row one twice)
     consts.update(extra or {})
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}
