@@ -8,8 +8,8 @@ entry nearest to its own shape (same blend; distance = sum of |log2| ratios of W
 ``OTHER_CARD_DISTANCE`` for a row measured on another card than the calling one) and the fastest *available*
 backend in it; a table may restrict the
 choice to the backends it lists under "verified" (those whose GPU parity tests passed): a list holds for every
-card; a map from card name to list holds per calling card, and a card it does not name may use only the
-backends verified on every card it names.
+card; a map from card name to list holds per calling card; a card it does not name gets the map's ``"*"`` entry, or
+without one only the backends verified on every card it names.
 
 Shape classes. A backend that runs its own kernel only on part of the calls (the fused Sync-HQLT kernel:
 sync + delta, bf16/fp16, d <= 128) and falls back to another backend's ops elsewhere is eligible
@@ -67,16 +67,23 @@ def _dist(entry: dict, window: int, seq_len: int, head_dim: int, other_card: boo
         OTHER_CARD_DISTANCE if other_card else 0.0)
 
 
+OTHER_CARDS = "*"   # the "verified" map's key for every card it does not name
+
+
 def verified_on(table: dict, device: str | None) -> set | None:
     """The backends the table's "verified" gate allows on the calling card ``device`` (None: no gate). A list
     holds for every card. A map {card: [backends]} is read per card, because a parity run passes on one card:
-    an unnamed card (or ``device`` None) gets the backends verified on every named card."""
+    an unnamed card (or ``device`` None) gets the map's ``OTHER_CARDS`` entry, else the backends verified on every
+    named card (once a backend has passed on every named card, only an ``OTHER_CARDS`` entry keeps it off the
+    cards that never ran it)."""
     verified = table.get("verified")
     if verified is None:
         return None
     if isinstance(verified, dict):
         if device in verified:
             return set(verified[device])
+        if OTHER_CARDS in verified:
+            return set(verified[OTHER_CARDS])
         lists = [set(v) for v in verified.values()]
         return set.intersection(*lists) if lists else set()
     return set(verified)

@@ -230,6 +230,11 @@ def test_verified_map_gates_each_calling_card_by_its_own_parity_run(tmp_path, mo
         assert auto_table.verified_on(table, "H100") == {"fla"}
         assert auto_table.verified_on(table, "A100") == {"fla"}        # unnamed card: verified on every named one
         assert auto_table.verified_on(table, None) == {"fla"}
+        both = {"verified": {"H200": ["fla", "fused"], "H100": ["fla", "fused"]}}
+        assert auto_table.verified_on(both, "A100") == {"fla", "fused"}   # passed on every named card
+        starred = {"verified": dict(both["verified"], **{auto_table.OTHER_CARDS: ["fla"]})}
+        assert auto_table.verified_on(starred, "A100") == auto_table.verified_on(starred, None) == {"fla"}
+        assert auto_table.verified_on(starred, "H100") == {"fla", "fused"}
         assert auto_table.verified_on({"verified": ["fla"]}, "H200") == {"fla"}
         assert auto_table.verified_on({}, "H200") is None
         avail = lambda: {"fla", "fused"}
@@ -256,30 +261,33 @@ def test_resolve_auto_never_names_a_backend_with_a_shape_class(tmp_path, monkeyp
 
 
 def test_shipped_table_picks_fused_only_on_its_verified_card_where_its_row_is_fastest(monkeypatch, fake_gpu):
-    """The committed table: on the card whose gate lists fused, each measured sync row picks its faster backend of
-    fla and fused (kernels/results/auto_table.json); on every other card, and on one the table does not name, never
-    fused."""
+    """The committed table: on each card whose gate lists fused, each measured sync shape picks that card's faster
+    backend of fla and fused (kernels/results/auto_table.json); on a card the table does not name, never fused."""
     monkeypatch.delenv("HQLT_AUTO_TABLE", raising=False)
     auto_table.load_table.cache_clear()
     try:
         table = auto_table.load_table()
         gate = table["verified"]
-        assert isinstance(gate, dict) and [c for c, names in gate.items() if "fused" in names] == ["NVIDIA H200"]
-        picked = []
-        for e in (e for e in table["entries"] if e["blend"] == "sync"):
-            card = auto_table.entry_device(table, e)
-            fastest = min(("fla", "fused"), key=lambda n: e["ms"].get(n) or float("inf"))
-            for device in (card, "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"):
+        cards = sorted(c for c, names in gate.items() if "fused" in names)
+        assert isinstance(gate, dict) and cards == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
+        sync = [e for e in table["entries"] if e["blend"] == "sync"]
+        shape = lambda e: (e["window"], e["seq_len"], e["head_dim"], e["heads"], e["batch"])   # noqa: E731
+        fastest = {(auto_table.entry_device(table, e), shape(e)): min(("fla", "fused"), key=lambda n: e["ms"].get(
+            n) or float("inf")) for e in sync}
+        picked = {c: [] for c in cards}
+        for e in sync:
+            for device in (*cards, "NVIDIA A100-SXM4-80GB"):
                 auto_table._CHOICES.clear()   # the choice is kept per shape; here the same shape asks again per card
                 got = _pick(W=e["window"], T=e["seq_len"], d=e["head_dim"], heads=e["heads"], batch=e["batch"],
                             device=device)
-                if device == "NVIDIA H200" and card == device:
-                    assert got == fastest, (e, got)
-                    picked.append(got)
+                if device in cards:   # every verified card has its own row of each shape
+                    assert got == fastest[(device, shape(e))], (device, e, got)
+                    picked[device].append(got)
                 else:
                     assert got != "fused", (device, e)
-        # the H200 rows have both outcomes: fused at 8 x 128, fla at 16 x 64 with W 1024 at T 2048 and 8192
-        assert set(picked) == {"fla", "fused"}
+        # the H200 rows (round 11) have both outcomes: fla at 16 x 64 with W 1024 at T 2048 and 8192; the H100 rows
+        # (round 15) pick fused everywhere
+        assert set(picked["NVIDIA H200"]) == {"fla", "fused"} and set(picked["NVIDIA H100 80GB HBM3"]) == {"fused"}
     finally:
         auto_table.load_table.cache_clear()
 
