@@ -7,7 +7,8 @@
 Each configuration is a JSON object of ``settings.default_config`` keys, applied as ``HQLT_FUSED_CONFIG`` (what a
 training run would set); an unknown key stops the run before any work. A row is ``T:HxD:W`` with
 B = max(1, tokens // T), bf16. Per row: the host's time to issue one step without a sync (first configuration,
-and fla with ``--fla``: whether a shape is bound by the host rather than the GPU), then ``--passes`` passes over the
+and fla with ``--fla``: whether a shape is bound by the host rather than the GPU; for fused also with its kernels not
+launched, which splits the host's time into the Triton launcher's and the rest), then ``--passes`` passes over the
 configurations (the spread between passes is the noise; compare within a row), each a median of 30 CUDA-event
 timings after 5 (first pass) or 3 warm-up steps, with the gradients' largest relative RMS difference from the first
 configuration's; ``--fla`` times the fla composition once per pass. ``--budget-s`` stops between timings once
@@ -59,7 +60,15 @@ def _host_ms(step, steps: int = 20) -> float:
 
 def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> None:
     from hqlt.kernels import hybrid_memory
-    from hqlt.kernels.testing import random_inputs
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.testing import random_inputs, skip_launches, watch_launches
+
+    def _launches(run) -> int:
+        seen = []
+        with watch_launches(FL, lambda name, _a, _k: seen.append(name)):
+            run()
+        torch.cuda.synchronize()
+        return len(seen)
 
     T, H, d, W = row
     B = max(1, args.tokens // T)
@@ -85,6 +94,11 @@ def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> N
             os.environ[CONFIG_ENV] = ""
         r[f"host_ms_{backend}"] = _host_ms(step(backend))
         print(f"{label} host issue time {backend}: {r[f'host_ms_{backend}']:.3f} ms", flush=True)
+        if backend == "fused":   # the same step with the kernels not launched: the rest of the host's time
+            with skip_launches(FL):
+                r["host_ms_fused_no_launch"] = _host_ms(step(backend))
+            print(f"{label} host issue time fused without its {_launches(step(backend))} kernel launches: "
+                  f"{r['host_ms_fused_no_launch']:.3f} ms", flush=True)
     ref = None
     for rep in range(args.passes):
         for cfg in args.configs:

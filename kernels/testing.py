@@ -84,6 +84,26 @@ def watch_launches(module, on_launch):
             setattr(module, name, kernel)
 
 
+@contextlib.contextmanager
+def skip_launches(module):
+    """While the block runs, every ``*_kernel`` of ``module`` launches nothing (outputs stay as allocated): the
+    host's time for a call without the kernel launcher's, to split a step's host time into the launcher's and
+    everything else's (``python -m hqlt.benchmarks.fused_ab``)."""
+    originals = {n: getattr(module, n) for n in vars(module) if n.endswith("_kernel")}
+
+    class Skipped:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    try:
+        for name in originals:
+            setattr(module, name, Skipped())
+        yield
+    finally:
+        for name, kernel in originals.items():
+            setattr(module, name, kernel)
+
+
 # ------------------------------------------------------------------------------ op registry watch
 def hqlt_op_libraries(ops=None) -> dict[str, bool]:
     """Per ``hqlt::`` custom op: whether the registration held by ``ops`` (default: the op objects of

@@ -16,7 +16,7 @@ Three groups:
   for every input over T x W x d x B pairs, poisoned backward buffers) when ``TRITON_INTERPRET=1`` and
   triton is importable (skipped otherwise). Tolerance 1e-5 (the contract's float32 bound).
   All of them (about 20 min on 2 cores):  TRITON_INTERPRET=1 python -m pytest -q tests/test_gpu_fused.py
-  The ``QUICK`` ones below (61 cases, 4-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
+  The ``QUICK`` ones below (62 cases, 4-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
   The custom op pair ``hqlt::fused_sync_hybrid`` (what the backend and torch.compile call): opcheck, and a
   compiled call (fullgraph) against the reference.
 * Registration (CPU, always): "fused" is registered, lazily probed, never the priority fallback; the op's
@@ -62,6 +62,7 @@ QUICK = (
     "test_interpreter_segmented_scan_route_and_values[split]", "test_interpreter_long_windows[T1100-*-given-features]",
     "test_interpreter_scan_features_route[*", "test_interpreter_scan_features_stored[B1-T70-*",
     "test_interpreter_profile_driver_launches_each_kernel_once_per_step",
+    "test_interpreter_skip_launches_runs_the_host_side_only",
     "test_interpreter_fused_op_opcheck[given-kept]", "test_interpreter_fused_op_opcheck[raw-kept-forward-T]",
     "test_interpreter_forward_t_route[given-features]",
     "test_interpreter_bwd_partials_in_input_dtype[given-features-split]",
@@ -463,9 +464,9 @@ def test_interpreter_fw_bwd_split_poisoned_and_equal_to_single(case, featurize, 
 
 # Switches of the split backward (launch-config keys; FUSED_NOTES.md "Round 7", "Round 8"): "bwd_scan_qdo" "pre" (opt-in)
 # has the reverse scan read fw_scale Qf^T dO that fw_bwd_dq left in its dH slots; "fw_bwd_t" "pre" has
-# wy_t_kernel build every chunk's T for the WY kernel, "wy" has that kernel build it ("fwd", the default, the forward's
-# T: its own tests). Per switch: its two values, the interpreter's tolerance between them (the same T tile: bit for bit), the
-# kernel flag, the kernels taking it, a bad value.
+# wy_t_kernel build every chunk's T for the WY kernel, "wy" has that kernel build it ("fwd", the default, the
+# forward's T: its own tests). Per switch: its two values, the interpreter's tolerance between them (the same T tile:
+# bit for bit), the kernel flag, the kernels taking it, a bad value.
 BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_kernel", "bwd_scan_kernel"), "early"),
                 "fw_bwd_t": ("wy", "pre", 0.0, "T_PRE", ("fw_bwd_wy_kernel",), "forward")}
 # The segmented reverse scan ("Round 9"), one chunk per segment (every chunk boundary a segment boundary) against one
@@ -906,17 +907,47 @@ def test_scan_features_switch(monkeypatch):
 
 @interp
 def test_interpreter_profile_driver_launches_each_kernel_once_per_step(capsys, monkeypatch):
-    # benchmarks/gpu_checks.sh's fused_profile stage skips the warm-up steps by counting launches per step
+    # benchmarks/gpu_checks.sh's fused_profile stage skips the warm-up steps by counting launches per step; the
+    # backward gets the forward's T as a layer's does (no wy_t under the default "fw_bwd_t" "fwd", one under "pre")
     from hqlt.benchmarks import fused_profile
     monkeypatch.delenv("HQLT_FUSED_FW_BWD", raising=False)
-    assert fused_profile.main(["--device", "cpu", "--shape", "1x70", "--heads", "1", "--dim", "32", "--steps", "2",
-                               "--config", '{"scan_features": "stored"}']) == 0
-    out = capsys.readouterr().out
-    launches = dict(x.rsplit(" ", 1) for x in out.split("launches per step: ")[1].splitlines()[0].split(", "))
-    assert launches == {n: "1" for n in ("wy_kernel", "scan_kernel", "out_kernel", "kv_bwd_dq_kernel",
-                                         "kv_bwd_dkdv_kernel", "fw_bwd_dq_kernel", "bwd_scan_kernel",
-                                         "wy_t_kernel", "fw_bwd_wy_kernel", "fw_bwd_dk_kernel")}, launches
-    assert "step 2/2" in out and '"scan_features": "stored"' in out
+    monkeypatch.delenv("HQLT_FUSED_CONFIG", raising=False)
+    kernels = ("wy_kernel", "scan_kernel", "out_kernel", "kv_bwd_dq_kernel", "kv_bwd_dkdv_kernel", "fw_bwd_dq_kernel",
+               "bwd_scan_kernel", "fw_bwd_wy_kernel", "fw_bwd_dk_kernel")
+    for config, extra in (('{"scan_features": "stored"}', ()), ('{"fw_bwd_t": "pre"}', ("wy_t_kernel",))):
+        assert fused_profile.main(["--device", "cpu", "--shape", "1x70", "--heads", "1", "--dim", "32", "--steps",
+                                   "2", "--config", config]) == 0
+        out = capsys.readouterr().out
+        launches = dict(x.rsplit(" ", 1) for x in out.split("launches per step: ")[1].splitlines()[0].split(", "))
+        assert launches == {n: "1" for n in kernels + extra}, launches
+        assert "step 2/2" in out and config in out
+
+
+
+@interp
+def test_interpreter_skip_launches_runs_the_host_side_only():
+    # fused_ab's split of the host's time: under skip_launches every kernel of the launcher is asked for (the same
+    # launches, seen by watch_launches) and none runs; the kernels are back afterwards
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.testing import skip_launches, watch_launches
+    originals = {n: getattr(FL, n) for n in vars(FL) if n.endswith("_kernel")}
+    low, gout = make_inputs(1, 70, 1, 32, 32, torch.float32, "cpu", 0)
+    kw = dict(window=8, kv_scale=0.2, fw_scale=0.2)
+
+    def step(seen):
+        with watch_launches(FL, lambda name, _a, _k: seen.append(name)):
+            o_kv, o_fw, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
+            grads = FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
+                                      w=aux["w"], v_new=aux["v_new"], states=aux["states"], t=aux.get("t"), **kw)
+        return o_kv, grads
+
+    real, skipped = [], []
+    o_real, g_real = step(real)
+    with skip_launches(FL):
+        o_skip, g_skip = step(skipped)
+    assert skipped == real and len(real) >= 8
+    assert {n: getattr(FL, n) for n in originals} == originals
+    assert not torch.equal(o_skip, o_real) and not torch.equal(g_skip[0], g_real[0])   # nothing was computed
 
 
 class TestGPUScanFeatures:

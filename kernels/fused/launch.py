@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -17,10 +18,21 @@ from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIA
 from .settings import default_config as settings_default_config
 
 
+def _device_index(device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple[int, int]:
+    """(multiprocessors, shared memory per block, opt-in bytes) of a CUDA device; asked on every launch."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.shared_memory_per_block_optin
+
+
 def _sm_count(device) -> int:
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _device_limits(_device_index(device))[0]
 
 
 def default_config(B: int, H: int, dk: int, dv: int, device, elem_bytes: int = 2) -> dict:
@@ -33,14 +45,25 @@ def check_shared_memory(cfg: dict, elem_bytes: int, dk: int, dv: int, featurize:
     (``settings.smem_needs``), instead of Triton's OutOfResources in the middle of a forward or backward."""
     if device.type != "cuda":
         return
-    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, config=cfg, kernels=kernels)
-    over = {k: n for k, n in needs.items() if n > limit}
+    limit = _device_limits(_device_index(device))[1]
+    args = (elem_bytes, dk, dv, bool(featurize), tuple(kernels), limit)
+    try:   # the same answer for every call of a shape and configuration: cached (a step's host time counts)
+        over = dict(_over_limit(tuple(sorted(cfg.items())), *args))
+    except TypeError:   # a caller's unhashable value: its own error comes from the launcher's checks
+        over = dict(_over_limit.__wrapped__(tuple(sorted(cfg.items())), *args))
     if over:
         raise ValueError(f"the fused kernels {', '.join(f'{k} ({n} B)' for k, n in over.items())} need more shared "
                          f"memory than this device's {limit} B per block (inputs of {elem_bytes} bytes, Dk={dk}, "
                          f"Dv={dv}, features {'in the kernel' if featurize else 'given'}); use bf16/fp16 inputs "
                          f"or the backend 'fused', which routes such calls to its fallback")
+
+
+@functools.lru_cache(maxsize=4096)
+def _over_limit(cfg_items: tuple, elem_bytes: int, dk: int, dv: int, featurize: bool, kernels: tuple,
+                limit: int) -> tuple:
+    """((kernel, bytes), ...) of the kernels whose shared memory per program exceeds ``limit``."""
+    needs = smem_needs(elem_bytes, dk, dv, featurize=featurize, config=dict(cfg_items), kernels=kernels)
+    return tuple((k, n) for k, n in needs.items() if n > limit)
 
 
 def _config(B: int, H: int, dk: int, dv: int, device, elem_bytes: int, config: dict | None) -> dict:

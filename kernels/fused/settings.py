@@ -170,6 +170,11 @@ def config_overrides() -> dict:
     text = os.environ.get("HQLT_FUSED_CONFIG", "").strip()
     if not text:
         return {}
+    return dict(_parsed_overrides(text))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_overrides(text: str) -> dict:
     try:
         return parse_config(text)
     except ValueError as exc:
@@ -241,6 +246,16 @@ def default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: i
 
 
 def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: int = 2) -> dict:
+    """``_default_config_of`` for the environment's switches (``scan_features()``, ``fw_bwd_variant()``), a fresh
+    dict. Cached per shape and switch values: the launchers ask several times per call, and a training step's host
+    time is part of the step at T 2048 (FUSED_NOTES.md "Round 15")."""
+    return dict(_default_config_of(int(B), int(H), int(dk), int(dv), int(sms), int(elem_bytes), scan_features(),
+                                   fw_bwd_variant()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: int, features: str,
+                       fw_bwd: str) -> dict:
     """Block sizes and warps (not autotuned; ``python -m hqlt.benchmarks.fused`` sweeps alternatives);
     ``sms``: the device's multiprocessor count; ``elem_bytes``: the inputs' element size.
 
@@ -258,15 +273,14 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
     "Round 8" (H100, 16 heads x 64: forward 1.31 -> 1.05 ms at B 1, T 32768). At d = 128 the backward's KV and
     scan kernels run 4 warps: with the 4-warp wy and out, that combination was faster at T 2048, 8192 and
     32768 on an H100 ("Round 6"). ``scan_features`` and ``fw_bwd`` come from their environment switches
-    (``scan_features()``, ``fw_bwd_variant()``); ``HQLT_FUSED_CONFIG`` replaces any entry
-    (``config_overrides``).
+    (``scan_features()``, ``fw_bwd_variant()``: the arguments ``features``, ``fw_bwd``); ``HQLT_FUSED_CONFIG``
+    replaces any entry (``config_overrides``). Callers get a copy (``_default_config``): never mutate this one.
     """
     # Head dims below 64 run in 64-wide tiles (loads and stores are masked to Dk, Dv): with 16- and 32-wide
     # tiles the sm_90 backward made illegal memory accesses on an H200 (B1 T100 dk32 dv64, dk = dv = 16,
     # d 16 and 32 at T 130/200; kernels/results/gpu_tests_h200.json), every d >= 64 case passed.
     BK, BVW = max(MIN_TILE, pow2(dk)), max(MIN_TILE, pow2(dv))
     big = max(BK, BVW) > 64
-    features = scan_features()
     scan_bv = 32 if BK > 64 else min(BVW, 64)
     while scan_bv > 16 and B * H * -(-dv // scan_bv) < sms:
         scan_bv //= 2
@@ -304,7 +318,7 @@ def _default_config(B: int, H: int, dk: int, dv: int, sms: int = 1, elem_bytes: 
             # Dk = 64 (4 spill); 32-column blocks with a 4-warp WY kernel, faster at T 2048, 8192 and 32768 on an
             # H100 despite the spills, at d 128 ("Round 7") and at d 64 ("Round 8": backward 4.26 -> 3.34 ms at
             # B 1, T 32768, 16 heads); T from wy_t_kernel (FW_BWD_T)
-            "fw_bwd": fw_bwd_variant(), "fw_bwd_split_bv": 32,
+            "fw_bwd": fw_bwd, "fw_bwd_split_bv": 32,
             "fw_bwd_dq_warps": 8 if BK >= 64 else 4, "fw_bwd_wy_warps": 4,
             "fw_bwd_dk_warps": 8 if BK >= 64 else 4, "wy_t_warps": 4}
 
