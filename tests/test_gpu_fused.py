@@ -1306,7 +1306,10 @@ def test_interpreter_fused_in_bounds_h200_failing_shape(featurize, variant, sms,
     monkeypatch.setenv("HQLT_FUSED_FW_BWD", variant)
     monkeypatch.setattr(FL, "_sm_count", lambda device: sms)
     with check_bounds() as rep:
-        grads = poisoned_backward_check(1, 77, 3, 24, 40, 5, torch.float32, "cpu", featurize=featurize, seed=77)
+        grads = list(poisoned_backward_check(1, 77, 3, 24, 40, 5, torch.float32, "cpu", featurize=featurize, seed=77))
+        if variant == "split":   # T built by wy_t ("pre") too, besides the forward's (the default "fwd")
+            grads += poisoned_backward_check(1, 77, 3, 24, 40, 5, torch.float32, "cpu", featurize=featurize, seed=77,
+                                             config={"fw_bwd_t": "pre"})
     assert all(g.isfinite().all() for g in grads)
     fw = (("fw_bwd_kernel",) if variant == "single"
           else ("fw_bwd_dq_kernel", "wy_t_kernel", "fw_bwd_wy_kernel", "fw_bwd_dk_kernel"))
