@@ -56,52 +56,46 @@ def assert_opcheck(op, args) -> None:
 
 
 @contextlib.contextmanager
-def watch_launches(module, on_launch):
+def _kernels_replaced(module, replacement):
     """While the block runs, every ``*_kernel`` of ``module`` (a launcher module such as
-    ``hqlt.kernels.fused.launch``, which looks its kernels up as globals at each launch) is wrapped:
-    ``on_launch(name, args, kwargs)`` sees each launch before it runs. For tests of what the kernels are launched
-    with, and the profile driver's launches per step."""
+    ``hqlt.kernels.fused.launch``, which looks its kernels up as globals at each launch) is
+    ``replacement(name, original)``; the originals are back afterwards."""
     originals = {n: getattr(module, n) for n in vars(module) if n.endswith("_kernel")}
+    try:
+        for name, kernel in originals.items():
+            setattr(module, name, replacement(name, kernel))
+        yield
+    finally:
+        for name, kernel in originals.items():
+            setattr(module, name, kernel)
 
+
+def watch_launches(module, on_launch):
+    """While the block runs, every ``*_kernel`` of ``module`` is wrapped: ``on_launch(name, args, kwargs)`` sees
+    each launch before it runs. For tests of what the kernels are launched with, and the profile driver's launches
+    per step."""
     class Watched:
-        def __init__(self, name):
-            self.name = name
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
 
         def __getitem__(self, grid):
-            launch = originals[self.name][grid]
+            launch = self.kernel[grid]
 
             def call(*args, **kwargs):
                 on_launch(self.name, args, kwargs)
                 return launch(*args, **kwargs)
             return call
-
-    try:
-        for name in originals:
-            setattr(module, name, Watched(name))
-        yield
-    finally:
-        for name, kernel in originals.items():
-            setattr(module, name, kernel)
+    return _kernels_replaced(module, Watched)
 
 
-@contextlib.contextmanager
 def skip_launches(module):
     """While the block runs, every ``*_kernel`` of ``module`` launches nothing (outputs stay as allocated): the
     host's time for a call without the kernel launcher's, to split a step's host time into the launcher's and
     everything else's (``python -m hqlt.benchmarks.fused_ab``)."""
-    originals = {n: getattr(module, n) for n in vars(module) if n.endswith("_kernel")}
-
     class Skipped:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
-
-    try:
-        for name in originals:
-            setattr(module, name, Skipped())
-        yield
-    finally:
-        for name, kernel in originals.items():
-            setattr(module, name, kernel)
+    return _kernels_replaced(module, lambda _name, _kernel: Skipped())
 
 
 # ------------------------------------------------------------------------------ op registry watch

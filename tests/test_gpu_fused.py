@@ -923,7 +923,6 @@ def test_interpreter_profile_driver_launches_each_kernel_once_per_step(capsys, m
         assert "step 2/2" in out and config in out
 
 
-
 @interp
 def test_interpreter_skip_launches_runs_the_host_side_only():
     # fused_ab's split of the host's time: under skip_launches every kernel of the launcher is asked for (the same

@@ -32,7 +32,7 @@ import functools
 import torch
 
 from ..contract import MAX_GRID_ROWS, KernelOps
-from ..fused.settings import DTYPE_BYTES, MAX_HEAD_DIM, fits_shared_memory, interpreting, pow2
+from ..fused.settings import DTYPE_BYTES, MAX_HEAD_DIM, device_limits, fits_shared_memory, interpreting, pow2
 from ..reference import chunked_hybrid_memory
 from . import cuda_available, has_module
 from .blend_compose import dtype_name, fla_available, kernel_dtype, make_ops, reference_kv, same_dtype
@@ -100,19 +100,13 @@ def fused_applies(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, fw, g, dtyp
                         device_type=v.device.type, same_qk=q_kv.shape == q_fw.shape)
 
 
-@functools.lru_cache(maxsize=None)
-def _device_limits(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    return int(props.shared_memory_per_block_optin), int(props.multi_processor_count)
-
-
 def cuda_smem_limit() -> int:
     """Shared memory per block (opt-in maximum, bytes) of the current CUDA device."""
-    return _device_limits(torch.cuda.current_device())[0]
+    return device_limits(torch.cuda.current_device())[0]
 
 
 def cuda_sm_count() -> int:
-    return _device_limits(torch.cuda.current_device())[1]
+    return device_limits(torch.cuda.current_device())[1]
 
 
 @functools.lru_cache(maxsize=None)

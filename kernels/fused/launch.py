@@ -13,26 +13,21 @@ from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, f
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
 from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD_ROWS, MAX_HEAD_DIM,
-                       SCAN_FEATURES, backward_kernels, check_config_keys, forward_kernels, forward_stores_t,
+                       SCAN_FEATURES, backward_kernels, check_config_keys, device_limits, forward_kernels,
+                       forward_stores_t,
                        interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
-def _device_index(device) -> int:
-    return torch.cuda.current_device() if device.index is None else device.index
-
-
-@functools.lru_cache(maxsize=None)
-def _device_limits(index: int) -> tuple[int, int]:
-    """(multiprocessors, shared memory per block, opt-in bytes) of a CUDA device; asked on every launch."""
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, props.shared_memory_per_block_optin
+def _device_limits(device) -> tuple[int, int]:
+    """``settings.device_limits`` of a CUDA tensor's device: (shared memory per block, multiprocessors)."""
+    return device_limits(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def _sm_count(device) -> int:
     if device.type != "cuda":
         return 1
-    return _device_limits(_device_index(device))[0]
+    return _device_limits(device)[1]
 
 
 def default_config(B: int, H: int, dk: int, dv: int, device, elem_bytes: int = 2) -> dict:
@@ -45,12 +40,12 @@ def check_shared_memory(cfg: dict, elem_bytes: int, dk: int, dv: int, featurize:
     (``settings.smem_needs``), instead of Triton's OutOfResources in the middle of a forward or backward."""
     if device.type != "cuda":
         return
-    limit = _device_limits(_device_index(device))[1]
-    args = (elem_bytes, dk, dv, bool(featurize), tuple(kernels), limit)
+    limit = _device_limits(device)[0]
+    key = (tuple(sorted(cfg.items())), elem_bytes, dk, dv, bool(featurize), tuple(kernels), limit)
     try:   # the same answer for every call of a shape and configuration: cached (a step's host time counts)
-        over = dict(_over_limit(tuple(sorted(cfg.items())), *args))
+        over = dict(_over_limit(*key))
     except TypeError:   # a caller's unhashable value: its own error comes from the launcher's checks
-        over = dict(_over_limit.__wrapped__(tuple(sorted(cfg.items())), *args))
+        over = dict(_over_limit.__wrapped__(*key))
     if over:
         raise ValueError(f"the fused kernels {', '.join(f'{k} ({n} B)' for k, n in over.items())} need more shared "
                          f"memory than this device's {limit} B per block (inputs of {elem_bytes} bytes, Dk={dk}, "

@@ -30,6 +30,15 @@ MAX_HEAD_DIM = 128  # Dk and Dv; larger heads would need more registers than one
 MIN_TILE = 64       # smallest Dk / Dv tile the kernels are launched with (default_config)
 
 
+@functools.lru_cache(maxsize=None)
+def device_limits(index: int) -> tuple[int, int]:
+    """(shared memory per block, opt-in bytes; multiprocessors) of CUDA device ``index``: the launchers and the
+    backend ask on every call, the device's properties do not change."""
+    import torch
+    props = torch.cuda.get_device_properties(index)
+    return int(props.shared_memory_per_block_optin), int(props.multi_processor_count)
+
+
 def _env_flag(name: str, default: str) -> bool:
     return os.environ.get(name, default) not in ("", "0")
 
