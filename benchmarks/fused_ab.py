@@ -5,15 +5,17 @@
         --rows 2048:8x128:64 32768:16x64:1024 [--fla] [--tokens 16384] [--passes 2] [--budget-s 200] [--out F.json]
 
 Each configuration is a JSON object of ``settings.default_config`` keys, applied as ``HQLT_FUSED_CONFIG`` (what a
-training run would set); an unknown key stops the run before any work. A row is ``T:HxD:W`` with
-B = max(1, tokens // T), bf16. Per row: the host's time to issue one step without a sync (first configuration,
-and fla with ``--fla``: whether a shape is bound by the host rather than the GPU; for fused also with its kernels not
-launched, which splits the host's time into the Triton launcher's and the rest), then ``--passes`` passes over the
-configurations (the spread between passes is the noise; compare within a row), each a median of 30 CUDA-event
-timings after 5 (first pass) or 3 warm-up steps, with the gradients' largest relative RMS difference from the first
-configuration's; ``--fla`` times the fla composition once per pass. ``--budget-s`` stops between timings once
-spent; the JSON is written after every row and on SIGTERM. Needs a CUDA device.
-"""
+training run would set); an unknown key stops the run before any work. A row is ``T:HxD:W`` with B = max(1, tokens //
+T), bf16. Per row: the host's time to issue one step without a sync (first configuration, and fla with ``--fla``:
+whether a shape is bound by the host rather than the GPU; for fused also with its kernels not launched, which splits
+the host's time into the Triton launcher's and the rest; with ``--host-profile N`` also the GPU's kernel time per step
+and the host's N most expensive functions), then ``--passes`` passes over the configurations (the spread between
+passes is the noise; compare within a row), each a median of 30 CUDA-event timings after 5 (first pass) or 3 warm-up
+steps, with the gradients' largest relative RMS difference from the first configuration's (``--timer kernels``:
+instead the kernels' GPU time per step, over 10 steps under torch.profiler, each kernel's share printed: a host-bound
+row's GPU work); ``--fla`` times the fla composition once per pass, ``--sdpa`` full-causal SDPA over the same tokens.
+``--budget-s`` stops between timings once spent; the JSON is written after every row and on SIGTERM. Needs a CUDA
+device."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +60,50 @@ def _host_ms(step, steps: int = 20) -> float:
     return host
 
 
+def _host_profile(step, top: int, steps: int = 20) -> list[dict]:
+    """cProfile of ``steps`` issued steps (no sync inside): the ``top`` functions by their own time, per step."""
+    import cProfile
+    import pstats
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats   # {(file, line, name): (prim calls, calls, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(f).name}:{line}:{name}", "calls_per_step": calls / steps,
+             "own_us_per_step": own / steps * 1e6, "cum_us_per_step": cum / steps * 1e6}
+            for (f, line, name), (_, calls, own, cum, _) in rows]
+
+
+def _kernel_ms(step, steps: int = 10) -> dict[str, float]:
+    """GPU time per step of each kernel the step runs (torch.profiler; ms, summed over its launches in a step) and
+    their total under "total": the step's time if the host never kept the GPU waiting."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name] = per.get(e.name, 0.0) + e.device_time / steps / 1e3
+    return {"total": sum(per.values()), **dict(sorted(per.items(), key=lambda kv: -kv[1]))}
+
+
+def _short(per: dict[str, float], top: int = 12) -> str:
+    """'name ms' pairs of the largest kernels (Triton's names without "_kernel"; torch's first 24 characters)."""
+    items = [(k.removesuffix("_kernel")[:24], v) for k, v in per.items() if k != "total"][:top]
+    return " ".join(f"{k} {v:.3f}" for k, v in items)
+
+
 def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> None:
     from hqlt.kernels import hybrid_memory
     from hqlt.kernels.fused import launch as FL
@@ -99,6 +145,25 @@ def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> N
                 r["host_ms_fused_no_launch"] = _host_ms(step(backend))
             print(f"{label} host issue time fused without its {_launches(step(backend))} kernel launches: "
                   f"{r['host_ms_fused_no_launch']:.3f} ms", flush=True)
+        if args.host_profile:
+            per = _kernel_ms(step(backend))
+            r[f"kernel_ms_{backend}"] = per
+            print(f"{label} GPU kernel time {backend}: {per['total']:.3f} ms per step ({_short(per)})", flush=True)
+            r[f"host_profile_{backend}"] = _host_profile(step(backend), args.host_profile)
+            print(f"{label} host profile {backend} (own / cumulative us per step, calls per step):", flush=True)
+            for e in r[f"host_profile_{backend}"]:
+                print(f"  {e['own_us_per_step']:8.1f} {e['cum_us_per_step']:8.1f} {e['calls_per_step']:6.1f}  "
+                      f"{e['function']}", flush=True)
+    def timed(fn):
+        return _kernel_ms(fn)["total"] if args.timer == "kernels" else cuda_time_ms(fn, 5, 30)
+
+    if args.sdpa:   # the milestones' baseline: full-causal SDPA over the same tokens, heads and head dim
+        import torch.nn.functional as F
+        qh, kh, vh = (x[n].detach().transpose(1, 2).contiguous().requires_grad_() for n in ("q_kv", "k_kv", "v"))
+        go = grads[0].transpose(1, 2).contiguous()
+
+        def sdpa_step():
+            return torch.autograd.grad(F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh), go)
     ref = None
     for rep in range(args.passes):
         for cfg in args.configs:
@@ -108,7 +173,12 @@ def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> N
             key = json.dumps(cfg, sort_keys=True)
             os.environ[CONFIG_ENV] = json.dumps(cfg)
             try:
-                ms = cuda_time_ms(step("fused"), 3 if rep else 5, 30)
+                if args.timer == "kernels":
+                    per = _kernel_ms(step("fused"))
+                    r.setdefault("kernel_ms", {}).setdefault(key, []).append(per)
+                    ms = per["total"]
+                else:
+                    ms = cuda_time_ms(step("fused"), 3 if rep else 5, 30)
                 g = [t.float() for t in torch.autograd.grad(call("fused"), leaves, grads)]
                 ref = g if ref is None else ref
                 err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(g, ref))
@@ -117,9 +187,15 @@ def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> N
             r["ms"].setdefault(key, []).append(ms)
             r["grad_diff"][key] = err
             print(f"{label} pass {rep} {key:<60} {ms if ms is None else f'{ms:.3f}'} ms  grad diff {err}", flush=True)
+            if args.timer == "kernels" and ms is not None:
+                print(f"    {_short(per)}", flush=True)
+        if args.sdpa:
+            ms = timed(sdpa_step)
+            r["ms"].setdefault("sdpa", []).append(ms)
+            print(f"{label} pass {rep} full-causal SDPA {ms:.3f} ms", flush=True)
         if args.fla:
             os.environ[CONFIG_ENV] = ""
-            ms = cuda_time_ms(step("fla"), 5, 30)
+            ms = timed(step("fla"))
             r["ms"].setdefault("fla", []).append(ms)
             print(f"{label} pass {rep} fla {ms:.3f} ms", flush=True)
 
@@ -131,6 +207,14 @@ def main(argv=None) -> int:
                         "object '{}' is the defaults)")
     p.add_argument("--rows", type=parse_row, nargs="+", required=True, metavar="T:HxD:W")
     p.add_argument("--fla", action="store_true", help="time the fla composition at every row too")
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="per row and backend also the GPU's kernel time per step (torch.profiler) and the host's "
+                        "N most expensive functions (cProfile)")
+    p.add_argument("--sdpa", action="store_true", help="time full-causal SDPA at every row too (the baseline)")
+    p.add_argument("--timer", choices=("events", "kernels"), default="events",
+                   help="events: CUDA events around each step (what a training loop waits for, the host's time "
+                        "included where it is longer); kernels: the GPU's kernel time per step (torch.profiler, "
+                        "10 steps), with each kernel's share printed")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = max(1, tokens // T))")
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=None, help="stop between timings after this many seconds")

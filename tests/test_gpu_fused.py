@@ -51,6 +51,7 @@ QUICK = (
     "test_interpreter_float32_matches_reference[B2-T63-*", "test_interpreter_float32_matches_reference[B1-T150-*",
     "test_interpreter_float32_matches_reference[B1-T70-*", "test_interpreter_float16[*",
     "test_interpreter_large_beta_and_values", "test_interpreter_backend_falls_back[*",
+    "test_interpreter_backend_passes_beta_in_its_dtype",
     "test_interpreter_fused_backward_matches_reference[B1-T200-d128-W100-*",
     "test_interpreter_fused_backward_matches_reference[B2-T130-d64-W8-*",
     "test_interpreter_fused_backward_poisoned[T65-*", "test_interpreter_fused_backward_odd_dims_and_recompute_path[*",
@@ -288,6 +289,39 @@ def test_interpreter_backend_falls_back(blend):
         assert fused_backend.fused_applies(*args, blend="sync", window=window, fw="delta", g=None, dtype=torch.float32)
     assert not fused_backend.fused_applies(*args, blend=blend, window=20, fw="delta", g=None, dtype=torch.float32)
     assert not fused_backend.fused_applies(*args, blend="sync", window=0, fw="delta", g=None, dtype=torch.float32)
+
+
+@interp
+def test_interpreter_backend_passes_beta_in_its_dtype():
+    # the backend hands a bf16 beta to the kernels uncast (they load it as float32; no cast launch, no cast node):
+    # the outputs and every gradient equal those of the same beta cast to float32 first, beta's gradient in bf16
+    from hqlt.kernels.backends import fused as fused_backend
+    from hqlt.kernels.testing import random_inputs
+    x = random_inputs(1, 70, 2, 32, dtype=torch.float32, seed=5)
+    beta16 = x["beta"].detach().to(torch.bfloat16)
+    kw = dict(blend="sync", window=16, fw="delta", kv_scale=0.25, fw_scale=0.25)
+    gout = [torch.randn_like(x["v"]), torch.randn_like(x["v"])]
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):   # the dtypes that aten's copies cast from in the forward
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_):
+                self.seen.append(args[-1].dtype if func.overloadpacket is torch.ops.aten.copy_ else args[0].dtype)
+            return func(*args, **(kwargs or {}))
+    runs = []
+    for beta in (beta16, beta16.float()):
+        leaves = [x[n].detach().clone().requires_grad_() for n in NAMES[:5]] + [beta.clone().requires_grad_()]
+        with Casts():
+            outs = fused_backend.load().hybrid_memory(*leaves, **kw)
+        runs.append((outs, torch.autograd.grad(outs, leaves, gout)))
+    assert torch.bfloat16 not in Casts.seen, Casts.seen
+    (o16, g16), (o32, g32) = runs
+    assert g16[-1].dtype == torch.bfloat16 and not torch.equal(g32[-1], g32[-1].bfloat16().float())
+    assert all(torch.equal(a, b) for a, b in zip(o16, o32))
+    assert all(torch.equal(a, b) for a, b in zip(g16[:-1], g32[:-1]))
+    assert torch.equal(g16[-1], g32[-1].bfloat16())
 
 
 # ======================================================================= fused backward (step 3)

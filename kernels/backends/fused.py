@@ -38,6 +38,7 @@ from . import cuda_available, has_module
 from .blend_compose import dtype_name, fla_available, kernel_dtype, make_ops, reference_kv, same_dtype
 
 LOW_PRECISION_NAMES = ("bfloat16", "float16")
+KERNEL_BETA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 NO_LIMIT = 1 << 62   # smem_limit of a shape known to run (a measured auto-table row)
 
 
@@ -137,7 +138,10 @@ def hybrid_memory(q_kv, k_kv, q_fw, k_fw, v, beta, *, blend, window, fw, kv_scal
                                             kv_scale=kv_scale, fw_scale=fw_scale, g=g, chunk_size=chunk_size)
     from ..fused import sync_hybrid_memory   # eager calls (the compiled path is hqlt.kernels.ops)
     qk, kk, qf, kf, vv = same_dtype(dtype, q_kv, k_kv, q_fw, k_fw, v)
-    o_kv, o_fw = sync_hybrid_memory(qk, kk, vv, beta.float(), window=int(window), kv_scale=float(kv_scale),
+    # beta as given where the kernels can read it (they load it as float32; its gradient comes back in its dtype):
+    # a cast is a launch and an autograd node per call, and T 2048 steps are bound by the host (FUSED_NOTES.md)
+    beta = beta if beta.dtype in KERNEL_BETA_DTYPES else beta.float()
+    o_kv, o_fw = sync_hybrid_memory(qk, kk, vv, beta, window=int(window), kv_scale=float(kv_scale),
                                     fw_scale=float(fw_scale), q_fw=qf, k_fw=kf, unfused=unfused_hybrid_memory)
     return o_kv.to(v.dtype), o_fw.to(v.dtype)
 

@@ -93,7 +93,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
     if kernel == "bwd_scan":
         consts["LOCAL_IN"] = False
     consts["PRE_QDO"] = False   # bwd_scan, fw_bwd_dq: the default "scan" variant of settings.BWD_SCAN_QDO
-    consts["T_PRE"] = False     # fw_bwd_wy: the default "wy" variant of settings.FW_BWD_T
+    consts["T_PRE"] = True      # fw_bwd_wy: T read in, as under the default "fwd" (and "pre") of settings.FW_BWD_T
     consts["SEG"] = 0           # scan, bwd_scan: the whole sequence (their segmented passes have the same loop)
     consts["FORWARD"] = False   # bwd_scan_carry: the reverse scan's walk (the forward one differs in addresses only)
     consts["BM"] = 64           # kv_dq, kv_dkdv: 64-row tiles (settings.smem_needs counts a 128-row one twice)

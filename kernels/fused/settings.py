@@ -217,8 +217,16 @@ def config_keys() -> list[str]:
 
 
 def _with_defaults(cfg: dict | None) -> dict:
-    """``cfg`` over ``HQLT_FUSED_CONFIG`` over the defaults (later entries win; any of them may name the same key)."""
+    """``cfg`` over ``HQLT_FUSED_CONFIG`` over the defaults (later entries win; any of them may name the same key);
+    a complete configuration (a launcher's) as it is, without reading the environment again."""
+    if cfg is not None and cfg.keys() >= _config_key_set():
+        return cfg
     return {**_default_config(1, 1, 64, 64), **config_overrides(), **(cfg or {})}
+
+
+@functools.lru_cache(maxsize=1)
+def _config_key_set() -> frozenset:
+    return frozenset(_default_config_of(1, 1, 64, 64, 1, 2, "stored", "split"))
 
 
 def forward_kernels(cfg: dict | None = None, stages: int = 3) -> tuple[str, ...]:
