@@ -199,6 +199,39 @@ class TestGPUExtra:
         assert got[0].dtype == torch.bfloat16
         assert all(rel_rms(a, b) <= 1e-2 for a, b in zip(got, ref))
 
+    def test_cuda_graph_replays_the_eager_step(self):
+        # one fwd+bwd step of hybrid_memory(backend="fused") captured in a CUDA graph (the trainer's graph engine
+        # captures whole steps; a replay pays none of the host time of FUSED_NOTES.md "Round 16"), replayed on new
+        # inputs copied into the captured ones: the eager step's outputs and gradients, bit for bit (no atomics)
+        from hqlt.kernels.testing import random_inputs
+        x = random_inputs(2, 200, 2, 64, dtype=torch.bfloat16, device="cuda", seed=13, requires_grad=True)
+        leaves = [x[n] for n in NAMES]
+        gout = [torch.randn_like(x["v"]), torch.randn_like(x["v"])]
+
+        def step():
+            outs = hybrid_memory(*leaves, blend="sync", window=48, backend="fused")
+            return (*outs, *torch.autograd.grad(outs, leaves, gout))
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):   # compiled and warmed up outside the capture
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        fresh = random_inputs(2, 200, 2, 64, dtype=torch.bfloat16, device="cuda", seed=14)
+        with torch.no_grad():
+            for n, t in zip(NAMES, leaves):
+                t.copy_(fresh[n])
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [t.clone() for t in captured]
+        eager = step()
+        # (captured on seed 13's inputs: a replay that ran nothing would still hold seed 13's outputs)
+        assert len(eager) == 8 and all(torch.equal(a, b) for a, b in zip(replayed, eager))
+
     @pytest.mark.parametrize("case", ["delayed_stream", "delayed_chunk", "float32", "W300", "gated"])
     def test_fallbacks_match_reference(self, case):
         from hqlt.kernels.testing import random_inputs
