@@ -16,7 +16,7 @@ Three groups:
   for every input over T x W x d x B pairs, poisoned backward buffers) when ``TRITON_INTERPRET=1`` and
   triton is importable (skipped otherwise). Tolerance 1e-5 (the contract's float32 bound).
   All of them (about 20 min on 2 cores):  TRITON_INTERPRET=1 python -m pytest -q tests/test_gpu_fused.py
-  The ``QUICK`` ones below (62 cases, 3-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
+  The ``QUICK`` ones below (63 cases, 3-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
   The custom op pair ``hqlt::fused_sync_hybrid`` (what the backend and torch.compile call): opcheck, and a
   compiled call (fullgraph) against the reference.
 * Registration (CPU, always): "fused" is registered, lazily probed, never the priority fallback; the op's
