@@ -47,11 +47,16 @@ def parse_row(text: str) -> tuple[int, int, int, int]:
     return row
 
 
-def _host_ms(step, steps: int = 20) -> float:
-    """Mean wall time to issue one step (no sync inside; the queue holds 20 steps), after 3 untimed ones."""
+def _warm_up(step) -> None:
+    """Three untimed steps (the first compiles), finished on the GPU."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+
+
+def _host_ms(step, steps: int = 20) -> float:
+    """Mean wall time to issue one step (no sync inside; the queue holds 20 steps), after 3 untimed ones."""
+    _warm_up(step)
     t = time.perf_counter()
     for _ in range(steps):
         step()
@@ -64,9 +69,7 @@ def _host_profile(step, top: int, steps: int = 20) -> list[dict]:
     """cProfile of ``steps`` issued steps (no sync inside): the ``top`` functions by their own time, per step."""
     import cProfile
     import pstats
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    _warm_up(step)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(steps):
@@ -84,9 +87,7 @@ def _kernel_ms(step, steps: int = 10) -> dict[str, float]:
     """GPU time per step of each kernel the step runs (torch.profiler; ms, summed over its launches in a step) and
     their total under "total": the step's time if the host never kept the GPU waiting."""
     from torch.profiler import ProfilerActivity, profile
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    _warm_up(step)
     with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(steps):
             step()
@@ -154,6 +155,7 @@ def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> N
             for e in r[f"host_profile_{backend}"]:
                 print(f"  {e['own_us_per_step']:8.1f} {e['cum_us_per_step']:8.1f} {e['calls_per_step']:6.1f}  "
                       f"{e['function']}", flush=True)
+
     def timed(fn):
         return _kernel_ms(fn)["total"] if args.timer == "kernels" else cuda_time_ms(fn, 5, 30)
 
@@ -164,6 +166,7 @@ def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> N
 
         def sdpa_step():
             return torch.autograd.grad(F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh), go)
+
     ref = None
     for rep in range(args.passes):
         for cfg in args.configs:

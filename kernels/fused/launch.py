@@ -13,8 +13,7 @@ from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, f
 from .fwd import out_kernel, scan_kernel, wy_kernel
 from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD_ROWS, MAX_HEAD_DIM,
                        SCAN_FEATURES, backward_kernels, check_config_keys, device_limits, forward_kernels,
-                       forward_stores_t,
-                       interpreting, kv_rows, pow2, smem_needs)
+                       forward_stores_t, interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 

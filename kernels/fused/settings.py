@@ -206,14 +206,20 @@ def parse_config(text: str) -> dict:
 def check_config_keys(cfg: dict) -> None:
     """ValueError for keys of a launch configuration that ``default_config`` does not have (the launchers would
     otherwise ignore them silently)."""
-    unknown = sorted(set(cfg) - set(config_keys()))
+    unknown = sorted(set(cfg) - _config_key_set())
     if unknown:
         raise ValueError(f"unknown keys {unknown}; allowed: {config_keys()}")
 
 
 def config_keys() -> list[str]:
     """The entries of a launch configuration (``default_config``'s keys), sorted."""
-    return sorted(_default_config(1, 1, 64, 64))
+    return sorted(_config_key_set())
+
+
+@functools.lru_cache(maxsize=1)
+def _config_key_set() -> frozenset:
+    """``default_config``'s keys (the same for every shape and switch value)."""
+    return frozenset(_default_config_of(1, 1, 64, 64, 1, 2, "stored", "split"))
 
 
 def _with_defaults(cfg: dict | None) -> dict:
@@ -222,11 +228,6 @@ def _with_defaults(cfg: dict | None) -> dict:
     if cfg is not None and cfg.keys() >= _config_key_set():
         return cfg
     return {**_default_config(1, 1, 64, 64), **config_overrides(), **(cfg or {})}
-
-
-@functools.lru_cache(maxsize=1)
-def _config_key_set() -> frozenset:
-    return frozenset(_default_config_of(1, 1, 64, 64, 1, 2, "stored", "split"))
 
 
 def forward_kernels(cfg: dict | None = None, stages: int = 3) -> tuple[str, ...]:
