@@ -16,7 +16,7 @@ Three groups:
   for every input over T x W x d x B pairs, poisoned backward buffers) when ``TRITON_INTERPRET=1`` and
   triton is importable (skipped otherwise). Tolerance 1e-5 (the contract's float32 bound).
   All of them (about 20 min on 2 cores):  TRITON_INTERPRET=1 python -m pytest -q tests/test_gpu_fused.py
-  The ``QUICK`` ones below (63 cases, 3-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
+  The ``QUICK`` ones below (64 cases, 3-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
   The custom op pair ``hqlt::fused_sync_hybrid`` (what the backend and torch.compile call): opcheck, and a
   compiled call (fullgraph) against the reference.
 * Registration (CPU, always): "fused" is registered, lazily probed, never the priority fallback; the op's
@@ -69,7 +69,7 @@ QUICK = (
     "test_interpreter_bwd_partials_in_input_dtype[given-features-split]",
     "test_interpreter_compiled_fused_call_is_fullgraph_and_matches_reference",
     "test_interpreter_fused_in_bounds_h200_failing_shape[given-features-split-cpu-config]",
-    "test_interpreter_bounds_checker_self_test",
+    "test_interpreter_bounds_checker_self_test", "test_interpreter_out_order_and_register_cap_route",
 )
 
 
@@ -563,6 +563,32 @@ def test_interpreter_backward_switch_values_agree(case, featurize, switch, one, 
                                 config={"fw_bwd": "split", switch: other})
     for x, y in zip(b, a):
         assert rel_rms(x, y) <= tol, rel_rms(x, y)
+
+
+@interp
+def test_interpreter_out_order_and_register_cap_route():
+    # "out_order" "value" launches the output kernel with the value blocks on the grid's first axis (V_FIRST): the
+    # same outputs and LSE bit for bit, at d 128 where a chunk has two value blocks; "fw_bwd_dk_maxnreg" reaches
+    # fw_bwd_dk_kernel's launch (ptxas's register cap) and no other, and leaves the gradients as they are
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.testing import watch_launches
+    low, gout = make_inputs(1, 130, 2, 128, 128, torch.float32, "cpu", 4)
+    args, kw = (low["q"], low["k"], low["v"], low["beta"]), dict(window=48, kv_scale=0.1, fw_scale=0.1)
+    seen = {}
+    runs = []
+    for cfg in ({"out_order": "chunk"}, {"out_order": "value", "fw_bwd_dk_maxnreg": 128}):
+        with watch_launches(FL, lambda name, _a, kwargs: seen.setdefault(cfg["out_order"], {}).update(
+                {name: (kwargs.get("V_FIRST"), kwargs.get("maxnreg"))})):
+            o_kv, o_fw, aux = FL.fused_forward(*args, return_aux=True, config=cfg, **kw)
+            grads = FL.fused_backward(*args, o_kv, aux["lse"], *gout, w=aux["w"], v_new=aux["v_new"],
+                                      states=aux["states"], t=aux.get("t"), config=cfg, **kw)
+        runs.append((o_kv, o_fw, aux["lse"], *grads))
+    assert seen["chunk"]["out_kernel"] == (False, None) and seen["value"]["out_kernel"] == (True, None)
+    assert seen["value"]["fw_bwd_dk_kernel"] == (None, 128) and seen["chunk"]["fw_bwd_dk_kernel"] == (None, None)
+    assert [n for n, (_, cap) in seen["value"].items() if cap] == ["fw_bwd_dk_kernel"]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    with pytest.raises(ValueError, match=r"out_order.*\('chunk', 'value'\)"):
+        FL.fused_forward(*args, config={"out_order": "values"}, **kw)
 
 
 @interp

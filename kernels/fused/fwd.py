@@ -168,10 +168,17 @@ def scan_kernel(k_ptr, kf_ptr, w_ptr, u_ptr, vnew_ptr, h_ptr, carry_ptr, T, H, N
 def out_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, v_ptr, vnew_ptr, h_ptr, okv_ptr, ofw_ptr, lse_ptr,
                T, H, NC, DK, DV, W, kv_scale, fw_scale,
                BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
-               STORE_LSE: tl.constexpr):
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_v = tl.program_id(2)
+               STORE_LSE: tl.constexpr, V_FIRST: tl.constexpr):
+    # V_FIRST: grid (value blocks, n, B*H), so the programs of one chunk run side by side and the later ones read
+    # the chunk's q, k (and features) from L2 (settings "out_order" "value"); else grid (n, B*H, value blocks)
+    if V_FIRST:
+        i_v = tl.program_id(0)
+        i_c = tl.program_id(1)
+        i_bh = tl.program_id(2).to(tl.int64)
+    else:
+        i_c = tl.program_id(0)
+        i_bh = tl.program_id(1).to(tl.int64)
+        i_v = tl.program_id(2)
     b = i_bh // H
     h = i_bh % H
     kbase = (b * T * H + h) * DK

@@ -12,7 +12,7 @@ from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, f
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
 from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD_ROWS, MAX_HEAD_DIM,
-                       SCAN_FEATURES, backward_kernels, check_config_keys, device_limits, forward_kernels,
+                       OUT_ORDERS, SCAN_FEATURES, backward_kernels, check_config_keys, device_limits, forward_kernels,
                        forward_stores_t, interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
@@ -248,10 +248,14 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
             scan_pass(states, 1, 0)   # states: an unused placeholder for the carry
         if stages < 3:
             return result()
-        out_kernel[(NC, B * H, _cdiv(dv, cfg["out_bv"]))](
+        _check_choice(cfg, "out_order", OUT_ORDERS)
+        nvb = _cdiv(dv, cfg["out_bv"])
+        v_first = cfg["out_order"] == "value" and NC <= MAX_GRID_ROWS   # the chunks then take a 65535-row axis
+        out_kernel[(nvb, NC, B * H) if v_first else (NC, B * H, nvb)](
             q, k, q_fw, k_fw, v, v_new, states, o_kv, o_fw, lse, T, H, NC, dk, dv, int(window),
             float(kv_scale), float(fw_scale), BK=cfg["BK"], BV=cfg["out_bv"],
-            num_warps=cfg["out_warps"], num_stages=cfg["num_stages"], STORE_LSE=return_aux, **common)
+            num_warps=cfg["out_warps"], num_stages=cfg["num_stages"], STORE_LSE=return_aux, V_FIRST=v_first,
+            **common)
     return result()
 
 
@@ -397,7 +401,8 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                     BV=bv, num_warps=cfg["fw_bwd_wy_warps"], num_stages=cfg["num_stages"], T_PRE=pre_t),
                 lambda: fw_bwd_dk_kernel[(NC, B * H)](
                     k, qf_b, v_new, dh, do_fw, dkw, dk_kv, dk, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
-                    BV=bv, num_warps=cfg["fw_bwd_dk_warps"], num_stages=cfg["num_stages"], **common)]
+                    BV=bv, num_warps=cfg["fw_bwd_dk_warps"], num_stages=cfg["num_stages"],
+                    **({"maxnreg": cfg["fw_bwd_dk_maxnreg"]} if cfg["fw_bwd_dk_maxnreg"] else {}), **common)]
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             for launch in launches[:stages]:
                 launch()

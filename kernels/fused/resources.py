@@ -25,10 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from .settings import (BACKWARD_KERNELS, FORWARD_KERNELS, SMEM_TABLE, _key, default_config, kernel_stages,
-                       kernel_tiles, pow2, smem_terms)
+from .settings import (BACKWARD_KERNELS, FORWARD_KERNELS, SMEM_TABLE, SPLIT_FW_BWD_KERNELS, WIDE_KV, _key,
+                       default_config, kernel_stages, kernel_tiles_all, pow2, smem_terms)
 
 HEAD_DIMS = (16, 32, 64, 128)
+DIVISIBLE_INTS = ("T", "NC", "L", "DK", "DV", "W")   # compile_kernel: integer arguments specialised as divisible by 16
 F32_POINTERS = {  # pointers whose buffers are float32 whatever the input dtype (launch.py)
     "wy": ("beta_ptr", "t_ptr"), "scan": ("carry_ptr",), "out": ("lse_ptr",),
     "kv_dq": ("lse_ptr", "delta_ptr", "dq_ptr"), "kv_dkdv": ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"),
@@ -41,21 +42,46 @@ F32_POINTERS = {  # pointers whose buffers are float32 whatever the input dtype 
 }
 
 
+SPLIT_SWEEP = ((64, 128), (16, 32, 64), (4, 8))   # BK, BV, warps of the split FW backward's kernels compiled beside
+# their defaults, so that the envelope fitted to the table bounds a benchmark's tile too
+
+
 def configurations():
-    """(kernel, elem_bytes, featurize, BK, BV, warps, num_stages) of every default configuration."""
+    """(kernel, elem_bytes, featurize, BK, BV, warps, num_stages) of every default configuration (every kernel a
+    launcher runs, ``kernel_tiles_all``), and the split FW backward's kernels over ``SPLIT_SWEEP``."""
     seen = set()
+
+    def new(kernel, elem, feat, bk, bv, warps, stages):
+        key = _key(kernel, elem, feat, bk, bv, warps, stages)
+        if key not in seen:
+            seen.add(key)
+            return key, (kernel, elem, feat, bk, bv, warps, stages)
+        return None
+
     for elem in (2, 4):
         for feat in (False, True):
             for dk in HEAD_DIMS:
                 for dv in HEAD_DIMS:
                     for sms in (1, 2, 3, 4, 8, 16, 1 << 20):   # B*H = 1: every value-block width of the scans
                         cfg = default_config(1, 1, dk, dv, sms, elem)
-                        for kernel, (bv, warps) in kernel_tiles(cfg).items():
-                            stages = kernel_stages(cfg, kernel)
-                            key = _key(kernel, elem, feat, cfg["BK"], bv, warps, stages)
-                            if key not in seen:
-                                seen.add(key)
-                                yield key, (kernel, elem, feat, cfg["BK"], bv, warps, stages)
+                        for kernel, (bv, warps) in kernel_tiles_all(cfg).items():
+                            item = new(kernel, elem, feat, cfg["BK"], bv, warps, kernel_stages(cfg, kernel))
+                            if item:
+                                yield item
+                if elem == 2:   # the 128-row KV backward (2-byte inputs only, 8 warps: launch.fused_backward)
+                    for dk in HEAD_DIMS:
+                        cfg = default_config(1, 1, dk, dk, 1, elem)
+                        for wide, kernel in WIDE_KV.items():
+                            item = new(wide, elem, feat, cfg["BK"], cfg["BVW"], 8, kernel_stages(cfg, kernel))
+                            if item:
+                                yield item
+            for kernel in SPLIT_FW_BWD_KERNELS:
+                for bk in SPLIT_SWEEP[0]:
+                    for bv in SPLIT_SWEEP[1]:
+                        for warps in SPLIT_SWEEP[2]:
+                            item = new(kernel, elem, feat, bk, bv, warps, 2)
+                            if item:
+                                yield item
 
 
 def kernel_fn(kernel: str):
@@ -71,14 +97,17 @@ def kernel_fn(kernel: str):
 
 
 def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: int, stages: int,
-                   arch: int = 90, dtype: str | None = None, extra: dict | None = None):
-    """One kernel compiled by Triton for ``sm_<arch>`` (no GPU needed); ``dtype`` the Triton name of the
-    input dtype (default fp16 for 2-byte inputs, fp32 for 4); ``extra``: further constexprs (e.g.
-    ``LOCAL_IN`` of the reverse scan)."""
+                   arch: int = 90, dtype: str | None = None, extra: dict | None = None, maxnreg: int = 0):
+    """One kernel compiled by Triton for ``sm_<arch>`` (no GPU needed), specialised as a GPU launch at a
+    typical shape specialises it; ``dtype`` the Triton name of the input dtype (default fp16 for 2-byte inputs,
+    fp32 for 4); ``extra``: further constexprs (e.g. ``LOCAL_IN`` of the reverse scan); ``maxnreg``: a register
+    cap (0: none)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    rows = 128 if kernel in WIDE_KV else 64   # the KV backward's 128-row programs (settings.WIDE_KV)
+    kernel = WIDE_KV.get(kernel, kernel)
     fn = kernel_fn(kernel)
     dt = dtype or ("fp16" if elem == 2 else "fp32")
     consts = {"BK": BK, {"wy": "BVW", "kv_dq": "BVW", "kv_dkdv": "BVW", "bwd_scan_phi": "BP"}.get(kernel, "BV"): BV}
@@ -86,6 +115,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         consts.update(FEATURIZE=feat, EPS=1e-6)
     if kernel == "out":
         consts["STORE_LSE"] = True
+        consts["V_FIRST"] = False   # the grid order changes no tile
     if kernel == "wy":
         consts["STORE_KF"] = feat   # features computed here: the variant that stores them is the larger
         # the default "fw_bwd_t" "fwd" stores T here: the same shared memory as without (FUSED_NOTES "Round 14")
@@ -96,7 +126,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
     consts["T_PRE"] = True      # fw_bwd_wy: T read in, as under the default "fwd" (and "pre") of settings.FW_BWD_T
     consts["SEG"] = 0           # scan, bwd_scan: the whole sequence (their segmented passes have the same loop)
     consts["FORWARD"] = False   # bwd_scan_carry: the reverse scan's walk (the forward one differs in addresses only)
-    consts["BM"] = 64           # kv_dq, kv_dkdv: 64-row tiles (settings.smem_needs counts a 128-row one twice)
+    consts["BM"] = rows         # kv_dq, kv_dkdv: the rows of their own tile
     consts.update(extra or {})
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}
@@ -109,8 +139,16 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    # specialised as a launch on a GPU specialises it (Triton's JIT marks each pointer aligned to 16 bytes and each
+    # integer divisible by 16 as such): the alignment lets Triton pipeline the loop's loads through shared memory
+    # (cp.async), which an unspecialised compile does not, so without it the shared memory and registers differ
+    # from the device's (the forward scan at d 128: 40,960 B unspecialised, 118,784 B as the H100 ran it; FUSED_NOTES
+    # "Round 17"). The integers marked are the sizes a typical shape has divisible by 16 (T, chunks, head dims).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name not in consts and (name.endswith("_ptr") or name in DIVISIBLE_INTS)}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_shared(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: int, stages: int,

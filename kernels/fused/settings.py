@@ -134,6 +134,12 @@ def forward_stores_t(cfg: dict) -> bool:
 # partial before the sums.
 BWD_PARTIALS = ("float32", "input")
 
+# The order of the output kernel's grid (a launch config's "out_order"): "chunk", grid (n, B*H, value blocks), the
+# value blocks of one chunk a whole grid-slice apart, so at d 128 (two 64-column blocks) each reads the chunk's q, k
+# and features from DRAM again; "value", grid (value blocks, n, B*H), the blocks of a chunk side by side, the second
+# reading from L2 (FUSED_NOTES.md "Round 17").
+OUT_ORDERS = ("chunk", "value")
+
 # Chunks per segment of the segmented scans (a launch config's "scan_segment_chunks" for the forward scan, opt-in,
 # and "bwd_scan_segment_chunks" for the reverse scan, default where that scan's programs would fill at most half the
 # device's SMs; 0: one walk over the whole sequence). The local and the final pass of a segment walk this many chunks,
@@ -307,7 +313,7 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
             "wy_warps": 4,
             "scan_bv": scan_bv, "scan_warps": 4 if big and features == "stored" else (
                 8 if (BK > 64 or BK * scan_bv >= 64 * 64) else 4),
-            "out_bv": min(BVW, 64), "out_warps": 4,
+            "out_bv": min(BVW, 64), "out_warps": 4, "out_order": "chunk",
             "num_stages": 2,
             # software-pipelining depth of the two sequential scans' chunk loops (their loads of chunk c + 1 do
             # not depend on the state); the reverse scan's 3 and 4 stages measured no faster than 2
@@ -338,7 +344,10 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
             # B 1, T 32768, 16 heads); T from wy_t_kernel (FW_BWD_T)
             "fw_bwd": fw_bwd, "fw_bwd_split_bv": 32,
             "fw_bwd_dq_warps": 8 if BK >= 64 else 4, "fw_bwd_wy_warps": 4,
-            "fw_bwd_dk_warps": 8 if BK >= 64 else 4, "wy_t_warps": 4}
+            "fw_bwd_dk_warps": 8 if BK >= 64 else 4, "wy_t_warps": 4,
+            # a register cap for fw_bwd_dk (ptxas .maxnreg; 0: none): at d 128 and 8 warps it takes 129 registers,
+            # one more than lets two programs share an SM (FUSED_NOTES.md "Round 17")
+            "fw_bwd_dk_maxnreg": 0}
 
 
 def kernel_stages(cfg: dict, kernel: str) -> int:
@@ -370,39 +379,39 @@ def kernel_tiles_all(cfg: dict) -> dict[str, tuple[int, int]]:
 SMEM_TABLE = Path(__file__).resolve().parents[1] / "results" / "fused_smem_sm90.json"
 # Upper envelope of the table, per (kernel, features in kernel): bytes = sum of c_i * term_i over the terms
 # e*64*BK, e*64*BV, e*BK*BV, 4*64*BK, 4*64*BV, 4*BK*BV, 4*64*64 (e: element bytes of the inputs); fitted
-# by ``resources.fit_envelope`` (a linear program: the least total that is >= every measured entry).
+# by ``resources.fit_envelope`` (a linear program: the least total that is >= every measured entry) to every entry of
+# the table, which holds each kernel's default tiles and, for the split FW backward, ``resources.SPLIT_SWEEP``
+# (``python -m hqlt.kernels.fused.resources --fit`` prints it).
 SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
     ("wy", False): (0.467, 0.0, 0.0, 0.0, 0.0, 0.0, 0.567),
     ("wy", True): (2.034, 0.0, 0.0, 0.0, 0.0, 0.0, 0.434),
-    ("scan", False): (6.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0),      # over its 2- and 3-stage compiles
+    ("scan", False): (6.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0),
     ("scan", True): (6.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0),
     ("out", False): (4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0),
     ("out", True): (4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0),
     ("kv_dq", False): (3.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0),
-    ("kv_dkdv", False): (2.572, 3.0, 0.0, 0.0, 0.0, 0.0, 0.889),
-    ("bwd_scan", False): (5.858, 2.0, 1.0, 0.0, 0.0, 0.0, 0.286),
+    ("kv_dkdv", False): (2.5, 3.0, 0.0, 0.072, 0.0, 0.0, 0.889),
+    ("kv_dq128", False): (8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ("kv_dkdv128", False): (8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.032),
+    ("bwd_scan", False): (5.381, 2.0, 0.62, 0.477, 0.0, 0.381, 0.286),
     ("bwd_scan", True): (6.81, 1.62, 1.191, 0.0, 0.0, 0.0, 0.381),
-    ("fw_bwd", False): (0.0, 6.286, 1.524, 2.81, 0.0, 0.0, 1.215),
-    ("fw_bwd", True): (2.0, 6.0, 0.0, 2.0, 0.0, 0.0, 1.25),
-    # the split FW backward (not in the table): fitted the same way to 60 sm_90 compiles (inputs of 2 and 4
-    # bytes, BK 64/128, BV 16/32/64, 8 warps; FUSED_NOTES.md "Round 3"); at the defaults (BV 16) each needs
-    # less than fw_bwd
-    ("fw_bwd_dq", False): (2.334, 4.0, 0.667, 0.0, 0.0, 0.0, 0.0),
-    ("fw_bwd_dq", True): (2.334, 4.0, 0.667, 0.0, 0.0, 0.0, 0.0),
-    ("fw_bwd_wy", False): (0.2, 4.2, 1.6, 0.2, 0.1, 0.0, 1.7),
-    ("fw_bwd_dk", False): (0.167, 4.0, 1.334, 0.5, 0.0, 0.0, 0.0),
-    ("fw_bwd_dk", True): (0.167, 4.0, 1.334, 0.5, 0.0, 0.0, 0.0),
-    # T of every chunk ("fw_bwd_t" "pre"): 14,336 B (bf16) and 16,384 B (float32) at BK 64 and 128, 4 or 8 warps
-    ("wy_t", False): (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0),
-    # the segmented reverse scan's transitions and walk over the segments (FUSED_NOTES.md "Round 9"): fitted to 36
-    # sm_90 compiles (inputs of 2 and 4 bytes, BK 64/128, BV 16/32/64, the default warps and stages)
+    ("fw_bwd", False): (0.087, 4.05, 1.632, 2.67, 2.689, 0.0, 0.989),
+    ("fw_bwd", True): (0.943, 4.029, 0.0, 3.315, 3.772, 0.0, 0.286),
+    ("fw_bwd_dq", False): (2.334, 2.0, 0.667, 0.0, 2.0, 0.0, 0.0),
+    ("fw_bwd_dq", True): (2.334, 2.0, 0.667, 0.0, 2.0, 0.0, 0.0),
+    ("fw_bwd_wy", False): (0.334, 1.0, 1.667, 0.0, 3.167, 0.0, 1.834),
+    ("fw_bwd_dk", False): (0.667, 4.0, 1.334, 0.0, 0.0, 0.0, 0.0),
+    ("fw_bwd_dk", True): (0.667, 4.0, 1.334, 0.0, 0.0, 0.0, 0.0),
+    ("wy_t", False): (0.084, 0.0, 0.0, 0.0, 0.834, 0.0, 0.0),
     ("bwd_scan_phi", False): (4.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0),
     ("bwd_scan_phi", True): (4.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0),
     ("bwd_scan_carry", False): (0.0, 0.0, 0.0, 2.0, 0.0, 2.0, 0.0),
 }
 
 
-NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t", "bwd_scan_carry")   # one compile serves both modes
+# the KV backward's 128-row programs (KV_BWD_ROWS) under their own names in the table and the envelope
+WIDE_KV = {"kv_dq128": "kv_dq", "kv_dkdv128": "kv_dkdv"}
+NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t", "bwd_scan_carry", *WIDE_KV)   # one compile serves both
 
 
 def _key(kernel: str, elem_bytes: int, featurize: bool, BK: int, BV: int, warps: int, stages: int) -> str:
@@ -447,13 +456,12 @@ def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int
     KV backward's rows "by window" count as 128 (``kv_rows``)."""
     cfg = dict(default_config(batch, heads, dk, dv, sms or 1, elem_bytes), **(config or {}))
     tiles = kernel_tiles_all(cfg)
-    # the KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows"): every term of its table and envelope is a
-    # 64-row tile or a 64 x 64 score tile; twice the 64-row need bounds it
-    rows = {k: kv_rows(cfg[f"{k}_rows"], window, elem_bytes) // 64 if k in ("kv_dq", "kv_dkdv") else 1
-            for k in kernels}
-    return {k: rows[k] * smem_need(k, elem_bytes, cfg["BK"], tiles[k][0], tiles[k][1],
-                                   featurize=featurize and not (k == "scan" and cfg["scan_features"] == "stored"),
-                                   stages=kernel_stages(cfg, k)) for k in kernels}
+    # the KV backward's 128-row programs ("kv_dq_rows", "kv_dkdv_rows") run 8 warps and have their own entries
+    names = {k: f"{k}128" if k in ("kv_dq", "kv_dkdv") and kv_rows(cfg[f"{k}_rows"], window, elem_bytes) == 128
+             else k for k in kernels}
+    return {k: smem_need(names[k], elem_bytes, cfg["BK"], tiles[k][0], 8 if names[k] in WIDE_KV else tiles[k][1],
+                         featurize=featurize and not (k == "scan" and cfg["scan_features"] == "stored"),
+                         stages=kernel_stages(cfg, k)) for k in kernels}
 
 
 def fits_shared_memory(elem_bytes: int, dk: int, dv: int, limit: int, *, featurize: bool, batch: int = 1,
