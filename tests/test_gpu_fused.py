@@ -16,7 +16,7 @@ Three groups:
   for every input over T x W x d x B pairs, poisoned backward buffers) when ``TRITON_INTERPRET=1`` and
   triton is importable (skipped otherwise). Tolerance 1e-5 (the contract's float32 bound).
   All of them (about 20 min on 2 cores):  TRITON_INTERPRET=1 python -m pytest -q tests/test_gpu_fused.py
-  The ``QUICK`` ones below (64 cases, 3-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
+  The ``QUICK`` ones below (65 cases, 3-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
   The custom op pair ``hqlt::fused_sync_hybrid`` (what the backend and torch.compile call): opcheck, and a
   compiled call (fullgraph) against the reference.
 * Registration (CPU, always): "fused" is registered, lazily probed, never the priority fallback; the op's
@@ -540,12 +540,13 @@ BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_ker
 # walk: the same sums in another order (float32 rounding); its route has its own test
 # The KV backward's 128-row tiles ("kv_dq_rows", "kv_dkdv_rows", "Round 12"): the same per-element sums; the blocks
 # past a row's window add exact zeros
+# The KV backward in one launch ("kv_bwd" "fused", "Round 17"): the same sums, delta recomputed per program
 # "fw_bwd_t" "fwd" ("Round 14"): T from the forward's wy_kernel, the same blocks solved the same way (bit for bit);
 # "bwd_partials" "input" ("Round 14"): the same in float32 (the inputs' dtype), the bf16 class below is the real check
 BWD_VALUES = [(k, *v[:3]) for k, v in BWD_SWITCHES.items()] + [
     ("fw_bwd_t", "pre", "fwd", 0.0), ("bwd_partials", "float32", "input", 0.0),
     ("bwd_scan_segment_chunks", 0, 1, 1e-5), ("kv_dq_rows", 64, 128, 1e-6),
-    ("kv_dkdv_rows", 64, 128, 1e-6)]
+    ("kv_dkdv_rows", 64, 128, 1e-6), ("kv_bwd", "split", "fused", 1e-6)]
 QDO_CASES = [(1, 1, 1, 16, 16, 1), (2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)]
 
 

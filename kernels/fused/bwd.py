@@ -178,6 +178,72 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
 
 
 @triton.jit
+def kv_bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+                  T, H, NC, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr):
+    """kv_bwd_dq_kernel and kv_bwd_dkdv_kernel for one 64-row chunk in one program (a launch config's "kv_bwd"
+    "fused", 64-row tiles): grid (n, B*H). Program c first computes dq of queries c*64 .. c*64 + 63 over the key
+    chunks their windows reach, then dk, dv of the same chunk's keys over the query chunks that see them; the
+    second phase finds its chunk's k, v, q, dO, O and the neighbours' tiles in L2 (this program and its neighbours
+    loaded them just before), so each tensor is read from DRAM about once instead of once per kernel. delta =
+    rowsum(dO * O) of a query chunk is recomputed where it is needed, not stored. The same per-element sums as the
+    two kernels (FUSED_NOTES.md "Round 17"). dq first: ptxas allots fewer registers than to the other order (sm_90,
+    bf16, 8 warps: 225 instead of 255 at d 64; 140 B of spills instead of 224 at d 128)."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    kbase = (b * T * H + h) * DK
+    vbase = (b * T * H + h) * DV
+    skt = H * DK
+    svt = H * DV
+    t0 = i_c * 64
+    DT = v_ptr.dtype.element_ty
+    r = tl.arange(0, 64)
+    scale2 = kv_scale * 1.4426950408889634
+
+    # queries of the chunk: dq over key chunks from the first one their windows reach to c
+    q = load_rows(q_ptr, kbase, t0, T, skt, DK, 64, BK)
+    do = load_rows(do_ptr, vbase, t0, T, svt, DV, 64, BVW)
+    delta = tl.sum(do.to(tl.float32) * load_rows(o_ptr, vbase, t0, T, svt, DV, 64, BVW).to(tl.float32), axis=1)
+    qpos = t0 + r
+    lse = tl.load(lse_ptr + i_bh * T + qpos, mask=qpos < T, other=float("inf"))
+    dq = tl.zeros((64, BK), dtype=tl.float32)
+    for kc in range(tl.maximum(t0 - W + 1, 0) // 64, i_c + 1):
+        kk = load_rows(k_ptr, kbase, kc * 64, T, skt, DK, 64, BK)
+        vv = load_rows(v_ptr, vbase, kc * 64, T, svt, DV, 64, BVW)
+        kp = kc * 64 + r
+        vis = (kp[None, :] <= qpos[:, None]) & (qpos[:, None] - kp[None, :] < W)
+        s = tl.dot(q, tl.trans(kk)) * scale2
+        p = tl.exp2(tl.where(vis, s - lse[:, None], float("-inf")))
+        dp = tl.dot(do, tl.trans(vv))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(DT), kk)
+    store_rows(dq_ptr, kbase, t0, T, skt, DK, dq * kv_scale, 64, BK)
+
+    # keys of the chunk: dk, dv over query chunks c .. the last one whose window reaches key t0 + 63
+    k = load_rows(k_ptr, kbase, t0, T, skt, DK, 64, BK)
+    v = load_rows(v_ptr, vbase, t0, T, svt, DV, 64, BVW)
+    kpos = t0 + r
+    dk = tl.zeros((64, BK), dtype=tl.float32)
+    dv = tl.zeros((64, BVW), dtype=tl.float32)
+    for qc in range(i_c, tl.minimum(NC - 1, (t0 + 62 + W) // 64) + 1):
+        qq = load_rows(q_ptr, kbase, qc * 64, T, skt, DK, 64, BK)
+        dd = load_rows(do_ptr, vbase, qc * 64, T, svt, DV, 64, BVW)
+        de = tl.sum(dd.to(tl.float32) * load_rows(o_ptr, vbase, qc * 64, T, svt, DV, 64, BVW).to(tl.float32), axis=1)
+        qp = qc * 64 + r
+        ll = tl.load(lse_ptr + i_bh * T + qp, mask=qp < T, other=float("inf"))
+        vis = (kpos[None, :] <= qp[:, None]) & (qp[:, None] - kpos[None, :] < W)
+        s = tl.dot(qq, tl.trans(k)) * scale2
+        p = tl.exp2(tl.where(vis, s - ll[:, None], float("-inf")))
+        dv += tl.dot(tl.trans(p).to(DT), dd)
+        dp = tl.dot(dd, tl.trans(v))
+        ds = p * (dp - de[:, None])
+        dk += tl.dot(tl.trans(ds).to(DT), qq)
+    store_rows(dk_ptr, kbase, t0, T, skt, DK, dk * kv_scale, 64, BK)
+    store_rows(dv_ptr, vbase, t0, T, svt, DV, dv, 64, BVW)
+
+
+@triton.jit
 def bwd_scan_kernel(q_ptr, k_ptr, qf_ptr, kf_ptr, w_ptr, do_ptr, dvn_ptr, dh_ptr, carry_ptr, T, H, NC, L, DK, DV,
                     fw_scale, BK: tl.constexpr, BV: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
                     LOCAL_IN: tl.constexpr, PRE_QDO: tl.constexpr, SEG: tl.constexpr):

@@ -9,9 +9,9 @@ import torch
 
 from ..contract import FEATURE_EPS, MAX_GRID_ROWS
 from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel,
-                  fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, wy_t_kernel)
+                  fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, kv_bwd_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD_ROWS, MAX_HEAD_DIM,
+from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD, KV_BWD_ROWS, MAX_HEAD_DIM,
                        OUT_ORDERS, SCAN_FEATURES, backward_kernels, check_config_keys, device_limits, forward_kernels,
                        forward_stores_t, interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
@@ -298,6 +298,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     _check_choice(cfg, "bwd_scan_qdo", BWD_SCAN_QDO)
     _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
     _check_choice(cfg, "bwd_partials", BWD_PARTIALS)
+    _check_choice(cfg, "kv_bwd", KV_BWD)
     for key in ("kv_dq_rows", "kv_dkdv_rows"):   # 0 (by the window) resolved here, where the window is known
         _check_choice(cfg, key, KV_BWD_ROWS)
         cfg[key] = kv_rows(cfg[key], window, q.element_size())
@@ -365,12 +366,18 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                         num_stages=cfg["num_stages"])
 
         dq_rows, dkdv_rows = cfg["kv_dq_rows"], cfg["kv_dkdv_rows"]
-        launches = [
-            lambda: kv_bwd_dq_kernel[(_cdiv(T, dq_rows), B * H)](
-                q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_, int(window), float(kv_scale), **kv(dq_rows)),
-            lambda: kv_bwd_dkdv_kernel[(_cdiv(T, dkdv_rows), B * H)](
-                q, k, v, do_kv, lse, delta, dk_kv, dv_kv, T, H, NC, dk_, dv_, int(window), float(kv_scale),
-                **kv(dkdv_rows))]
+        if cfg["kv_bwd"] == "fused" and dq_rows == dkdv_rows == 64:   # one launch, 8 warps (settings.KV_BWD)
+            launches = [lambda: kv_bwd_kernel[(NC, B * H)](
+                q, k, v, o_kv, do_kv, lse, dq_kv, dk_kv, dv_kv, T, H, NC, dk_, dv_, int(window), float(kv_scale),
+                BK=cfg["BK"], BVW=cfg["BVW"], num_warps=8, num_stages=cfg["num_stages"])]
+        else:
+            launches = [
+                lambda: kv_bwd_dq_kernel[(_cdiv(T, dq_rows), B * H)](
+                    q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_, int(window), float(kv_scale),
+                    **kv(dq_rows)),
+                lambda: kv_bwd_dkdv_kernel[(_cdiv(T, dkdv_rows), B * H)](
+                    q, k, v, do_kv, lse, delta, dk_kv, dv_kv, T, H, NC, dk_, dv_, int(window), float(kv_scale),
+                    **kv(dkdv_rows))]
         if not split:
             launches += [
                 lambda: reverse_scan(q_fw, k_fw, featurize, False),

@@ -33,6 +33,7 @@ DIVISIBLE_INTS = ("T", "NC", "L", "DK", "DV", "W")   # compile_kernel: integer a
 F32_POINTERS = {  # pointers whose buffers are float32 whatever the input dtype (launch.py)
     "wy": ("beta_ptr", "t_ptr"), "scan": ("carry_ptr",), "out": ("lse_ptr",),
     "kv_dq": ("lse_ptr", "delta_ptr", "dq_ptr"), "kv_dkdv": ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"),
+    "kv_bwd": ("lse_ptr", "dk_ptr", "dv_ptr"),
     "bwd_scan": ("dvn_ptr", "carry_ptr"), "bwd_scan_phi": ("phi_ptr",), "bwd_scan_carry": ("phi_ptr", "carry_ptr"),
     "fw_bwd": ("dvn_ptr", "dqkv_ptr", "dkkv_ptr", "dvkv_ptr", "dbeta_ptr", "beta_ptr"),
     "fw_bwd_dq": ("dvn_ptr", "dqkv_ptr"),
@@ -89,6 +90,7 @@ def kernel_fn(kernel: str):
     from . import bwd, fwd
     module, name = {"wy": (fwd, "wy_kernel"), "scan": (fwd, "scan_kernel"), "out": (fwd, "out_kernel"),
                     "kv_dq": (bwd, "kv_bwd_dq_kernel"), "kv_dkdv": (bwd, "kv_bwd_dkdv_kernel"),
+                    "kv_bwd": (bwd, "kv_bwd_kernel"),
                     "bwd_scan": (bwd, "bwd_scan_kernel"), "fw_bwd": (bwd, "fw_bwd_kernel"),
                     "fw_bwd_dq": (bwd, "fw_bwd_dq_kernel"), "fw_bwd_wy": (bwd, "fw_bwd_wy_kernel"),
                     "fw_bwd_dk": (bwd, "fw_bwd_dk_kernel"), "wy_t": (bwd, "wy_t_kernel"),
@@ -110,8 +112,9 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
     kernel = WIDE_KV.get(kernel, kernel)
     fn = kernel_fn(kernel)
     dt = dtype or ("fp16" if elem == 2 else "fp32")
-    consts = {"BK": BK, {"wy": "BVW", "kv_dq": "BVW", "kv_dkdv": "BVW", "bwd_scan_phi": "BP"}.get(kernel, "BV"): BV}
-    if kernel not in ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t", "bwd_scan_carry"):
+    consts = {"BK": BK, {"wy": "BVW", "kv_dq": "BVW", "kv_dkdv": "BVW", "kv_bwd": "BVW", "bwd_scan_phi": "BP"}.get(
+        kernel, "BV"): BV}
+    if kernel not in ("kv_dq", "kv_dkdv", "kv_bwd", "fw_bwd_wy", "wy_t", "bwd_scan_carry"):
         consts.update(FEATURIZE=feat, EPS=1e-6)
     if kernel == "out":
         consts["STORE_LSE"] = True

@@ -156,6 +156,12 @@ SEGMENT_KERNELS = ("bwd_scan_phi", "bwd_scan_carry")   # the transitions and the
 # "Round 12"; with 4 warps both spill 1-6 KB, so 128-row programs always run 8, whatever "kv_bwd_warps" says, which
 # is the 64-row programs' count). 0: by the window (kv_rows).
 KV_BWD_ROWS = (0, 64, 128)
+# The KV backward in two launches or one (a launch config's "kv_bwd"): "split", kv_bwd_dq_kernel then
+# kv_bwd_dkdv_kernel, each reading q, k, v, dO (and O) from DRAM; "fused" (opt-in until a GPU A/B; with 64 rows
+# on both sides, else "split" runs), kv_bwd_kernel: both in one program per chunk, 8 warps, the second phase reading
+# from L2 (FUSED_NOTES.md "Round 17"). Its shared memory is within the larger of the two kernels' (sm_90 compiles at
+# d 64 and 128), so the shared-memory check counts those.
+KV_BWD = ("split", "fused")
 KV_WIDE_WINDOW = 512   # from this window on, rows 0 means 128
 
 
@@ -338,6 +344,7 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
             # (FUSED_NOTES.md "Round 15", W 1024 on an H100, fwd+bwd: 16 x 64 2.53 -> 1.93 ms at T 2048, 3.05 -> 2.31
             # at T 8192; 8 x 128 1.92 -> 1.99 and 2.24 -> 2.28, where kv_dkdv's 128-row tile spills)
             "kv_bwd_warps": 4 if big else 8, "kv_dq_rows": 64 if big else 0, "kv_dkdv_rows": 64 if big else 0,
+            "kv_bwd": "split",
             # the split FW backward (HQLT_FUSED_FW_BWD=split; "Round 3"): 8 warps for the dq and dk kernels from
             # Dk = 64 (4 spill); 32-column blocks with a 4-warp WY kernel, faster at T 2048, 8192 and 32768 on an
             # H100 despite the spills, at d 128 ("Round 7") and at d 64 ("Round 8": backward 4.26 -> 3.34 ms at
