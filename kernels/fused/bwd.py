@@ -82,31 +82,23 @@ def _chunk_t_matrix(k_ptr, kf_ptr, beta_ptr, kbase, bbase, t0, T, H, skt, DK,
 
 
 @triton.jit
-def kv_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                     T, H, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr, BM: tl.constexpr):
-    """Sliding-window softmax backward, queries: grid (ceil(T / BM), B*H); program c stores delta = rowsum(dO * O)
-    of queries c*BM .. c*BM + BM - 1 ([B*H, T] float32, for kv_bwd_dkdv_kernel) and their dq, over the 64-key
-    chunks their windows reach. Probabilities recomputed from the forward's log2-domain LSE. BM (64 or 128, a launch
-    config's "kv_dq_rows"): with 128 rows each key tile loaded serves twice the queries (FUSED_NOTES.md "Round 12")."""
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    b = i_bh // H
-    h = i_bh % H
-    kbase = (b * T * H + h) * DK
-    vbase = (b * T * H + h) * DV
+def _kv_dq_rows(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, i_bh, kbase, vbase, t0, T, H, DK, DV, W,
+                kv_scale, BK: tl.constexpr, BVW: tl.constexpr, BM: tl.constexpr, STORE_DELTA: tl.constexpr):
+    """dq of queries t0 .. t0 + BM - 1 of one (batch, head) over the 64-key chunks their windows reach (stored),
+    probabilities recomputed from the forward's log2-domain LSE; delta = rowsum(dO * O) of those queries computed
+    here, and stored ([B*H, T] float32) for kv_bwd_dkdv_kernel with STORE_DELTA."""
     skt = H * DK
     svt = H * DV
-    t0 = i_c * BM
     DT = v_ptr.dtype.element_ty
     r = tl.arange(0, BM)
     rn = tl.arange(0, 64)
     scale2 = kv_scale * 1.4426950408889634
-
     q = load_rows(q_ptr, kbase, t0, T, skt, DK, BM, BK)
     do = load_rows(do_ptr, vbase, t0, T, svt, DV, BM, BVW)
     delta = tl.sum(do.to(tl.float32) * load_rows(o_ptr, vbase, t0, T, svt, DV, BM, BVW).to(tl.float32), axis=1)
     qpos = t0 + r
-    tl.store(delta_ptr + i_bh * T + qpos, delta, mask=qpos < T)
+    if STORE_DELTA:
+        tl.store(delta_ptr + i_bh * T + qpos, delta, mask=qpos < T)
     lse = tl.load(lse_ptr + i_bh * T + qpos, mask=qpos < T, other=float("inf"))
     dq = tl.zeros((BM, BK), dtype=tl.float32)
     lo = tl.maximum(t0 - W + 1, 0) // 64
@@ -125,26 +117,18 @@ def kv_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_
 
 
 @triton.jit
-def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                       T, H, NC, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr, BM: tl.constexpr):
-    """Sliding-window softmax backward, keys: grid (ceil(T / BM), B*H); program c computes dk, dv of keys
-    c*BM .. c*BM + BM - 1 over the 64-query chunks that see them (at most ceil((BM + W - 1) / 64)). No atomics:
-    every score tile is recomputed here and in kv_bwd_dq_kernel (cheap at small W). BM: "kv_dkdv_rows", as in
-    kv_bwd_dq_kernel."""
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    b = i_bh // H
-    h = i_bh % H
-    kbase = (b * T * H + h) * DK
-    vbase = (b * T * H + h) * DV
+def _kv_dkdv_rows(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, i_bh, kbase, vbase, t0, T, H,
+                  NC, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr, BM: tl.constexpr,
+                  DELTA_FROM_O: tl.constexpr):
+    """dk, dv of keys t0 .. t0 + BM - 1 of one (batch, head) over the 64-query chunks that see them (at most
+    ceil((BM + W - 1) / 64)), stored; delta of those queries loaded from kv_bwd_dq_kernel's buffer, or with
+    DELTA_FROM_O computed from dO and O here."""
     skt = H * DK
     svt = H * DV
-    t0 = i_c * BM
     DT = v_ptr.dtype.element_ty
     r = tl.arange(0, BM)
     rn = tl.arange(0, 64)
     scale2 = kv_scale * 1.4426950408889634
-
     k = load_rows(k_ptr, kbase, t0, T, skt, DK, BM, BK)
     v = load_rows(v_ptr, vbase, t0, T, svt, DV, BM, BVW)
     kpos = t0 + r
@@ -156,7 +140,11 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
         dd = load_rows(do_ptr, vbase, qc * 64, T, svt, DV, 64, BVW)
         qp = qc * 64 + rn
         ll = tl.load(lse_ptr + i_bh * T + qp, mask=qp < T, other=float("inf"))
-        de = tl.load(delta_ptr + i_bh * T + qp, mask=qp < T, other=0.0)
+        if DELTA_FROM_O:
+            de = tl.sum(dd.to(tl.float32) * load_rows(o_ptr, vbase, qc * 64, T, svt, DV, 64, BVW).to(tl.float32),
+                        axis=1)
+        else:
+            de = tl.load(delta_ptr + i_bh * T + qp, mask=qp < T, other=0.0)
         if BM == 64:   # queries x keys, transposed into the products (round 11's form, the one run on GPUs)
             vis = (kpos[None, :] <= qp[:, None]) & (qp[:, None] - kpos[None, :] < W)
             s = tl.dot(qq, tl.trans(k)) * scale2
@@ -178,6 +166,37 @@ def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, 
 
 
 @triton.jit
+def kv_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                     T, H, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr, BM: tl.constexpr):
+    """Sliding-window softmax backward, queries: grid (ceil(T / BM), B*H); program c stores delta = rowsum(dO * O)
+    of queries c*BM .. c*BM + BM - 1 ([B*H, T] float32, for kv_bwd_dkdv_kernel) and their dq, over the 64-key
+    chunks their windows reach. Probabilities recomputed from the forward's log2-domain LSE. BM (64 or 128, a launch
+    config's "kv_dq_rows"): with 128 rows each key tile loaded serves twice the queries (FUSED_NOTES.md "Round 12")."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    _kv_dq_rows(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, i_bh, (b * T * H + h) * DK,
+                (b * T * H + h) * DV, i_c * BM, T, H, DK, DV, W, kv_scale, BK, BVW, BM, True)
+
+
+@triton.jit
+def kv_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                       T, H, NC, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr, BM: tl.constexpr):
+    """Sliding-window softmax backward, keys: grid (ceil(T / BM), B*H); program c computes dk, dv of keys
+    c*BM .. c*BM + BM - 1 over the 64-query chunks that see them (at most ceil((BM + W - 1) / 64)). No atomics:
+    every score tile is recomputed here and in kv_bwd_dq_kernel (cheap at small W). BM: "kv_dkdv_rows", as in
+    kv_bwd_dq_kernel."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    # o_ptr unused (delta comes from kv_bwd_dq_kernel): do_ptr stands in
+    _kv_dkdv_rows(q_ptr, k_ptr, v_ptr, do_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, i_bh, (b * T * H + h) * DK,
+                  (b * T * H + h) * DV, i_c * BM, T, H, NC, DK, DV, W, kv_scale, BK, BVW, BM, False)
+
+
+@triton.jit
 def kv_bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
                   T, H, NC, DK, DV, W, kv_scale, BK: tl.constexpr, BVW: tl.constexpr):
     """kv_bwd_dq_kernel and kv_bwd_dkdv_kernel for one 64-row chunk in one program (a launch config's "kv_bwd"
@@ -187,60 +206,18 @@ def kv_bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, d
     loaded them just before), so each tensor is read from DRAM about once instead of once per kernel. delta =
     rowsum(dO * O) of a query chunk is recomputed where it is needed, not stored. The same per-element sums as the
     two kernels (FUSED_NOTES.md "Round 17"). dq first: ptxas allots fewer registers than to the other order (sm_90,
-    bf16, 8 warps: 225 instead of 255 at d 64; 140 B of spills instead of 224 at d 128)."""
+    bf16, 8 warps: 226 instead of 255 at d 64; 124 B of spills instead of about 220 at d 128)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
     h = i_bh % H
     kbase = (b * T * H + h) * DK
     vbase = (b * T * H + h) * DV
-    skt = H * DK
-    svt = H * DV
-    t0 = i_c * 64
-    DT = v_ptr.dtype.element_ty
-    r = tl.arange(0, 64)
-    scale2 = kv_scale * 1.4426950408889634
-
-    # queries of the chunk: dq over key chunks from the first one their windows reach to c
-    q = load_rows(q_ptr, kbase, t0, T, skt, DK, 64, BK)
-    do = load_rows(do_ptr, vbase, t0, T, svt, DV, 64, BVW)
-    delta = tl.sum(do.to(tl.float32) * load_rows(o_ptr, vbase, t0, T, svt, DV, 64, BVW).to(tl.float32), axis=1)
-    qpos = t0 + r
-    lse = tl.load(lse_ptr + i_bh * T + qpos, mask=qpos < T, other=float("inf"))
-    dq = tl.zeros((64, BK), dtype=tl.float32)
-    for kc in range(tl.maximum(t0 - W + 1, 0) // 64, i_c + 1):
-        kk = load_rows(k_ptr, kbase, kc * 64, T, skt, DK, 64, BK)
-        vv = load_rows(v_ptr, vbase, kc * 64, T, svt, DV, 64, BVW)
-        kp = kc * 64 + r
-        vis = (kp[None, :] <= qpos[:, None]) & (qpos[:, None] - kp[None, :] < W)
-        s = tl.dot(q, tl.trans(kk)) * scale2
-        p = tl.exp2(tl.where(vis, s - lse[:, None], float("-inf")))
-        dp = tl.dot(do, tl.trans(vv))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(DT), kk)
-    store_rows(dq_ptr, kbase, t0, T, skt, DK, dq * kv_scale, 64, BK)
-
-    # keys of the chunk: dk, dv over query chunks c .. the last one whose window reaches key t0 + 63
-    k = load_rows(k_ptr, kbase, t0, T, skt, DK, 64, BK)
-    v = load_rows(v_ptr, vbase, t0, T, svt, DV, 64, BVW)
-    kpos = t0 + r
-    dk = tl.zeros((64, BK), dtype=tl.float32)
-    dv = tl.zeros((64, BVW), dtype=tl.float32)
-    for qc in range(i_c, tl.minimum(NC - 1, (t0 + 62 + W) // 64) + 1):
-        qq = load_rows(q_ptr, kbase, qc * 64, T, skt, DK, 64, BK)
-        dd = load_rows(do_ptr, vbase, qc * 64, T, svt, DV, 64, BVW)
-        de = tl.sum(dd.to(tl.float32) * load_rows(o_ptr, vbase, qc * 64, T, svt, DV, 64, BVW).to(tl.float32), axis=1)
-        qp = qc * 64 + r
-        ll = tl.load(lse_ptr + i_bh * T + qp, mask=qp < T, other=float("inf"))
-        vis = (kpos[None, :] <= qp[:, None]) & (qp[:, None] - kpos[None, :] < W)
-        s = tl.dot(qq, tl.trans(k)) * scale2
-        p = tl.exp2(tl.where(vis, s - ll[:, None], float("-inf")))
-        dv += tl.dot(tl.trans(p).to(DT), dd)
-        dp = tl.dot(dd, tl.trans(v))
-        ds = p * (dp - de[:, None])
-        dk += tl.dot(tl.trans(ds).to(DT), qq)
-    store_rows(dk_ptr, kbase, t0, T, skt, DK, dk * kv_scale, 64, BK)
-    store_rows(dv_ptr, vbase, t0, T, svt, DV, dv, 64, BVW)
+    # lse_ptr stands in for the delta buffer neither phase uses
+    _kv_dq_rows(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, lse_ptr, dq_ptr, i_bh, kbase, vbase, i_c * 64, T, H, DK,
+                DV, W, kv_scale, BK, BVW, 64, False)
+    _kv_dkdv_rows(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, lse_ptr, dk_ptr, dv_ptr, i_bh, kbase, vbase, i_c * 64,
+                  T, H, NC, DK, DV, W, kv_scale, BK, BVW, 64, True)
 
 
 @triton.jit
