@@ -98,12 +98,9 @@ def mlflow_error_line(exc: BaseException) -> str | None:
         return None
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if "out-of-date database schema" in text:
+        from hqlt.orchestration.tracking import other_version_message
         found = re.search(r"found version (\w+), but expected (\w+)", text)
-        schema = f" (schema {found.group(1)}, this MLflow expects {found.group(2)})" if found else ""
-        installed = getattr(sys.modules.get("mlflow"), "__version__", "")
-        return (f"MLflow {installed} cannot read this database{schema}: it was written by another MLflow version. "
-                "Open it with that version (pip install mlflow==<version>), or, if it is the older one, "
-                "`mlflow db upgrade` a copy")
+        return other_version_message(*(found.groups() if found else ()))
     return f"MLflow: {text}"
 
 

@@ -7,10 +7,14 @@ config; metrics per step.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+import sqlite3
 from typing import Iterable, Optional
 
+from hqlt.blocks.validation import ConfigError
 from hqlt.search_space.labels import flatten
 from hqlt.search_space.vocabulary import to_mlflow_metric
 from hqlt.search_space.vocabulary import (ARCH_TAG, COMPLETED, CONFIG_HASH_TAG, PARENT_TAG, REASON_TAG, RESULT_TAGS,
@@ -33,9 +37,58 @@ def numeric_metrics(metrics: dict) -> dict:
     return out
 
 
+class StoreVersionError(ConfigError):
+    """A tracking database written by an MLflow version whose schema this MLflow does not know (no key path)."""
+
+    def __init__(self, message: str):
+        super().__init__("", message)
+
+
+def other_version_message(found: str = "", expected: str = "") -> str:
+    """The one line for a database whose schema revision ``found`` this MLflow (expecting ``expected``) cannot read:
+    usually a sweep folder written by another MLflow version (e.g. on a GPU host)."""
+    import mlflow
+    schema = f" (schema {found}, this MLflow expects {expected})" if found else ""
+    return (f"MLflow {mlflow.__version__} cannot read this database{schema}: it was written by another MLflow version. "
+            "Open it with that version (pip install mlflow==<version>), or, if it is the older one, "
+            "`mlflow db upgrade` a copy")
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_revisions() -> tuple[frozenset, str]:
+    """(every schema revision this MLflow's migrations know, the newest)."""
+    from alembic.script import ScriptDirectory
+    from mlflow.store import db_migrations
+    script = ScriptDirectory(os.path.dirname(db_migrations.__file__))
+    return frozenset(rev.revision for rev in script.walk_revisions()), script.get_current_head()
+
+
+def check_store_schema(tracking_uri: str) -> None:
+    """StoreVersionError for an existing SQLite store whose schema revision this MLflow's migrations do not know,
+    before MLflow opens it: MLflow 3.18 then tries to migrate the file in place and stops half-way with alembic's
+    traceback (earlier versions raised their own "out-of-date database schema" error, which the CLI words the
+    same). Other stores, a missing file or one without MLflow's tables are left to MLflow."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:" or not os.path.isfile(path):
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            row = db.execute("select version_num from alembic_version").fetchone()
+    except sqlite3.Error:
+        return
+    if row is None:
+        return
+    known, head = _schema_revisions()
+    if row[0] not in known:
+        raise StoreVersionError(other_version_message(row[0], head))
+
+
 def client(tracking_uri: str):
     import mlflow
 
+    check_store_schema(tracking_uri)
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
