@@ -290,7 +290,9 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
     ``sms``: the device's multiprocessor count; ``elem_bytes``: the inputs' element size.
 
     Chosen so that ptxas reports no register spills for sm_90 (checked by compiling the bf16 kernels for
-    ``GPUTarget("cuda", 90, 32)`` on a CPU machine and reading ``cuobjdump --dump-resource-usage``):
+    ``GPUTarget("cuda", 90, 32)`` on a CPU machine and reading ``cuobjdump --dump-resource-usage``; the spill bytes
+    quoted here predate round 17, when that compile was not yet specialised as a GPU launch is and overstated them,
+    FUSED_NOTES.md "Round 17"):
     * wy: 4 warps (at d = 128 they spill 208 B, and still ran 0.26 ms faster than 8 at T 32768 on an H100);
     * scan: value blocks of 64 columns (32 at Dk = 128: 64 spills even with 8 warps), 8 warps when the
       state tile is >= 64x64 elements, but 4 at d = 128 when it loads stored key features (``scan_features``);
