@@ -86,7 +86,7 @@ def configurations():
 
 
 def kernel_fn(kernel: str):
-    """The Triton kernel behind a name of ``settings.kernel_tiles`` (or ``SPLIT_KERNELS``)."""
+    """The Triton kernel behind a name of ``settings.kernel_tiles_all``."""
     from . import bwd, fwd
     module, name = {"wy": (fwd, "wy_kernel"), "scan": (fwd, "scan_kernel"), "out": (fwd, "out_kernel"),
                     "kv_dq": (bwd, "kv_bwd_dq_kernel"), "kv_dkdv": (bwd, "kv_bwd_dkdv_kernel"),
@@ -195,7 +195,6 @@ def spill_configurations(dims=(64, 128), fw_bwd: str = "both", batch: int = 8, h
     ``dims``, features in the kernel ("F") and given ("g"), the default configuration for (batch, heads, sms);
     ``fw_bwd``: which FW-backward variant's kernels, "single", "split" or "both" (the split variant runs the
     reverse scan with the chunk-local term read in, ``LOCAL_IN``, and the features loaded: label "scan+local")."""
-    from .settings import SPLIT_FW_BWD_KERNELS, kernel_tiles_all
     want = {"single": ("single",), "split": ("split",), "both": ("single", "split")}[fw_bwd]
     for d in dims:
         cfg = default_config(batch, heads, d, d, sms)
