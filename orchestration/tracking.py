@@ -37,6 +37,13 @@ def numeric_metrics(metrics: dict) -> dict:
     return out
 
 
+def sqlite_file(tracking_uri: str) -> str | None:
+    """The file part of a ``sqlite:///`` tracking URI (without its query string); None for any other store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+
+
 class StoreVersionError(ConfigError):
     """A tracking database written by an MLflow version whose schema this MLflow does not know (no key path)."""
 
@@ -68,9 +75,7 @@ def check_store_schema(tracking_uri: str) -> None:
     before MLflow opens it: MLflow 3.18 then tries to migrate the file in place and stops half-way with alembic's
     traceback (earlier versions raised their own "out-of-date database schema" error, which the CLI words the
     same). Other stores, a missing file or one without MLflow's tables are left to MLflow."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return
-    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    path = sqlite_file(tracking_uri)
     if not path or path == ":memory:" or not os.path.isfile(path):
         return
     try:

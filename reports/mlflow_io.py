@@ -66,7 +66,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from hqlt.orchestration.tracking import check_store_schema
+from hqlt.orchestration.tracking import check_store_schema, sqlite_file
 from hqlt.search_space.vocabulary import (ARCH_TAG, BASELINE_TAG, COMPLETED, CONFIG_HASH_TAG, FAILED, PARENT_TAG,
                                           REASON_TAG, ROLE_SWEEP, ROLE_TAG, RUNNING, SEED_TAG, STATUS_TAG,
                                           SWEEP_ID_TAG, TRIAL_ID_TAG, from_mlflow_metric)
@@ -141,10 +141,9 @@ def client_for(tracking_uri: str):
     """An ``MlflowClient`` for ``tracking_uri``; refuses to create a new SQLite file by accident."""
     import mlflow
 
-    if tracking_uri.startswith("sqlite:///"):
-        db = tracking_uri[len("sqlite:///") :]
-        if db and db != ":memory:" and not Path(db.split("?", 1)[0]).exists():
-            raise ReportError(f"no MLflow database at {db}")
+    db = sqlite_file(tracking_uri)
+    if db and db != ":memory:" and not Path(db).exists():
+        raise ReportError(f"no MLflow database at {db}")
     check_store_schema(tracking_uri)
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 

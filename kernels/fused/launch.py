@@ -329,7 +329,6 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     dq_kv = buf(q.shape, pq if featurize else q.dtype)     # partial (summed in the FW kernels) or final
     dk_kv = buf(k.shape, pq if featurize else k.dtype)
     dv_kv = buf(v.shape, pv_)
-    delta = buf((B * H, T), f32)
     dh = buf((B * H, NC, dk_, dv_), states.dtype)
     dvn = buf(v.shape, pv_)
     dq = buf(q.shape, q.dtype if featurize else q_fw.dtype)
@@ -371,6 +370,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                 q, k, v, o_kv, do_kv, lse, dq_kv, dk_kv, dv_kv, T, H, NC, dk_, dv_, int(window), float(kv_scale),
                 BK=cfg["BK"], BVW=cfg["BVW"], num_warps=8, num_stages=cfg["num_stages"])]
         else:
+            delta = buf((B * H, T), f32)   # rowsum(dO * O) per query, from kv_bwd_dq for kv_bwd_dkdv
             launches = [
                 lambda: kv_bwd_dq_kernel[(_cdiv(T, dq_rows), B * H)](
                     q, k, v, o_kv, do_kv, lse, delta, dq_kv, T, H, dk_, dv_, int(window), float(kv_scale),

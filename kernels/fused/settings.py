@@ -466,8 +466,8 @@ def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int
     cfg = dict(default_config(batch, heads, dk, dv, sms or 1, elem_bytes), **(config or {}))
     tiles = kernel_tiles_all(cfg)
     # the KV backward's 128-row programs ("kv_dq_rows", "kv_dkdv_rows") run 8 warps and have their own entries
-    names = {k: f"{k}128" if k in ("kv_dq", "kv_dkdv") and kv_rows(cfg[f"{k}_rows"], window, elem_bytes) == 128
-             else k for k in kernels}
+    wide = {base: name for name, base in WIDE_KV.items()}
+    names = {k: wide[k] if k in wide and kv_rows(cfg[f"{k}_rows"], window, elem_bytes) == 128 else k for k in kernels}
     return {k: smem_need(names[k], elem_bytes, cfg["BK"], tiles[k][0], 8 if names[k] in WIDE_KV else tiles[k][1],
                          featurize=featurize and not (k == "scan" and cfg["scan_features"] == "stored"),
                          stages=kernel_stages(cfg, k)) for k in kernels}
