@@ -32,6 +32,26 @@ def test_table_has_every_default_configuration_and_the_envelope_bounds_it():
         assert bound >= measured, key
 
 
+def test_spill_report_compiles_what_the_launch_runs(monkeypatch):
+    # ``resources --spills`` must compile each kernel as the launcher runs it under the configuration: the register cap
+    # on fw_bwd_dk (with features computed in the kernel the cap makes it spill, FUSED_NOTES.md "Round 18"), and the
+    # one-launch KV backward instead of the two split kernels when "kv_bwd" is "fused"
+    def items():
+        return {label: kw for label, kw in resources.spill_configurations(dims=(128,), fw_bwd="split")}
+
+    plain = items()
+    assert all(kw["maxnreg"] == 0 for kw in plain.values())
+    assert {kw["kernel"] for kw in plain.values()} >= {"kv_dq", "kv_dkdv"}
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", '{"fw_bwd_dk_maxnreg": 128, "kv_bwd": "fused"}')
+    capped = items()
+    kernels = {kw["kernel"] for kw in capped.values()}
+    assert "kv_bwd" in kernels and not kernels & {"kv_dq", "kv_dkdv"}
+    assert next(kw["warps"] for kw in capped.values() if kw["kernel"] == "kv_bwd") == 8
+    assert {kw["maxnreg"] for kw in capped.values() if kw["kernel"] == "fw_bwd_dk"} == {128}
+    assert {kw["maxnreg"] for kw in capped.values() if kw["kernel"] != "fw_bwd_dk"} == {0}
+    assert sum(kw["kernel"] == "fw_bwd_dk" for kw in capped.values()) == 2   # features computed and given
+
+
 def test_the_h200_failure_is_predicted():
     # float32, d = 128, features in the kernel, few (batch, head) pairs: the reverse scan runs 16-column value
     # blocks and needs 245760 B (what the H200 reported), more than its 232448 B

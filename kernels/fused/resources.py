@@ -194,7 +194,10 @@ def spill_configurations(dims=(64, 128), fw_bwd: str = "both", batch: int = 8, h
     """(label, compile args) of every kernel the launchers run at the target shapes: bf16, Dk = Dv in
     ``dims``, features in the kernel ("F") and given ("g"), the default configuration for (batch, heads, sms);
     ``fw_bwd``: which FW-backward variant's kernels, "single", "split" or "both" (the split variant runs the
-    reverse scan with the chunk-local term read in, ``LOCAL_IN``, and the features loaded: label "scan+local")."""
+    reverse scan with the chunk-local term read in, ``LOCAL_IN``, and the features loaded: label "scan+local").
+    Compiled as launched: ``fw_bwd_dk`` under the configuration's register cap (label "r<n>"), and the one-launch KV
+    backward in place of the split pair when ``"kv_bwd"`` is "fused" (as it runs with 64-row tiles on both sides:
+    always at d 128, below ``KV_WIDE_WINDOW`` at d <= 64)."""
     want = {"single": ("single",), "split": ("split",), "both": ("single", "split")}[fw_bwd]
     for d in dims:
         cfg = default_config(batch, heads, d, d, sms)
@@ -210,12 +213,18 @@ def spill_configurations(dims=(64, 128), fw_bwd: str = "both", batch: int = 8, h
                 if kernel == "bwd_scan":
                     runs = ([(kernel, feat, {"LOCAL_IN": False})] if "single" in want else []) + \
                            ([("bwd_scan+local", False, {"LOCAL_IN": True})] if "split" in want and feat else [])
+                if kernel in ("kv_dq", "kv_dkdv") and cfg["kv_bwd"] == "fused":
+                    if kernel == "kv_dkdv":
+                        continue
+                    runs, kernel, warps = [("kv_bwd", f, None) for _, f, _ in runs], "kv_bwd", 8   # settings.KV_BWD
+                # the launch's register cap (fw_bwd_dk only, launch.fused_backward)
+                maxnreg = cfg["fw_bwd_dk_maxnreg"] if kernel == "fw_bwd_dk" else 0
                 for label_kernel, f, extra in runs:
-                    mode = "-" if kernel in ("kv_dq", "kv_dkdv", "fw_bwd_wy") or label_kernel == "bwd_scan+local" \
-                        else ("F" if f else "g")
-                    label = f"{label_kernel} d{d} {mode} BV{bv} w{warps}"
+                    mode = "-" if kernel in ("kv_dq", "kv_dkdv", "kv_bwd", "fw_bwd_wy") \
+                        or label_kernel == "bwd_scan+local" else ("F" if f else "g")
+                    label = f"{label_kernel} d{d} {mode} BV{bv} w{warps}" + (f" r{maxnreg}" if maxnreg else "")
                     yield label, dict(kernel=kernel, elem=2, feat=f, BK=cfg["BK"], BV=bv, warps=warps,
-                                      stages=stages, dtype="bf16", extra=extra)
+                                      stages=stages, dtype="bf16", extra=extra, maxnreg=maxnreg)
 
 
 def _spill_row(item):

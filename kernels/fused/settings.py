@@ -354,8 +354,9 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
             "fw_bwd": fw_bwd, "fw_bwd_split_bv": 32,
             "fw_bwd_dq_warps": 8 if BK >= 64 else 4, "fw_bwd_wy_warps": 4,
             "fw_bwd_dk_warps": 8 if BK >= 64 else 4, "wy_t_warps": 4,
-            # a register cap for fw_bwd_dk (ptxas .maxnreg; 0: none): at d 128 and 8 warps it takes 129 registers,
-            # one more than lets two programs share an SM (FUSED_NOTES.md "Round 17")
+            # a register cap for fw_bwd_dk (ptxas .maxnreg; 0: none): at d 128 and 8 warps it takes 129 registers
+            # with the features given, one more than lets two programs share an SM (FUSED_NOTES.md "Round 17"); with
+            # them computed in the kernel it takes 173, and capped at 128 spills 324 B per thread ("Round 18")
             "fw_bwd_dk_maxnreg": 0}
 
 
