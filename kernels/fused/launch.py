@@ -11,9 +11,9 @@ from ..contract import FEATURE_EPS, MAX_GRID_ROWS
 from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel,
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, kv_bwd_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD, KV_BWD_ROWS, MAX_HEAD_DIM,
-                       OUT_ORDERS, SCAN_FEATURES, backward_kernels, check_config_keys, device_limits, forward_kernels,
-                       forward_stores_t, interpreting, kv_rows, pow2, smem_needs)
+from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD, KV_BWD_FUSED_WARPS,
+                       KV_BWD_ROWS, MAX_HEAD_DIM, OUT_ORDERS, SCAN_FEATURES, backward_kernels, check_config_keys,
+                       device_limits, forward_kernels, forward_stores_t, interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -368,7 +368,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
         if cfg["kv_bwd"] == "fused" and dq_rows == dkdv_rows == 64:   # one launch, 8 warps (settings.KV_BWD)
             launches = [lambda: kv_bwd_kernel[(NC, B * H)](
                 q, k, v, o_kv, do_kv, lse, dq_kv, dk_kv, dv_kv, T, H, NC, dk_, dv_, int(window), float(kv_scale),
-                BK=cfg["BK"], BVW=cfg["BVW"], num_warps=8, num_stages=cfg["num_stages"])]
+                BK=cfg["BK"], BVW=cfg["BVW"], num_warps=KV_BWD_FUSED_WARPS, num_stages=cfg["num_stages"])]
         else:
             delta = buf((B * H, T), f32)   # rowsum(dO * O) per query, from kv_bwd_dq for kv_bwd_dkdv
             launches = [

@@ -162,6 +162,7 @@ KV_BWD_ROWS = (0, 64, 128)
 # from L2 (FUSED_NOTES.md "Round 17"). Its shared memory is within the larger of the two kernels' (sm_90 compiles at
 # d 64 and 128), so the shared-memory check counts those.
 KV_BWD = ("split", "fused")
+KV_BWD_FUSED_WARPS = 8   # kv_bwd_kernel's warps, whatever "kv_bwd_warps" says
 KV_WIDE_WINDOW = 512   # from this window on, rows 0 means 128
 
 
