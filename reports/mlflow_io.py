@@ -66,7 +66,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from hqlt.orchestration.tracking import check_store_schema, sqlite_file
+from hqlt.orchestration.tracking import client as tracking_client, sqlite_file
 from hqlt.search_space.vocabulary import (ARCH_TAG, BASELINE_TAG, COMPLETED, CONFIG_HASH_TAG, FAILED, PARENT_TAG,
                                           REASON_TAG, ROLE_SWEEP, ROLE_TAG, RUNNING, SEED_TAG, STATUS_TAG,
                                           SWEEP_ID_TAG, TRIAL_ID_TAG, from_mlflow_metric)
@@ -139,13 +139,10 @@ class SweepRef:
 
 def client_for(tracking_uri: str):
     """An ``MlflowClient`` for ``tracking_uri``; refuses to create a new SQLite file by accident."""
-    import mlflow
-
     db = sqlite_file(tracking_uri)
     if db and db != ":memory:" and not Path(db).exists():
         raise ReportError(f"no MLflow database at {db}")
-    check_store_schema(tracking_uri)
-    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return tracking_client(tracking_uri)
 
 
 def list_experiment_names(client) -> list[str]:

@@ -422,6 +422,7 @@ SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
 
 # the KV backward's 128-row programs (KV_BWD_ROWS) under their own names in the table and the envelope
 WIDE_KV = {"kv_dq128": "kv_dq", "kv_dkdv128": "kv_dkdv"}
+_WIDE_OF = {base: name for name, base in WIDE_KV.items()}   # the 128-row entry's name of a KV kernel
 NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t", "bwd_scan_carry", *WIDE_KV)   # one compile serves both
 
 
@@ -468,8 +469,7 @@ def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int
     cfg = dict(default_config(batch, heads, dk, dv, sms or 1, elem_bytes), **(config or {}))
     tiles = kernel_tiles_all(cfg)
     # the KV backward's 128-row programs ("kv_dq_rows", "kv_dkdv_rows") run 8 warps and have their own entries
-    wide = {base: name for name, base in WIDE_KV.items()}
-    names = {k: wide[k] if k in wide and kv_rows(cfg[f"{k}_rows"], window, elem_bytes) == 128 else k for k in kernels}
+    names = {k: _WIDE_OF[k] if k in _WIDE_OF and kv_rows(cfg[f"{k}_rows"], window, elem_bytes) == 128 else k for k in kernels}
     return {k: smem_need(names[k], elem_bytes, cfg["BK"], tiles[k][0], 8 if names[k] in WIDE_KV else tiles[k][1],
                          featurize=featurize and not (k == "scan" and cfg["scan_features"] == "stored"),
                          stages=kernel_stages(cfg, k)) for k in kernels}
