@@ -614,6 +614,19 @@ def test_interpreter_out_order_and_register_cap_route():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     with pytest.raises(ValueError, match=r"out_order.*\('chunk', 'value'\)"):
         FL.fused_forward(*args, config={"out_order": "values"}, **kw)
+    # the defaults: value blocks first, and the cap where the features are given (the model path) but not above,
+    # where the kernel computes them (settings.fw_bwd_dk_regs)
+    feats = dict(q_fw=l2_normalize(F.silu(low["q"])), k_fw=l2_normalize(F.silu(low["k"])))
+    given = {}
+    with watch_launches(FL, lambda name, _a, kwargs: given.update(
+            {name: (kwargs.get("V_FIRST"), kwargs.get("maxnreg"))})):
+        o_kv, _, aux = FL.fused_forward(*args, return_aux=True, **feats, **kw)
+        FL.fused_backward(*args, o_kv, aux["lse"], *gout, w=aux["w"], v_new=aux["v_new"], states=aux["states"],
+                          t=aux.get("t"), **feats, **kw)
+    assert given["out_kernel"] == (True, None) and given["fw_bwd_dk_kernel"] == (None, 128)
+    # one stage in the reverse scan faulted on an H100: refused before any launch
+    with pytest.raises(ValueError, match=r"bwd_scan_stages.*>= 2"):
+        FL.fused_backward(*args, o_kv, aux["lse"], *gout, config={"bwd_scan_stages": 1}, **feats, **kw)
 
 
 @interp

@@ -40,7 +40,10 @@ def test_spill_report_compiles_what_the_launch_runs(monkeypatch):
         return {label: kw for label, kw in resources.spill_configurations(dims=(128,), fw_bwd="split")}
 
     plain = items()
-    assert all(kw["maxnreg"] == 0 for kw in plain.values())
+    # the default ("given"): the cap only where the features are given
+    assert {kw["feat"]: kw["maxnreg"] for kw in plain.values() if kw["kernel"] == "fw_bwd_dk"} == {
+        True: 0, False: S.FW_BWD_DK_GIVEN_REGS}
+    assert all(kw["maxnreg"] == 0 for kw in plain.values() if kw["kernel"] != "fw_bwd_dk")
     assert {kw["kernel"] for kw in plain.values()} >= {"kv_dq", "kv_dkdv"}
     monkeypatch.setenv("HQLT_FUSED_CONFIG", '{"fw_bwd_dk_maxnreg": 128, "kv_bwd": "fused"}')
     capped = items()
@@ -50,6 +53,15 @@ def test_spill_report_compiles_what_the_launch_runs(monkeypatch):
     assert {kw["maxnreg"] for kw in capped.values() if kw["kernel"] == "fw_bwd_dk"} == {128}
     assert {kw["maxnreg"] for kw in capped.values() if kw["kernel"] != "fw_bwd_dk"} == {0}
     assert sum(kw["kernel"] == "fw_bwd_dk" for kw in capped.values()) == 2   # features computed and given
+
+
+def test_fw_bwd_dk_register_cap_by_feature_mode():
+    assert S.default_config(8, 8, 128, 128, 132)["fw_bwd_dk_maxnreg"] == "given"
+    assert (S.fw_bwd_dk_regs("given", featurize=False), S.fw_bwd_dk_regs("given", featurize=True)) == (128, 0)
+    assert S.fw_bwd_dk_regs(96, featurize=True) == 96 and S.fw_bwd_dk_regs(0, featurize=False) == 0
+    for bad in ("auto", -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"fw_bwd_dk_maxnreg.*\"given\" or an integer >= 0"):
+            S.fw_bwd_dk_regs(bad, featurize=False)
 
 
 def test_the_h200_failure_is_predicted():

@@ -12,8 +12,9 @@ from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, f
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, kv_bwd_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
 from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD, KV_BWD_FUSED_WARPS,
-                       KV_BWD_ROWS, MAX_HEAD_DIM, OUT_ORDERS, SCAN_FEATURES, backward_kernels, check_config_keys,
-                       device_limits, forward_kernels, forward_stores_t, interpreting, kv_rows, pow2, smem_needs)
+                       KV_BWD_ROWS, MAX_HEAD_DIM, MIN_BWD_SCAN_STAGES, OUT_ORDERS, SCAN_FEATURES, backward_kernels,
+                       check_config_keys, device_limits, forward_kernels, forward_stores_t, fw_bwd_dk_regs,
+                       interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -299,6 +300,11 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
     _check_choice(cfg, "bwd_partials", BWD_PARTIALS)
     _check_choice(cfg, "kv_bwd", KV_BWD)
+    if isinstance(cfg["bwd_scan_stages"], bool) or not isinstance(cfg["bwd_scan_stages"], int) \
+            or cfg["bwd_scan_stages"] < MIN_BWD_SCAN_STAGES:
+        raise ValueError(f"config['bwd_scan_stages'] must be an integer >= {MIN_BWD_SCAN_STAGES} (1 faults on sm_90); "
+                         f"got {cfg['bwd_scan_stages']!r}")
+    dk_regs = fw_bwd_dk_regs(cfg["fw_bwd_dk_maxnreg"], featurize)   # "given" resolved here, where the mode is known
     for key in ("kv_dq_rows", "kv_dkdv_rows"):   # 0 (by the window) resolved here, where the window is known
         _check_choice(cfg, key, KV_BWD_ROWS)
         cfg[key] = kv_rows(cfg[key], window, q.element_size())
@@ -409,7 +415,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                 lambda: fw_bwd_dk_kernel[(NC, B * H)](
                     k, qf_b, v_new, dh, do_fw, dkw, dk_kv, dk, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
                     BV=bv, num_warps=cfg["fw_bwd_dk_warps"], num_stages=cfg["num_stages"],
-                    **({"maxnreg": cfg["fw_bwd_dk_maxnreg"]} if cfg["fw_bwd_dk_maxnreg"] else {}), **common)]
+                    **({"maxnreg": dk_regs} if dk_regs else {}), **common)]
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             for launch in launches[:stages]:
                 launch()

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .settings import (BACKWARD_KERNELS, FORWARD_KERNELS, KV_BWD_FUSED_WARPS, SMEM_TABLE, SPLIT_FW_BWD_KERNELS, WIDE_KV,
-                       _key, default_config, kernel_stages, kernel_tiles_all, pow2, smem_terms)
+                       _key, default_config, fw_bwd_dk_regs, kernel_stages, kernel_tiles_all, pow2, smem_terms)
 
 HEAD_DIMS = (16, 32, 64, 128)
 DIVISIBLE_INTS = ("T", "NC", "L", "DK", "DV", "W")   # compile_kernel: integer arguments specialised as divisible by 16
@@ -217,9 +217,9 @@ def spill_configurations(dims=(64, 128), fw_bwd: str = "both", batch: int = 8, h
                     if kernel == "kv_dkdv":
                         continue
                     runs, kernel, warps = [("kv_bwd", f, None) for _, f, _ in runs], "kv_bwd", KV_BWD_FUSED_WARPS
-                # the launch's register cap (fw_bwd_dk only, launch.fused_backward)
-                maxnreg = cfg["fw_bwd_dk_maxnreg"] if kernel == "fw_bwd_dk" else 0
                 for label_kernel, f, extra in runs:
+                    # the launch's register cap (fw_bwd_dk only, by the feature mode; launch.fused_backward)
+                    maxnreg = fw_bwd_dk_regs(cfg["fw_bwd_dk_maxnreg"], f) if kernel == "fw_bwd_dk" else 0
                     mode = "-" if kernel in ("kv_dq", "kv_dkdv", "kv_bwd", "fw_bwd_wy") \
                         or label_kernel == "bwd_scan+local" else ("F" if f else "g")
                     label = f"{label_kernel} d{d} {mode} BV{bv} w{warps}" + (f" r{maxnreg}" if maxnreg else "")

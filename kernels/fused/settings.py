@@ -165,6 +165,30 @@ KV_BWD = ("split", "fused")
 KV_BWD_FUSED_WARPS = 8   # kv_bwd_kernel's warps, whatever "kv_bwd_warps" says
 KV_WIDE_WINDOW = 512   # from this window on, rows 0 means 128
 
+# A register cap for fw_bwd_dk (a launch config's "fw_bwd_dk_maxnreg", ptxas .maxnreg): 0, none; n, n registers per
+# thread; "given" (the default), FW_BWD_DK_GIVEN_REGS where the features are given and none where the kernel computes
+# them. At d 128, 8 warps, the kernel takes 129 registers with the features given, one more than lets two programs
+# share an SM; capped at 128 it compiles without spills and the fwd+bwd step's GPU time fell 3.0 % at T 2048 and at
+# T 32768 on an H100 (FUSED_NOTES.md "Round 19"). Computing the features it takes 173, and the cap spills 324 B per
+# thread (sm_90, "Round 18"); at d 64 it raises that compile from 86 to 118 registers (3 programs per SM to 2).
+FW_BWD_DK_GIVEN_REGS = 128
+
+
+def fw_bwd_dk_regs(value, featurize: bool) -> int:
+    """The register cap fw_bwd_dk is launched with (0: none) for a config value of "fw_bwd_dk_maxnreg" when the
+    kernel computes the features (``featurize``) or is given them; ValueError naming the allowed values."""
+    if value == "given":
+        return 0 if featurize else FW_BWD_DK_GIVEN_REGS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config['fw_bwd_dk_maxnreg'] must be \"given\" or an integer >= 0 (registers per thread; "
+                         f"0: no cap); got {value!r}")
+    return value
+
+
+# The reverse scan's pipelining stages (a launch config's "bwd_scan_stages") start at 2: with 1, bwd_scan_kernel made
+# illegal memory accesses on an H100 (d 128, B 8, T 2048, features given; compute-sanitizer, FUSED_NOTES.md "Round 19").
+MIN_BWD_SCAN_STAGES = 2
+
 
 def kv_rows(value: int, window: int | None, elem_bytes: int = 2) -> int:
     """The rows a KV-backward kernel runs with for a config value of ``KV_BWD_ROWS`` at ``window`` (None: not known;
@@ -322,10 +346,13 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
             "wy_warps": 4,
             "scan_bv": scan_bv, "scan_warps": 4 if big and features == "stored" else (
                 8 if (BK > 64 or BK * scan_bv >= 64 * 64) else 4),
-            "out_bv": min(BVW, 64), "out_warps": 4, "out_order": "chunk",
+            # "value" since "Round 19" (H100, fwd+bwd GPU time at 8 x 128: -2.5 % at T 2048, -2.0 % at T 32768)
+            "out_bv": min(BVW, 64), "out_warps": 4, "out_order": "value",
             "num_stages": 2,
             # software-pipelining depth of the two sequential scans' chunk loops (their loads of chunk c + 1 do
-            # not depend on the state); the reverse scan's 3 and 4 stages measured no faster than 2
+            # not depend on the state); the reverse scan's 3 and 4 stages measured no faster than 2, and 1 faults
+            # (MIN_BWD_SCAN_STAGES); one stage fewer in the forward scan, so that two d-128 programs share an SM, was
+            # no faster at B 8, T 2048 and 6.9 % slower at B 1, T 32768 (H100, FUSED_NOTES.md "Round 19")
             "scan_stages": 3 if elem_bytes == 2 else 2, "bwd_scan_stages": 2,
             "scan_features": features,
             # the forward scan in segments (as the reverse scan below), opt-in: slower than one walk at B 1, T 32768
@@ -355,10 +382,8 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
             "fw_bwd": fw_bwd, "fw_bwd_split_bv": 32,
             "fw_bwd_dq_warps": 8 if BK >= 64 else 4, "fw_bwd_wy_warps": 4,
             "fw_bwd_dk_warps": 8 if BK >= 64 else 4, "wy_t_warps": 4,
-            # a register cap for fw_bwd_dk (ptxas .maxnreg; 0: none): at d 128 and 8 warps it takes 129 registers
-            # with the features given, one more than lets two programs share an SM (FUSED_NOTES.md "Round 17"); with
-            # them computed in the kernel it takes 173, and capped at 128 spills 324 B per thread ("Round 18")
-            "fw_bwd_dk_maxnreg": 0}
+            # fw_bwd_dk's register cap where the features are given (fw_bwd_dk_regs, FW_BWD_DK_GIVEN_REGS)
+            "fw_bwd_dk_maxnreg": "given"}
 
 
 def kernel_stages(cfg: dict, kernel: str) -> int:
