@@ -127,6 +127,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         consts["LOCAL_IN"] = False
     consts["PRE_QDO"] = False   # bwd_scan, fw_bwd_dq: the default "scan" variant of settings.BWD_SCAN_QDO
     consts["T_PRE"] = True      # fw_bwd_wy: T read in, as under the default "fwd" (and "pre") of settings.FW_BWD_T
+    consts["U_FWD"] = False     # fw_bwd_wy: U recomputed, as under the default "wy" of settings.FW_BWD_U
     consts["SEG"] = 0           # scan, bwd_scan: the whole sequence (their segmented passes have the same loop)
     consts["FORWARD"] = False   # bwd_scan_carry: the reverse scan's walk (the forward one differs in addresses only)
     consts["BM"] = rows         # kv_dq, kv_dkdv: the rows of their own tile

@@ -125,6 +125,22 @@ def forward_stores_t(cfg: dict) -> bool:
     (``FW_BWD_T`` "fwd"; only the split FW backward reads it)."""
     return cfg["fw_bwd"] == "split" and cfg["fw_bwd_t"] == "fwd"
 
+
+# Where the split FW backward's WY kernel gets U = T diag(beta) V of its chunk (a launch config's "fw_bwd_u"): "wy"
+# (the default) recomputes it per value block in fw_bwd_wy_kernel, a 64 x 64 x BV float32 product beside the three that
+# kernel needs anyway; "fwd" (opt-in, untimed; FUSED_NOTES.md "U kept for fw_bwd_wy") keeps the forward's u, which
+# wy_kernel writes for the scan (a transient buffer otherwise), as a residual for fw_bwd_wy_kernel to load: one
+# 64 x BV load per block instead of the product, and the U the forward's scan used (rounded to the inputs' dtype)
+# instead of a float32 recomputation. Costs a residual of B*T*H*Dv elements in the inputs' dtype (the size of v_new).
+# Where a backward gets no U from its forward (a forward run without it), fw_bwd_wy recomputes it as "wy" does.
+FW_BWD_U = ("wy", "fwd")
+
+
+def forward_keeps_u(cfg: dict) -> bool:
+    """Whether a forward run under launch configuration ``cfg`` keeps its U for the backward (``FW_BWD_U`` "fwd";
+    only the split FW backward reads it)."""
+    return cfg["fw_bwd"] == "split" and cfg["fw_bwd_u"] == "fwd"
+
 # The dtype of the backward's partial gradients, the buffers one kernel writes for a later one to read and add to
 # (a launch config's "bwd_partials"): the KV branch's dv (and dq, dk with the features computed in the kernel), the
 # FW branch's dv_new gradient (written by fw_bwd_dq, completed by the reverse scan, read by fw_bwd_wy) and the WY part
@@ -335,6 +351,8 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
             "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan", "fw_bwd_t": "fwd",
+            # U recomputed by fw_bwd_wy until "fwd" (the forward's U kept, FW_BWD_U) is timed on a GPU
+            "fw_bwd_u": "wy",
             "bwd_partials": "float32",
             # the reverse scan in segments of this many chunks when its programs would fill at most half the SMs
             # (0: whole); a transition per segment and two passes instead of one walk over every chunk: faster with
