@@ -429,6 +429,7 @@ SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
     ("fw_bwd_dq", False): (2.334, 2.0, 0.667, 0.0, 2.0, 0.0, 0.0),
     ("fw_bwd_dq", True): (2.334, 2.0, 0.667, 0.0, 2.0, 0.0, 0.0),
     ("fw_bwd_wy", False): (0.334, 1.0, 1.667, 0.0, 3.167, 0.0, 1.834),
+    ("fw_bwd_wy_u", False): (1.845, 3.067, 0.089, 0.067, 2.756, 0.0, 0.178),
     ("fw_bwd_dk", False): (0.667, 4.0, 1.334, 0.0, 0.0, 0.0, 0.0),
     ("fw_bwd_dk", True): (0.667, 4.0, 1.334, 0.0, 0.0, 0.0, 0.0),
     ("wy_t", False): (0.084, 0.0, 0.0, 0.0, 0.834, 0.0, 0.0),
@@ -441,7 +442,12 @@ SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
 # the KV backward's 128-row programs (KV_BWD_ROWS) under their own names in the table and the envelope
 WIDE_KV = {"kv_dq128": "kv_dq", "kv_dkdv128": "kv_dkdv"}
 _WIDE_OF = {base: name for name, base in WIDE_KV.items()}   # the 128-row entry's name of a KV kernel
-NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t", "bwd_scan_carry", *WIDE_KV)   # one compile serves both
+# fw_bwd_wy loading the forward's U (FW_BWD_U "fwd", its U_FWD) under its own name: loading instead of the product
+# needs no more shared memory than recomputing in 23 of the table's 24 sm_90 compiles but more in one (float32,
+# BK 128, BV 32, 8 warps: 114,688 B against 102,400), so the recomputing compile does not bound it (smem_needs)
+KEPT_U_WY = "fw_bwd_wy_u"
+# kernels without a FEATURIZE switch: one compile serves both modes
+NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy", KEPT_U_WY, "wy_t", "bwd_scan_carry", *WIDE_KV)
 
 
 def _key(kernel: str, elem_bytes: int, featurize: bool, BK: int, BV: int, warps: int, stages: int) -> str:
@@ -488,9 +494,17 @@ def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int
     tiles = kernel_tiles_all(cfg)
     # the KV backward's 128-row programs ("kv_dq_rows", "kv_dkdv_rows") run 8 warps and have their own entries
     names = {k: _WIDE_OF[k] if k in _WIDE_OF and kv_rows(cfg[f"{k}_rows"], window, elem_bytes) == 128 else k for k in kernels}
-    return {k: smem_need(names[k], elem_bytes, cfg["BK"], tiles[k][0], 8 if names[k] in WIDE_KV else tiles[k][1],
+
+    def need(k: str, name: str) -> int:
+        return smem_need(name, elem_bytes, cfg["BK"], tiles[k][0], 8 if name in WIDE_KV else tiles[k][1],
                          featurize=featurize and not (k == "scan" and cfg["scan_features"] == "stored"),
-                         stages=kernel_stages(cfg, k)) for k in kernels}
+                         stages=kernel_stages(cfg, k))
+
+    needs = {k: need(k, names[k]) for k in kernels}
+    if "fw_bwd_wy" in needs and cfg["fw_bwd_u"] == "fwd":
+        # under "fwd" fw_bwd_wy loads the forward's U, or recomputes it where a backward got none: either compile
+        needs["fw_bwd_wy"] = max(needs["fw_bwd_wy"], need("fw_bwd_wy", KEPT_U_WY))
+    return needs
 
 
 def fits_shared_memory(elem_bytes: int, dk: int, dv: int, limit: int, *, featurize: bool, batch: int = 1,
