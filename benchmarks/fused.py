@@ -118,7 +118,7 @@ def bench_shape(B: int, T: int, args, row: dict) -> dict:
     from hqlt.kernels import available_backends, hybrid_memory
     from hqlt.kernels.fused import autograd as FA
     from hqlt.kernels.fused import launch as FL
-    from hqlt.kernels.fused.settings import forward_stores_t
+    from hqlt.kernels.fused.settings import forward_keeps_u, forward_stores_t
 
     H, d, W = args.heads, args.dim, args.window
     dev = torch.device(args.device)
@@ -182,14 +182,16 @@ def bench_shape(B: int, T: int, args, row: dict) -> dict:
         o_kv, _, aux = FL.fused_forward(q, k, v, beta, window=W, kv_scale=scale, fw_scale=scale, return_aux=True)
 
     def fused_bwd(config=None):
-        a = aux   # an override whose forward keeps T ("fw_bwd_t": "fwd") gets the residuals of such a forward
-        if config and forward_stores_t({**row["config"], **config}) and "t" not in aux:
+        a = aux   # an override whose forward keeps T ("fw_bwd_t": "fwd") or U ("fw_bwd_u": "fwd") gets the
+        # residuals of such a forward
+        full = {**row["config"], **(config or {})}
+        if config and ((forward_stores_t(full) and "t" not in aux) or (forward_keeps_u(full) and "u" not in aux)):
             with torch.no_grad():
                 a = FL.fused_forward(q, k, v, beta, window=W, kv_scale=scale, fw_scale=scale, config=config,
                                      return_aux=True)[2]
         return lambda: FL.fused_backward(q, k, v, beta, o_kv, a["lse"], grads[0], grads[1], window=W,
                                          kv_scale=scale, fw_scale=scale, w=a["w"], v_new=a["v_new"],
-                                         states=a["states"], t=a.get("t"), config=config)
+                                         states=a["states"], t=a.get("t"), u=a.get("u"), config=config)
 
     row["fused_bwd_only"] = _time(fused_bwd(), args)
     _show("fused bwd only (states kept)", row["fused_bwd_only"])
@@ -297,8 +299,8 @@ def _fw_bwd_variants(fused_fb, fused_bwd, FL, q, k, v, beta, o_kv, aux, grads, W
         for n in range(1, len(names) + 1):
             cumulative.append(_time(lambda n=n: FL.fused_backward(
                 q, k, v, beta, o_kv, aux["lse"], grads[0], grads[1], window=W, kv_scale=scale, fw_scale=scale,
-                w=aux["w"], v_new=aux["v_new"], states=aux["states"], t=aux.get("t"), config={"fw_bwd": variant},
-                stages=n),
+                w=aux["w"], v_new=aux["v_new"], states=aux["states"], t=aux.get("t"), u=aux.get("u"),
+                config={"fw_bwd": variant}, stages=n),
                 args).get("ms"))
         r["bwd_stages_cumulative_ms"] = dict(zip(names, cumulative))
         if all(cumulative):
@@ -310,7 +312,8 @@ def _fw_bwd_variants(fused_fb, fused_bwd, FL, q, k, v, beta, o_kv, aux, grads, W
         with torch.no_grad():
             g = {variant: FL.fused_backward(q, k, v, beta, o_kv, aux["lse"], grads[0], grads[1], window=W,
                                             kv_scale=scale, fw_scale=scale, w=aux["w"], v_new=aux["v_new"],
-                                            states=aux["states"], t=aux.get("t"), config={"fw_bwd": variant})
+                                            states=aux["states"], t=aux.get("t"), u=aux.get("u"),
+                                            config={"fw_bwd": variant})
                  for variant in VARIANTS}
         err = {}
         for name, a, b in zip(("dq", "dk", "dv", "dbeta"), g["split"], g["single"]):

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                 start.record()
             o_kv, _, aux = FL.fused_forward(q, k, v, beta, return_aux=True, **kw)
             FL.fused_backward(q, k, v, beta, o_kv, aux["lse"], do_kv, do_fw, w=aux["w"], v_new=aux["v_new"],
-                              states=aux["states"], t=aux.get("t"), **kw)
+                              states=aux["states"], t=aux.get("t"), u=aux.get("u"), **kw)
             if args.device == "cuda":
                 end.record()
                 torch.cuda.synchronize()

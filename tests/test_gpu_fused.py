@@ -16,7 +16,7 @@ Three groups:
   for every input over T x W x d x B pairs, poisoned backward buffers) when ``TRITON_INTERPRET=1`` and
   triton is importable (skipped otherwise). Tolerance 1e-5 (the contract's float32 bound).
   All of them (about 20 min on 2 cores):  TRITON_INTERPRET=1 python -m pytest -q tests/test_gpu_fused.py
-  The ``QUICK`` ones below (66 cases, 3-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
+  The ``QUICK`` ones below (68 cases, 3-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
   The custom op pair ``hqlt::fused_sync_hybrid`` (what the backend and torch.compile call): opcheck, and a
   compiled call (fullgraph) against the reference.
 * Registration (CPU, always): "fused" is registered, lazily probed, never the priority fallback; the op's
@@ -64,8 +64,8 @@ QUICK = (
     "test_interpreter_scan_features_route[*", "test_interpreter_scan_features_stored[B1-T70-*",
     "test_interpreter_profile_driver_launches_each_kernel_once_per_step",
     "test_interpreter_skip_launches_runs_the_host_side_only",
-    "test_interpreter_fused_op_opcheck[given-kept]", "test_interpreter_fused_op_opcheck[raw-kept-forward-T]",
-    "test_interpreter_forward_t_route[given-features]",
+    "test_interpreter_fused_op_opcheck[given-kept]", "test_interpreter_fused_op_opcheck[raw-kept-forward-T-U]",
+    "test_interpreter_forward_t_route[given-features]", "test_interpreter_forward_u_route[raw-qk]",
     "test_interpreter_bwd_partials_in_input_dtype[given-features-split]",
     "test_interpreter_compiled_fused_call_is_fullgraph_and_matches_reference",
     "test_interpreter_fused_in_bounds_h200_failing_shape[given-features-split-cpu-config]",
@@ -373,7 +373,7 @@ def poisoned_backward_check(B, T, H, dk, dv, W, dtype, device, *, featurize: boo
                             config: dict | None = None):
     """fused_backward with NaN-filled buffers (also the recomputed-states path) must leave no NaN and
     equal the unpoisoned result bit for bit; returns the gradients. ``config``: the launch config of the forward
-    (which stores T under "fw_bwd_t" "fwd") and of the backward."""
+    (which stores T under "fw_bwd_t" "fwd" and keeps U under "fw_bwd_u" "fwd") and of the backward."""
     from hqlt.kernels.fused import launch as FL
     low, gout = make_inputs(B, T, H, dk, dv, dtype, device, seed)
     scale = dk ** -0.5
@@ -383,7 +383,7 @@ def poisoned_backward_check(B, T, H, dk, dv, W, dtype, device, *, featurize: boo
     o_kv, o_fw, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, config=config,
                                        **kw)
     args = (low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout)
-    kept = dict(w=aux["w"], v_new=aux["v_new"], states=aux["states"], t=aux.get("t"))
+    kept = dict(w=aux["w"], v_new=aux["v_new"], states=aux["states"], t=aux.get("t"), u=aux.get("u"))
     clean = FL.fused_backward(*args, **kept, config=config, **kw)
     for poison, states in ((True, kept), (False, {}), (True, {})):
         got = FL.fused_backward(*args, **states, poison=poison, config=config, **kw)
@@ -544,8 +544,10 @@ BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_ker
 # The KV backward in one launch ("kv_bwd" "fused", "Round 17"): the same sums, delta recomputed per program
 # "fw_bwd_t" "fwd" ("Round 14"): T from the forward's wy_kernel, the same blocks solved the same way (bit for bit);
 # "bwd_partials" "input" ("Round 14"): the same in float32 (the inputs' dtype), the bf16 class below is the real check
+# "fw_bwd_u" "fwd" (FUSED_NOTES.md "U kept for fw_bwd_wy"): the forward's U (blocked forward substitution) in place of
+# fw_bwd_wy's T diag(beta) V, the same U to float32 rounding (only dk and dbeta, through dA, differ: ~2e-7 relative)
 BWD_VALUES = [(k, *v[:3]) for k, v in BWD_SWITCHES.items()] + [
-    ("fw_bwd_t", "pre", "fwd", 0.0), ("bwd_partials", "float32", "input", 0.0),
+    ("fw_bwd_t", "pre", "fwd", 0.0), ("fw_bwd_u", "wy", "fwd", 1e-6), ("bwd_partials", "float32", "input", 0.0),
     ("bwd_scan_segment_chunks", 0, 1, 1e-5), ("kv_dq_rows", 64, 128, 1e-6),
     ("kv_dkdv_rows", 64, 128, 1e-6), ("kv_bwd", "split", "fused", 1e-6)]
 QDO_CASES = [(1, 1, 1, 16, 16, 1), (2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)]
@@ -606,7 +608,7 @@ def test_interpreter_out_order_and_register_cap_route():
                 {name: (kwargs.get("V_FIRST"), kwargs.get("maxnreg"))})):
             o_kv, o_fw, aux = FL.fused_forward(*args, return_aux=True, config=cfg, **kw)
             grads = FL.fused_backward(*args, o_kv, aux["lse"], *gout, w=aux["w"], v_new=aux["v_new"],
-                                      states=aux["states"], t=aux.get("t"), config=cfg, **kw)
+                                      states=aux["states"], t=aux.get("t"), u=aux.get("u"), config=cfg, **kw)
         runs.append((o_kv, o_fw, aux["lse"], *grads))
     assert seen["chunk"]["out_kernel"] == (False, None) and seen["value"]["out_kernel"] == (True, None)
     assert seen["value"]["fw_bwd_dk_kernel"] == (None, 128) and seen["chunk"]["fw_bwd_dk_kernel"] == (None, None)
@@ -752,6 +754,80 @@ def test_interpreter_forward_t_route(featurize, monkeypatch):
     monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps(fwd_cfg))
     res = fused_ops.fused_sync_hybrid(*qkvb[:2], fw_kw.get("q_fw"), fw_kw.get("k_fw"), *qkvb[2:], 8, 0.2, 0.2, True)
     assert torch.equal(res[6], aux["t"])
+
+
+@interp
+@pytest.mark.parametrize("featurize", [True, False], ids=["raw-qk", "given-features"])
+def test_interpreter_forward_u_route(featurize, monkeypatch):
+    # "fw_bwd_u" "fwd": the forward keeps wy_kernel's U (aux["u"], v's shape and dtype, cut back from the padded
+    # head dim) only where the split backward will read it; it is the U the scan read (v_new = U - W M with M = 0 in
+    # the first chunk); fw_bwd_wy loads it (U_FWD) when given or when the states are recomputed (the recomputing
+    # forward keeps it) and recomputes it without; gradients agree with "wy" to float32 rounding; the single variant
+    # ignores it; a u of another shape or dtype, or a value the key does not know, is a one-line error; under
+    # HQLT_FUSED_CONFIG the autograd path and the op carry U from the forward to the backward
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.fused import ops as fused_ops
+    from hqlt.kernels.fused.autograd import sync_hybrid_memory
+    from hqlt.kernels.testing import watch_launches
+    low, gout = make_inputs(1, 130, 2, 32, 48, torch.float32, "cpu", 8)   # Dv 48: the kernels run at 64
+    kw = dict(window=8, kv_scale=0.2, fw_scale=0.2)
+    if not featurize:
+        kw.update(q_fw=feat64(low["q"]).float(), k_fw=feat64(low["k"]).float())
+    u_cfg = {"fw_bwd": "split", "fw_bwd_u": "fwd"}
+    qkvb = (low["q"], low["k"], low["v"], low["beta"])
+    for cfg, keeps in (({"fw_bwd": "split", "fw_bwd_u": "wy"}, False), ({"fw_bwd": "single", "fw_bwd_u": "fwd"},
+                                                                          False), ({}, False), (u_cfg, True)):
+        out = FL.fused_forward(*qkvb, return_aux=True, config=cfg, **kw)
+        assert ("u" in out[2]) is keeps, cfg
+    o_kv, _, aux = out
+    u = aux["u"]
+    assert u.shape == low["v"].shape and u.dtype == low["v"].dtype and u.is_contiguous()
+    assert torch.equal(u[:, :64], aux["v_new"][:, :64]) and u.abs().sum() > 0
+    args = (*qkvb, o_kv, aux["lse"], *gout)
+    kept = dict(w=aux["w"], v_new=aux["v_new"], states=aux["states"], t=aux.get("t"))
+
+    def backward(config, extra, variant_kernels=("fw_bwd_wy_kernel", "fw_bwd_kernel")):
+        seen = {}
+        with watch_launches(FL, lambda name, _a, kwargs: seen.update(
+                {name: kwargs.get("U_FWD")} if name in variant_kernels else {})):
+            got = FL.fused_backward(*args, **(kept if extra is not None else {}), **(extra or {}), config=config,
+                                    **kw)
+        return got, seen
+
+    want, seen = backward({"fw_bwd": "split", "fw_bwd_u": "wy"}, {"u": u})
+    assert seen == {"fw_bwd_wy_kernel": False}
+    for extra, loads in (({"u": u}, True), ({}, False), (None, True)):   # None: states recomputed
+        got, seen = backward(u_cfg, extra)
+        assert seen == {"fw_bwd_wy_kernel": loads}, extra
+        for a, b in zip(got, want):
+            assert (rel_rms(a, b) <= 1e-6) if loads else torch.equal(a, b), (extra, rel_rms(a, b))
+    single, seen = backward({"fw_bwd": "single", "fw_bwd_u": "fwd"}, {"u": u})
+    assert seen == {"fw_bwd_kernel": None}
+    assert all(torch.equal(a, b) for a, b in zip(single, backward({"fw_bwd": "single"}, {})[0]))
+    for bad in (u[:, :64], u.double(), u.transpose(1, 2).contiguous().transpose(1, 2)):
+        with pytest.raises(ValueError, match=r"u must be the forward's aux\['u'\], contiguous torch.float32 "
+                                             r"\(1, 130, 2, 48\)"):
+            FL.fused_backward(*args, **kept, u=bad, config=u_cfg, **kw)
+    for call in (lambda: FL.fused_forward(*qkvb, config={"fw_bwd_u": "bwd"}, **kw),
+                 lambda: FL.fused_backward(*args, **kept, config={"fw_bwd_u": "bwd"}, **kw)):
+        with pytest.raises(ValueError, match=r"^config\['fw_bwd_u'\] must be one of \('wy', 'fwd'\); got 'bwd'$"):
+            call()
+    # the autograd path and the op, configured by the environment as a model run would be
+    leaves = [x.detach().requires_grad_() for x in qkvb]
+    fkw = {k: v for k, v in kw.items() if k not in ("q_fw", "k_fw")}
+    fw_leaves = [] if featurize else [kw["q_fw"].detach().requires_grad_(), kw["k_fw"].detach().requires_grad_()]
+    fw_kw = {} if featurize else dict(q_fw=fw_leaves[0], k_fw=fw_leaves[1])
+    grads = {}
+    for name, cfg in (("fwd", u_cfg), ("wy", {})):
+        monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps(cfg))
+        seen = {}
+        with watch_launches(FL, lambda name, _a, kwargs: seen.setdefault(name, kwargs.get("U_FWD"))):
+            grads[name] = torch.autograd.grad(sync_hybrid_memory(*leaves, **fw_kw, **fkw), leaves + fw_leaves, gout)
+        assert seen["fw_bwd_wy_kernel"] is (name == "fwd")
+    assert all(rel_rms(a, b) <= 1e-6 for a, b in zip(grads["fwd"], grads["wy"]))
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps(u_cfg))
+    res = fused_ops.fused_sync_hybrid(*qkvb[:2], fw_kw.get("q_fw"), fw_kw.get("k_fw"), *qkvb[2:], 8, 0.2, 0.2, True)
+    assert len(res) == 8 and torch.equal(res[7], u)
 
 
 @interp
@@ -1068,7 +1144,8 @@ def test_interpreter_skip_launches_runs_the_host_side_only():
         with watch_launches(FL, lambda name, _a, _k: seen.append(name)):
             o_kv, o_fw, aux = FL.fused_forward(low["q"], low["k"], low["v"], low["beta"], return_aux=True, **kw)
             grads = FL.fused_backward(low["q"], low["k"], low["v"], low["beta"], o_kv, aux["lse"], *gout,
-                                      w=aux["w"], v_new=aux["v_new"], states=aux["states"], t=aux.get("t"), **kw)
+                                      w=aux["w"], v_new=aux["v_new"], states=aux["states"], t=aux.get("t"),
+                                      u=aux.get("u"), **kw)
         return o_kv, grads
 
     real, skipped = [], []
@@ -1302,7 +1379,8 @@ def test_quick_patterns_each_name_a_test(quick_match):
 def test_fused_op_fake_implementation_needs_no_triton(monkeypatch):
     """``hqlt::fused_sync_hybrid`` (and its backward) on fake tensors: shapes and dtypes of every output
     without running (or importing) a kernel — what torch.compile traces; the chunks' T only where the launch
-    configuration has the forward store it ("fw_bwd_t" "fwd", the default; "pre" here from HQLT_FUSED_CONFIG)."""
+    configuration has the forward store it ("fw_bwd_t" "fwd", the default; "pre" here from HQLT_FUSED_CONFIG), and U
+    only where it has the forward keep it ("fw_bwd_u" "fwd"; the default "wy" does not)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from hqlt.kernels.fused import ops as fused_ops
     B, T, H, dk, dv = 2, 130, 3, 32, 48
@@ -1310,37 +1388,46 @@ def test_fused_op_fake_implementation_needs_no_triton(monkeypatch):
     with FakeTensorMode():
         q, k = torch.empty(B, T, H, dk, dtype=torch.bfloat16), torch.empty(B, T, H, dk, dtype=torch.bfloat16)
         v, beta = torch.empty(B, T, H, dv, dtype=torch.bfloat16), torch.empty(B, T, H)
-        o_kv, o_fw, lse, w, v_new, states, t = fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, True)
+        o_kv, o_fw, lse, w, v_new, states, t, u = fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2,
+                                                                               True)
         assert o_kv.shape == o_fw.shape == v.shape and o_kv.dtype == torch.bfloat16
         assert lse.shape == (B * H, T) and lse.dtype == torch.float32
         assert w.shape == q.shape and v_new.shape == v.shape and states.shape == (B * H, 3, dk, dv)
         assert t.numel() == 0 and t.dtype == torch.float32
+        assert u.numel() == 0 and u.dtype == torch.bfloat16
         assert fused_ops.fused_sync_hybrid(q, k, None, None, v, beta, 16, 0.2, 0.2, False)[3].numel() == 0
         grads = fused_ops.fused_sync_hybrid_backward(o_kv, o_fw, q, k, None, None, v, beta, o_kv, lse, w, v_new,
-                                                     states, t, 16, 0.2, 0.2, True)
+                                                     states, t, u, 16, 0.2, 0.2, True)
         assert [tuple(g.shape) for g in grads] == [q.shape, k.shape, (0,), (0,), v.shape, beta.shape]
-        for cfg, stored in (({"fw_bwd": "split", "fw_bwd_t": "fwd"}, True), ({"fw_bwd": "single", "fw_bwd_t": "fwd"},
-                                                                                False), (None, True)):
+        for cfg, stored, kept in (({"fw_bwd": "split", "fw_bwd_t": "fwd", "fw_bwd_u": "fwd"}, True, True),
+                                  ({"fw_bwd": "single", "fw_bwd_t": "fwd", "fw_bwd_u": "fwd"}, False, False),
+                                  ({"fw_bwd_u": "fwd"}, True, True), (None, True, False)):
             if cfg is None:   # the default configuration
                 monkeypatch.delenv("HQLT_FUSED_CONFIG")
             else:
                 monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps(cfg))
-            t = fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, True)[6]
+            *_, t, u = fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, True)
             assert tuple(t.shape) == ((B * H, 3, 64, 64) if stored else (0,)) and t.dtype == torch.float32
-            assert fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2, False)[6].numel() == 0
+            assert tuple(u.shape) == (v.shape if kept else (0,)) and u.dtype == torch.bfloat16, cfg
+            assert all(x.numel() == 0 for x in fused_ops.fused_sync_hybrid(q, k, q, k, v, beta, 16, 0.2, 0.2,
+                                                                            False)[6:])
+            if kept:   # the backward's fake takes the forward's U
+                grads = fused_ops.fused_sync_hybrid_backward(o_kv, o_fw, q, k, q, k, v, beta, o_kv, lse, w, v_new,
+                                                             states, t, u, 16, 0.2, 0.2, True)
+                assert [tuple(g.shape) for g in grads] == [q.shape, k.shape, q.shape, k.shape, v.shape, beta.shape]
 
 
 @interp
-@pytest.mark.parametrize("featurize,save,t_fwd", [(False, True, False), (True, False, False), (True, True, True)],
-                         ids=["given-kept", "raw-recomputed", "raw-kept-forward-T"])
-def test_interpreter_fused_op_opcheck(featurize, save, t_fwd, monkeypatch):
+@pytest.mark.parametrize("featurize,save,kept_fwd", [(False, True, False), (True, False, False), (True, True, True)],
+                         ids=["given-kept", "raw-recomputed", "raw-kept-forward-T-U"])
+def test_interpreter_fused_op_opcheck(featurize, save, kept_fwd, monkeypatch):
     """torch.library.opcheck of the fused op pair: schema, fake vs real outputs, autograd registration, and
-    AOT dispatch with dynamic shapes (forward and backward through the backward op); ``t_fwd``: the forward keeps
-    the chunks' T ("fw_bwd_t" "fwd") as a seventh output."""
+    AOT dispatch with dynamic shapes (forward and backward through the backward op); ``kept_fwd``: the forward keeps
+    the chunks' T ("fw_bwd_t" "fwd") and U ("fw_bwd_u" "fwd") as its seventh and eighth outputs."""
     from hqlt.kernels.fused import ops as fused_ops
     from hqlt.kernels.testing import assert_opcheck
-    if t_fwd:
-        monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps({"fw_bwd": "split", "fw_bwd_t": "fwd"}))
+    if kept_fwd:
+        monkeypatch.setenv("HQLT_FUSED_CONFIG", json.dumps({"fw_bwd": "split", "fw_bwd_t": "fwd", "fw_bwd_u": "fwd"}))
     low, _ = make_inputs(1, 70, 2, 16, 32, torch.float32, "cpu", 5)
     q, k, v, beta = (low[n].detach().requires_grad_() for n in ("q", "k", "v", "beta"))
     qf, kf = (None, None) if featurize else (feat64(q).float().detach().requires_grad_(),
@@ -1437,9 +1524,10 @@ def test_interpreter_fused_in_bounds_h200_failing_shape(featurize, variant, sms,
     monkeypatch.setattr(FL, "_sm_count", lambda device: sms)
     with check_bounds() as rep:
         grads = list(poisoned_backward_check(1, 77, 3, 24, 40, 5, torch.float32, "cpu", featurize=featurize, seed=77))
-        if variant == "split":   # T built by wy_t ("pre") too, besides the forward's (the default "fwd")
+        if variant == "split":   # T built by wy_t ("pre") too, besides the forward's (the default "fwd"), and U
+            # loaded from the forward ("fw_bwd_u" "fwd") besides recomputed (the default "wy")
             grads += poisoned_backward_check(1, 77, 3, 24, 40, 5, torch.float32, "cpu", featurize=featurize, seed=77,
-                                             config={"fw_bwd_t": "pre"})
+                                             config={"fw_bwd_t": "pre", "fw_bwd_u": "fwd"})
     assert all(g.isfinite().all() for g in grads)
     fw = (("fw_bwd_kernel",) if variant == "single"
           else ("fw_bwd_dq_kernel", "wy_t_kernel", "fw_bwd_wy_kernel", "fw_bwd_dk_kernel"))

@@ -34,8 +34,9 @@ def test_table_has_every_default_configuration_and_the_envelope_bounds_it():
 
 def test_spill_report_compiles_what_the_launch_runs(monkeypatch):
     # ``resources --spills`` must compile each kernel as the launcher runs it under the configuration: the register cap
-    # on fw_bwd_dk (with features computed in the kernel the cap makes it spill, FUSED_NOTES.md "Round 18"), and the
-    # one-launch KV backward instead of the two split kernels when "kv_bwd" is "fused"
+    # on fw_bwd_dk (with features computed in the kernel the cap makes it spill, FUSED_NOTES.md "Round 18"), the
+    # one-launch KV backward instead of the two split kernels when "kv_bwd" is "fused", and fw_bwd_wy loading the
+    # forward's U (its own table name) when "fw_bwd_u" is "fwd"
     def items():
         return {label: kw for label, kw in resources.spill_configurations(dims=(128,), fw_bwd="split")}
 
@@ -44,7 +45,11 @@ def test_spill_report_compiles_what_the_launch_runs(monkeypatch):
     assert {kw["feat"]: kw["maxnreg"] for kw in plain.values() if kw["kernel"] == "fw_bwd_dk"} == {
         True: 0, False: S.FW_BWD_DK_GIVEN_REGS}
     assert all(kw["maxnreg"] == 0 for kw in plain.values() if kw["kernel"] != "fw_bwd_dk")
-    assert {kw["kernel"] for kw in plain.values()} >= {"kv_dq", "kv_dkdv"}
+    assert {kw["kernel"] for kw in plain.values()} >= {"kv_dq", "kv_dkdv", "fw_bwd_wy"}
+    assert S.KEPT_U_WY not in {kw["kernel"] for kw in plain.values()}
+    monkeypatch.setenv("HQLT_FUSED_CONFIG", '{"fw_bwd_u": "fwd"}')
+    kept_u = [kw["kernel"] for kw in items().values()]
+    assert kept_u.count(S.KEPT_U_WY) == 1 and "fw_bwd_wy" not in kept_u
     monkeypatch.setenv("HQLT_FUSED_CONFIG", '{"fw_bwd_dk_maxnreg": 128, "kv_bwd": "fused"}')
     capped = items()
     kernels = {kw["kernel"] for kw in capped.values()}
@@ -62,6 +67,26 @@ def test_fw_bwd_dk_register_cap_by_feature_mode():
     for bad in ("auto", -1, 1.5, True):
         with pytest.raises(ValueError, match=r"fw_bwd_dk_maxnreg.*\"given\" or an integer >= 0"):
             S.fw_bwd_dk_regs(bad, featurize=False)
+
+
+def test_kept_u_counts_the_larger_of_the_wy_kernels_compiles():
+    # under "fw_bwd_u" "fwd" fw_bwd_wy loads the forward's U, or recomputes it where a backward got none: its need is
+    # the larger of the two sm_90 compiles. Loading needs less at the default tiles, more at float32, BK 128, BV 32,
+    # 8 warps (FUSED_NOTES.md "U kept for fw_bwd_wy"); the key changes no other kernel's need
+    table = S.smem_table()
+
+    def needs(elem, **cfg):
+        return S.smem_needs(elem, 128, 128, featurize=False, config=cfg, kernels=S.backward_kernels(
+            dict(S.default_config(1, 1, 128, 128), **cfg)))
+
+    w8 = {"fw_bwd_wy_warps": 8}
+    assert needs(4, **w8)["fw_bwd_wy"] == table["fw_bwd_wy/e4/-/BK128/BV32/w8/s2"]
+    assert needs(4, fw_bwd_u="fwd", **w8)["fw_bwd_wy"] == table["fw_bwd_wy_u/e4/-/BK128/BV32/w8/s2"] > \
+        table["fw_bwd_wy/e4/-/BK128/BV32/w8/s2"]
+    for elem in (2, 4):
+        recompute, kept = needs(elem), needs(elem, fw_bwd_u="fwd")
+        assert kept == recompute and table[f"fw_bwd_wy_u/e{elem}/-/BK128/BV32/w4/s2"] < recompute["fw_bwd_wy"]
+    assert all(f"{S.KEPT_U_WY}/{k.split('/', 1)[1]}" in table for k in table if k.startswith("fw_bwd_wy/"))
 
 
 def test_the_h200_failure_is_predicted():

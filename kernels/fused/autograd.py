@@ -60,7 +60,8 @@ class FusedSyncHybrid(torch.autograd.Function):
             return o_kv, o_fw
         o_kv, o_fw, aux = fused_forward(q_kv, k_kv, v, beta, window=window, kv_scale=kv_scale,
                                         fw_scale=fw_scale, q_fw=q_fw, k_fw=k_fw, return_aux=True)
-        kept = (aux["w"], aux["v_new"], aux["states"], aux.get("t")) if save_states else (None, None, None, None)
+        kept = ((aux["w"], aux["v_new"], aux["states"], aux.get("t"), aux.get("u")) if save_states
+                else (None,) * 5)
         ctx.save_for_backward(q_kv, k_kv, q_fw, k_fw, v, beta, o_kv, aux["lse"], *kept)
         return o_kv, o_fw
 
@@ -71,13 +72,13 @@ class FusedSyncHybrid(torch.autograd.Function):
         needs = ctx.needs_input_grad[:6]
         no_grads = (None,) * 6     # window, kv_scale, fw_scale, fused_bwd, save_states, unfused
         if ctx.fused_bwd:
-            q_kv, k_kv, q_fw, k_fw, v, beta, o_kv, lse, w, v_new, states, t = saved
+            q_kv, k_kv, q_fw, k_fw, v, beta, o_kv, lse, w, v_new, states, t, u = saved
             if do_kv is None:
                 do_kv = torch.zeros_like(o_kv)
             if do_fw is None:
                 do_fw = torch.zeros_like(o_kv)
             g = fused_backward(q_kv, k_kv, v, beta, o_kv, lse, do_kv, do_fw, q_fw=q_fw, k_fw=k_fw, w=w,
-                               v_new=v_new, states=states, t=t, **ctx.cfg)
+                               v_new=v_new, states=states, t=t, u=u, **ctx.cfg)
             if q_fw is None:
                 dq, dk, dv, dbeta = g
                 g = (dq, dk, None, None, dv, dbeta)

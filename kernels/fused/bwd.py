@@ -564,7 +564,8 @@ def wy_t_kernel(kf_ptr, beta_ptr, t_ptr, T, H, NC, DK, BK: tl.constexpr):
 
 @triton.jit
 def fw_bwd_wy_kernel(kf_ptr, v_ptr, beta_ptr, w_ptr, h_ptr, dvn_ptr, dvkv_ptr, dkw_ptr, dv_ptr, dbeta_ptr, t_ptr,
-                     T, H, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, T_PRE: tl.constexpr):
+                     u_ptr, T, H, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, T_PRE: tl.constexpr,
+                     U_FWD: tl.constexpr):
     """WY side of the FW backward, grid (n, B*H), after the reverse scan (dv_new): dv, dbeta, and the WY part
     of dKf (stored float32 in dkw_ptr for ``fw_bwd_dk_kernel``).
 
@@ -572,8 +573,9 @@ def fw_bwd_wy_kernel(kf_ptr, v_ptr, beta_ptr, w_ptr, h_ptr, dvn_ptr, dvkv_ptr, d
     dV = beta dR_v (+ the KV dv, stored), dbeta += rowsum(V dR_v), dA += dR_v U^T with U = T diag(beta) V.
     After it: dA = -strict_lower(dA + dR_k W^T) with the forward's stored W; dKf_wy = beta (dR_k + dA Kf)
     + dA^T (beta Kf) (stored), dbeta += rowsum(Kf (dR_k + dA Kf)) (stored). Kf: the FW keys' features
-    (given, or stored by ``fw_bwd_dq_kernel``). ``T_PRE``: T comes from ``wy_t_kernel`` (t_ptr) instead of being
-    built here."""
+    (given, or stored by ``fw_bwd_dq_kernel``). ``T_PRE``: T comes from ``wy_t_kernel`` or the forward (t_ptr)
+    instead of being built here. ``U_FWD``: U is loaded from the forward's ``u`` (u_ptr, [B, T, H, Dv] in v's dtype;
+    ``settings.FW_BWD_U`` "fwd") instead of being recomputed per value block."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -609,7 +611,12 @@ def fw_bwd_wy_kernel(kf_ptr, v_ptr, beta_ptr, w_ptr, h_ptr, dvn_ptr, dvkv_ptr, d
         drv = tl.dot(tmt, dvn)                                                # T^T dU (float32)
         drk -= tl.dot(drv.to(DT), tl.trans(m))                                # T^T dW, dW = -dU M^T
         dbeta += tl.sum(vv * drv, axis=1)
-        u = tl.dot(tm, vv * beta[:, None])                                    # U = T diag(beta) V
+        if U_FWD:
+            # the forward's U, as wy_kernel stored it (rounded to the inputs' dtype): the same U the forward's scan
+            # used for v_new = U - W M, read instead of the 64 x 64 x BV product
+            u = load_rows(u_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32)
+        else:
+            u = tl.dot(tm, vv * beta[:, None])                                # U = T diag(beta) V, float32
         da += tl.dot(drv, tl.trans(u))
         dv = drv * beta[:, None] + load_rows(dvkv_ptr, vbase, t0, T, svt, dv_left, 64, BV).to(tl.float32)
         store_rows(dv_ptr, vbase, t0, T, svt, dv_left, dv, 64, BV)

@@ -11,9 +11,10 @@ from ..contract import FEATURE_EPS, MAX_GRID_ROWS
 from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, fw_bwd_dk_kernel, fw_bwd_dq_kernel,
                   fw_bwd_kernel, fw_bwd_wy_kernel, kv_bwd_dkdv_kernel, kv_bwd_dq_kernel, kv_bwd_kernel, wy_t_kernel)
 from .fwd import out_kernel, scan_kernel, wy_kernel
-from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_VARIANTS, KV_BWD, KV_BWD_FUSED_WARPS,
-                       KV_BWD_ROWS, MAX_HEAD_DIM, MIN_BWD_SCAN_STAGES, OUT_ORDERS, SCAN_FEATURES, backward_kernels,
-                       check_config_keys, device_limits, forward_kernels, forward_stores_t, fw_bwd_dk_regs,
+from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_U, FW_BWD_VARIANTS, KV_BWD,
+                       KV_BWD_FUSED_WARPS, KV_BWD_ROWS, MAX_HEAD_DIM, MIN_BWD_SCAN_STAGES, OUT_ORDERS, SCAN_FEATURES,
+                       backward_kernels, check_config_keys, device_limits, forward_keeps_u, forward_kernels,
+                       forward_stores_t, fw_bwd_dk_regs,
                        interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
@@ -157,11 +158,12 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     any float dtype. ``poison`` fills every buffer with NaN first (tests: catches unwritten elements).
     ``config`` overrides entries of ``default_config``; ``stages`` < 3 runs only the first launches
     (benchmarks time the kernels one by one; the outputs are then not written).
-    ``return_aux``: return ``(o_kv, o_fw, aux)`` with aux = dict(lse, w, v_new, states[, t]) — what the fused
+    ``return_aux``: return ``(o_kv, o_fw, aux)`` with aux = dict(lse, w, v_new, states[, t][, u]) — what the fused
     backward needs: ``lse`` ``[B*H, T]`` float32 (log2-domain log-sum-exp of the KV scores, written only
-    when stages == 3), ``w``, ``v_new`` ``[B, T, H, D]``, the chunk-start states ``[B*H, NC, Dk, Dv]`` and, where
-    the configuration says so (``settings.forward_stores_t``), every chunk's T ``[B*H, NC, 64, 64]`` float32
-    (else no ``t`` entry).
+    when stages == 3), ``w``, ``v_new`` ``[B, T, H, D]``, the chunk-start states ``[B*H, NC, Dk, Dv]``, where
+    the configuration says so (``settings.forward_stores_t``) every chunk's T ``[B*H, NC, 64, 64]`` float32
+    (else no ``t`` entry) and, where it says so (``settings.forward_keeps_u``), wy_kernel's U ``[B, T, H, Dv]`` in
+    v's dtype (else no ``u`` entry).
     """
     B, T, H, dk = q.shape
     dv = v.shape[-1]
@@ -191,7 +193,8 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
                             config=config, stages=stages, return_aux=True)
         o_kv, o_fw, aux = _cut(out[0], dv), _cut(out[1], dv), out[2]
         aux = dict(lse=aux["lse"], w=_cut(aux["w"], dk), v_new=_cut(aux["v_new"], dv),
-                   states=_cut(aux["states"], dk, dv), **({"t": aux["t"]} if "t" in aux else {}))
+                   states=_cut(aux["states"], dk, dv), **({"t": aux["t"]} if "t" in aux else {}),
+                   **({"u": _cut(aux["u"], dv)} if "u" in aux else {}))
         return (o_kv, o_fw, aux) if return_aux else (o_kv, o_fw)
     q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
     q_fw, k_fw = (q, k) if featurize else (q_fw.contiguous(), k_fw.contiguous())
@@ -214,9 +217,13 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     lse = buf(B * H, T, dtype=torch.float32) if return_aux else o_kv   # o_kv: an unused placeholder
     _check_choice(cfg, "fw_bwd", FW_BWD_VARIANTS)
     _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
+    _check_choice(cfg, "fw_bwd_u", FW_BWD_U)
     store_t = return_aux and forward_stores_t(cfg)
     t_mat = buf(B * H, NC, CHUNK, CHUNK, dtype=torch.float32) if store_t else w   # w: an unused placeholder
-    aux = dict(lse=lse, w=w, v_new=v_new, states=states, **({"t": t_mat} if store_t else {}))
+    # u is written by wy_kernel for the scan either way; "fw_bwd_u" "fwd" only keeps it as a residual
+    keep_u = return_aux and forward_keeps_u(cfg)
+    aux = dict(lse=lse, w=w, v_new=v_new, states=states, **({"t": t_mat} if store_t else {}),
+               **({"u": u} if keep_u else {}))
     # "stored": the wy kernel writes the key features it computes anyway, and the scan reads them instead of
     # featurising on its sequential path (settings.scan_features); a transient buffer the size of k
     store_kf = featurize and cfg["scan_features"] == "stored"
@@ -261,14 +268,16 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
 
 
 def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_scale: float, fw_scale: float,
-                   q_fw=None, k_fw=None, w=None, v_new=None, states=None, t=None, poison: bool = False,
+                   q_fw=None, k_fw=None, w=None, v_new=None, states=None, t=None, u=None, poison: bool = False,
                    config: dict | None = None, stages: int | None = None):
     """Gradients of ``fused_forward``'s (o_kv, o_fw) given (do_kv, do_fw); no autograd.
 
     ``o_kv`` and ``lse`` come from ``fused_forward(..., return_aux=True)``; ``w``, ``v_new``, ``states``
     too when kept, else (any of them None) the forward's wy + scan kernels run again to recompute them; ``t``
     (the forward's ``aux["t"]`` where it has one, or None) is every chunk's T, which the split variant loads under
-    ``"fw_bwd_t": "fwd"`` instead of launching wy_t.
+    ``"fw_bwd_t": "fwd"`` instead of launching wy_t; ``u`` (the forward's ``aux["u"]``, or None) is U = T diag(beta)
+    V, which the split variant's fw_bwd_wy loads under ``"fw_bwd_u": "fwd"`` instead of recomputing it (without a
+    ``u`` it recomputes).
     Returns ``(dq, dk, dv, dbeta)`` when q_fw, k_fw are None (the FW features l2(silu(q)), l2(silu(k))
     computed in the kernel: dq, dk hold both branches), else ``(dq_kv, dk_kv, dq_fw, dk_fw, dv, dbeta)``.
     Gradients have the dtype of their input. ``poison`` fills every buffer with NaN first (tests).
@@ -281,13 +290,17 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     featurize = q_fw is None
     B, T, H, dk_ = q.shape
     dv_ = v.shape[-1]
+    if u is not None and (u.shape != v.shape or u.dtype != v.dtype or not u.is_contiguous()):
+        # checked before the padding below, so that the message names the caller's shapes
+        raise ValueError(f"u must be the forward's aux['u'], contiguous {v.dtype} {tuple(v.shape)} (v's dtype and "
+                         f"shape); got {u.dtype} {tuple(u.shape)}{'' if u.is_contiguous() else ', not contiguous'}")
     pk, pv = kernel_dim(dk_), kernel_dim(dv_)
     if (pk, pv) != (dk_, dv_):   # the kernels run at power-of-two head dims (kernel_dim); zero columns stay zero
         g = fused_backward(_padded(q, pk), _padded(k, pk), _padded(v, pv), beta, _padded(o_kv, pv), lse,
                            _padded(do_kv, pv), _padded(do_fw, pv), window=window, kv_scale=kv_scale,
                            fw_scale=fw_scale, q_fw=_padded(q_fw, pk), k_fw=_padded(k_fw, pk), w=_padded(w, pk),
-                           v_new=_padded(v_new, pv), states=_padded(states, pk, pv), t=t, poison=poison,
-                           config=config, stages=stages)
+                           v_new=_padded(v_new, pv), states=_padded(states, pk, pv), t=t, u=_padded(u, pv),
+                           poison=poison, config=config, stages=stages)
         dims = (dk_, dk_, dv_) if featurize else (dk_, dk_, dk_, dk_, dv_)
         return (*(_cut(x, d) for x, d in zip(g, dims)), g[-1])
     q, k, v, beta, o_kv = (t.contiguous() for t in (q, k, v, beta, o_kv))
@@ -298,6 +311,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     _check_choice(cfg, "fw_bwd", FW_BWD_VARIANTS)
     _check_choice(cfg, "bwd_scan_qdo", BWD_SCAN_QDO)
     _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
+    _check_choice(cfg, "fw_bwd_u", FW_BWD_U)
     _check_choice(cfg, "bwd_partials", BWD_PARTIALS)
     _check_choice(cfg, "kv_bwd", KV_BWD)
     if isinstance(cfg["bwd_scan_stages"], bool) or not isinstance(cfg["bwd_scan_stages"], int) \
@@ -319,12 +333,14 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
         _, _, aux = fused_forward(q, k, v, beta, window=window, kv_scale=kv_scale, fw_scale=fw_scale,
                                   q_fw=None if featurize else q_fw, k_fw=None if featurize else k_fw,
                                   poison=poison, config=config, stages=2, return_aux=True)
-        w, v_new, states, t = aux["w"], aux["v_new"], aux["states"], aux.get("t")
+        w, v_new, states, t, u = aux["w"], aux["v_new"], aux["states"], aux.get("t"), aux.get("u")
     # the forward's T ("fwd"), else wy_t builds it (a T from a forward run under another configuration is still T)
     t_given = pre_t and cfg["fw_bwd_t"] == "fwd" and t is not None
     if t_given and (tuple(t.shape) != (B * H, NC, CHUNK, CHUNK) or t.dtype != torch.float32 or not t.is_contiguous()):
         raise ValueError(f"t must be the forward's aux['t'], contiguous float32 {(B * H, NC, CHUNK, CHUNK)}; got "
                          f"{t.dtype} {tuple(t.shape)}")
+    # the forward's U ("fw_bwd_u" "fwd"); without one fw_bwd_wy recomputes it as under "wy"
+    u_given = split and cfg["fw_bwd_u"] == "fwd" and u is not None
 
     def buf(shape, dtype):
         return _buffer(shape, dtype, q.device, poison)
@@ -409,9 +425,10 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
                 *([lambda: wy_t_kernel[(NC, B * H)](kf_b, beta, t_mat, T, H, NC, dk_, BK=cfg["BK"],
                                                     num_warps=cfg["wy_t_warps"])] if pre_t and not t_given
                   else []),
-                lambda: fw_bwd_wy_kernel[(NC, B * H)](
-                    kf_b, v, beta, w, states, dvn, dv_kv, dkw, dv, dbeta, t_mat, T, H, NC, dk_, dv_, BK=cfg["BK"],
-                    BV=bv, num_warps=cfg["fw_bwd_wy_warps"], num_stages=cfg["num_stages"], T_PRE=pre_t),
+                lambda: fw_bwd_wy_kernel[(NC, B * H)](   # v: an unused placeholder for u where U is recomputed
+                    kf_b, v, beta, w, states, dvn, dv_kv, dkw, dv, dbeta, t_mat, u if u_given else v, T, H, NC, dk_,
+                    dv_, BK=cfg["BK"], BV=bv, num_warps=cfg["fw_bwd_wy_warps"], num_stages=cfg["num_stages"],
+                    T_PRE=pre_t, U_FWD=u_given),
                 lambda: fw_bwd_dk_kernel[(NC, B * H)](
                     k, qf_b, v_new, dh, do_fw, dkw, dk_kv, dk, T, H, NC, dk_, dv_, float(fw_scale), BK=cfg["BK"],
                     BV=bv, num_warps=cfg["fw_bwd_dk_warps"], num_stages=cfg["num_stages"],

@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from .settings import (BACKWARD_KERNELS, FORWARD_KERNELS, KV_BWD_FUSED_WARPS, SMEM_TABLE, SPLIT_FW_BWD_KERNELS, WIDE_KV,
-                       _key, default_config, fw_bwd_dk_regs, kernel_stages, kernel_tiles_all, pow2, smem_terms)
+from .settings import (BACKWARD_KERNELS, FORWARD_KERNELS, KEPT_U_WY, KV_BWD_FUSED_WARPS, SMEM_TABLE,
+                       SPLIT_FW_BWD_KERNELS, WIDE_KV, _key, default_config, fw_bwd_dk_regs, kernel_stages,
+                       kernel_tiles_all, pow2, smem_terms)
 
 HEAD_DIMS = (16, 32, 64, 128)
 DIVISIBLE_INTS = ("T", "NC", "L", "DK", "DV", "W")   # compile_kernel: integer arguments specialised as divisible by 16
@@ -44,12 +45,14 @@ F32_POINTERS = {  # pointers whose buffers are float32 whatever the input dtype 
 
 
 SPLIT_SWEEP = ((64, 128), (16, 32, 64), (4, 8))   # BK, BV, warps of the split FW backward's kernels compiled beside
-# their defaults, so that the envelope fitted to the table bounds a benchmark's tile too
+# their defaults, so that the envelope fitted to the table bounds a benchmark's tile too; fw_bwd_wy also as it runs
+# with the forward's U (settings.KEPT_U_WY: every default tile of it is in this sweep)
 
 
 def configurations():
     """(kernel, elem_bytes, featurize, BK, BV, warps, num_stages) of every default configuration (every kernel a
-    launcher runs, ``kernel_tiles_all``), and the split FW backward's kernels over ``SPLIT_SWEEP``."""
+    launcher runs, ``kernel_tiles_all``), and the split FW backward's kernels (with ``fw_bwd_wy`` loading the forward's
+    U, ``settings.KEPT_U_WY``) over ``SPLIT_SWEEP``."""
     seen = set()
 
     def new(kernel, elem, feat, bk, bv, warps, stages):
@@ -76,7 +79,7 @@ def configurations():
                             item = new(wide, elem, feat, cfg["BK"], cfg["BVW"], 8, kernel_stages(cfg, kernel))
                             if item:
                                 yield item
-            for kernel in SPLIT_FW_BWD_KERNELS:
+            for kernel in SPLIT_FW_BWD_KERNELS + (KEPT_U_WY,):
                 for bk in SPLIT_SWEEP[0]:
                     for bv in SPLIT_SWEEP[1]:
                         for warps in SPLIT_SWEEP[2]:
@@ -109,7 +112,8 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
     from triton.compiler import ASTSource
 
     rows = 128 if kernel in WIDE_KV else 64   # the KV backward's 128-row programs (settings.WIDE_KV)
-    kernel = WIDE_KV.get(kernel, kernel)
+    u_fwd = kernel == KEPT_U_WY               # fw_bwd_wy loading the forward's U (settings.KEPT_U_WY)
+    kernel = {**WIDE_KV, KEPT_U_WY: "fw_bwd_wy"}.get(kernel, kernel)
     fn = kernel_fn(kernel)
     dt = dtype or ("fp16" if elem == 2 else "fp32")
     consts = {"BK": BK, {"wy": "BVW", "kv_dq": "BVW", "kv_dkdv": "BVW", "kv_bwd": "BVW", "bwd_scan_phi": "BP"}.get(
@@ -127,6 +131,7 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         consts["LOCAL_IN"] = False
     consts["PRE_QDO"] = False   # bwd_scan, fw_bwd_dq: the default "scan" variant of settings.BWD_SCAN_QDO
     consts["T_PRE"] = True      # fw_bwd_wy: T read in, as under the default "fwd" (and "pre") of settings.FW_BWD_T
+    consts["U_FWD"] = u_fwd     # fw_bwd_wy: U recomputed (the default "wy" of settings.FW_BWD_U) unless KEPT_U_WY
     consts["SEG"] = 0           # scan, bwd_scan: the whole sequence (their segmented passes have the same loop)
     consts["FORWARD"] = False   # bwd_scan_carry: the reverse scan's walk (the forward one differs in addresses only)
     consts["BM"] = rows         # kv_dq, kv_dkdv: the rows of their own tile
@@ -195,9 +200,11 @@ def spill_configurations(dims=(64, 128), fw_bwd: str = "both", batch: int = 8, h
     ``dims``, features in the kernel ("F") and given ("g"), the default configuration for (batch, heads, sms);
     ``fw_bwd``: which FW-backward variant's kernels, "single", "split" or "both" (the split variant runs the
     reverse scan with the chunk-local term read in, ``LOCAL_IN``, and the features loaded: label "scan+local").
-    Compiled as launched: ``fw_bwd_dk`` under the configuration's register cap (label "r<n>"), and the one-launch KV
+    Compiled as launched: ``fw_bwd_dk`` under the configuration's register cap (label "r<n>"), the one-launch KV
     backward in place of the split pair when ``"kv_bwd"`` is "fused" (as it runs with 64-row tiles on both sides:
-    always at d 128, below ``KV_WIDE_WINDOW`` at d <= 64)."""
+    always at d 128, below ``KV_WIDE_WINDOW`` at d <= 64), and ``fw_bwd_wy`` loading the forward's U
+    (``settings.KEPT_U_WY``) when ``"fw_bwd_u"`` is "fwd" (as a model's backward, which gets the forward's U, runs
+    it)."""
     want = {"single": ("single",), "split": ("split",), "both": ("single", "split")}[fw_bwd]
     for d in dims:
         cfg = default_config(batch, heads, d, d, sms)
@@ -217,10 +224,12 @@ def spill_configurations(dims=(64, 128), fw_bwd: str = "both", batch: int = 8, h
                     if kernel == "kv_dkdv":
                         continue
                     runs, kernel, warps = [("kv_bwd", f, None) for _, f, _ in runs], "kv_bwd", KV_BWD_FUSED_WARPS
+                if kernel == "fw_bwd_wy" and cfg["fw_bwd_u"] == "fwd":
+                    runs, kernel = [(KEPT_U_WY, f, None) for _, f, _ in runs], KEPT_U_WY
                 for label_kernel, f, extra in runs:
                     # the launch's register cap (fw_bwd_dk only, by the feature mode; launch.fused_backward)
                     maxnreg = fw_bwd_dk_regs(cfg["fw_bwd_dk_maxnreg"], f) if kernel == "fw_bwd_dk" else 0
-                    mode = "-" if kernel in ("kv_dq", "kv_dkdv", "kv_bwd", "fw_bwd_wy") \
+                    mode = "-" if kernel in ("kv_dq", "kv_dkdv", "kv_bwd", "fw_bwd_wy", KEPT_U_WY) \
                         or label_kernel == "bwd_scan+local" else ("F" if f else "g")
                     label = f"{label_kernel} d{d} {mode} BV{bv} w{warps}" + (f" r{maxnreg}" if maxnreg else "")
                     yield label, dict(kernel=kernel, elem=2, feat=f, BK=cfg["BK"], BV=bv, warps=warps,

@@ -125,6 +125,22 @@ def forward_stores_t(cfg: dict) -> bool:
     (``FW_BWD_T`` "fwd"; only the split FW backward reads it)."""
     return cfg["fw_bwd"] == "split" and cfg["fw_bwd_t"] == "fwd"
 
+
+# Where the split FW backward's WY kernel gets U = T diag(beta) V of its chunk (a launch config's "fw_bwd_u"): "wy"
+# (the default) recomputes it per value block in fw_bwd_wy_kernel, a 64 x 64 x BV float32 product beside the three that
+# kernel needs anyway; "fwd" (opt-in, untimed; FUSED_NOTES.md "U kept for fw_bwd_wy") keeps the forward's u, which
+# wy_kernel writes for the scan (a transient buffer otherwise), as a residual for fw_bwd_wy_kernel to load: one
+# 64 x BV load per block instead of the product, and the U the forward's scan used (rounded to the inputs' dtype)
+# instead of a float32 recomputation. Costs a residual of B*T*H*Dv elements in the inputs' dtype (the size of v_new).
+# Where a backward gets no U from its forward (a forward run without it), fw_bwd_wy recomputes it as "wy" does.
+FW_BWD_U = ("wy", "fwd")
+
+
+def forward_keeps_u(cfg: dict) -> bool:
+    """Whether a forward run under launch configuration ``cfg`` keeps its U for the backward (``FW_BWD_U`` "fwd";
+    only the split FW backward reads it)."""
+    return cfg["fw_bwd"] == "split" and cfg["fw_bwd_u"] == "fwd"
+
 # The dtype of the backward's partial gradients, the buffers one kernel writes for a later one to read and add to
 # (a launch config's "bwd_partials"): the KV branch's dv (and dq, dk with the features computed in the kernel), the
 # FW branch's dv_new gradient (written by fw_bwd_dq, completed by the reverse scan, read by fw_bwd_wy) and the WY part
@@ -362,6 +378,8 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
             # backward (step 3): reverse scan like the forward scan; the per-chunk FW backward walks the
             # value dims in blocks of fw_bwd_bv with all of Dk in registers
             "bwd_scan_bv": scan_bv, "bwd_scan_warps": 4 if big else 8, "bwd_scan_qdo": "scan", "fw_bwd_t": "fwd",
+            # U recomputed by fw_bwd_wy until "fwd" (the forward's U kept, FW_BWD_U) is timed on a GPU
+            "fw_bwd_u": "wy",
             "bwd_partials": "float32",
             # the reverse scan in segments of this many chunks when its programs would fill at most half the SMs
             # (0: whole); a transition per segment and two passes instead of one walk over every chunk: faster with
@@ -436,6 +454,7 @@ SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
     ("fw_bwd_dq", False): (2.334, 2.0, 0.667, 0.0, 2.0, 0.0, 0.0),
     ("fw_bwd_dq", True): (2.334, 2.0, 0.667, 0.0, 2.0, 0.0, 0.0),
     ("fw_bwd_wy", False): (0.334, 1.0, 1.667, 0.0, 3.167, 0.0, 1.834),
+    ("fw_bwd_wy_u", False): (1.845, 3.067, 0.089, 0.067, 2.756, 0.0, 0.178),
     ("fw_bwd_dk", False): (0.667, 4.0, 1.334, 0.0, 0.0, 0.0, 0.0),
     ("fw_bwd_dk", True): (0.667, 4.0, 1.334, 0.0, 0.0, 0.0, 0.0),
     ("wy_t", False): (0.084, 0.0, 0.0, 0.0, 0.834, 0.0, 0.0),
@@ -448,7 +467,12 @@ SMEM_ENVELOPE: dict[tuple[str, bool], tuple[float, ...]] = {
 # the KV backward's 128-row programs (KV_BWD_ROWS) under their own names in the table and the envelope
 WIDE_KV = {"kv_dq128": "kv_dq", "kv_dkdv128": "kv_dkdv"}
 _WIDE_OF = {base: name for name, base in WIDE_KV.items()}   # the 128-row entry's name of a KV kernel
-NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy", "wy_t", "bwd_scan_carry", *WIDE_KV)   # one compile serves both
+# fw_bwd_wy loading the forward's U (FW_BWD_U "fwd", its U_FWD) under its own name: loading instead of the product
+# needs no more shared memory than recomputing in 23 of the table's 24 sm_90 compiles but more in one (float32,
+# BK 128, BV 32, 8 warps: 114,688 B against 102,400), so the recomputing compile does not bound it (smem_needs)
+KEPT_U_WY = "fw_bwd_wy_u"
+# kernels without a FEATURIZE switch: one compile serves both modes
+NO_FEATURIZE_SWITCH = ("kv_dq", "kv_dkdv", "fw_bwd_wy", KEPT_U_WY, "wy_t", "bwd_scan_carry", *WIDE_KV)
 
 
 def _key(kernel: str, elem_bytes: int, featurize: bool, BK: int, BV: int, warps: int, stages: int) -> str:
@@ -495,9 +519,17 @@ def smem_needs(elem_bytes: int, dk: int, dv: int, *, featurize: bool, batch: int
     tiles = kernel_tiles_all(cfg)
     # the KV backward's 128-row programs ("kv_dq_rows", "kv_dkdv_rows") run 8 warps and have their own entries
     names = {k: _WIDE_OF[k] if k in _WIDE_OF and kv_rows(cfg[f"{k}_rows"], window, elem_bytes) == 128 else k for k in kernels}
-    return {k: smem_need(names[k], elem_bytes, cfg["BK"], tiles[k][0], 8 if names[k] in WIDE_KV else tiles[k][1],
+
+    def need(k: str, name: str) -> int:
+        return smem_need(name, elem_bytes, cfg["BK"], tiles[k][0], 8 if name in WIDE_KV else tiles[k][1],
                          featurize=featurize and not (k == "scan" and cfg["scan_features"] == "stored"),
-                         stages=kernel_stages(cfg, k)) for k in kernels}
+                         stages=kernel_stages(cfg, k))
+
+    needs = {k: need(k, names[k]) for k in kernels}
+    if "fw_bwd_wy" in needs and cfg["fw_bwd_u"] == "fwd":
+        # under "fwd" fw_bwd_wy loads the forward's U, or recomputes it where a backward got none: either compile
+        needs["fw_bwd_wy"] = max(needs["fw_bwd_wy"], need("fw_bwd_wy", KEPT_U_WY))
+    return needs
 
 
 def fits_shared_memory(elem_bytes: int, dk: int, dv: int, limit: int, *, featurize: bool, batch: int = 1,
