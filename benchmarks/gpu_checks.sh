@@ -10,9 +10,16 @@
 #   op_watch         the fused op called in eager mode after the other fused paths, and the fused-backward cases
 #                    where the dispatcher failed, in one pytest process, with every redefinition or destruction of
 #                    an hqlt:: op logged with its stack (op_watch.log; kernels/FUSED_NOTES.md "Round 5")
-#   gpu_tests        the GPU suites (engine, fused, backends), several isolated pytest processes at once (the op
-#                    watch on: gpu_tests_op_watch.log)
+#   gpu_tests        the GPU suites (engine, fused, backends; $GPU_TEST_FILES), several isolated pytest processes
+#                    at once ($GPU_TEST_JOBS, default 8; the op watch on: gpu_tests_op_watch.log)
 #   fused_bench      fused (single vs split FW backward) vs the fla composition vs SDPA, 8x2048 and 1x32768
+#   fused_ab         launch configurations against each other, the GPU kernel time per fwd+bwd step under
+#                    torch.profiler (`python -m hqlt.benchmarks.fused_ab --timer kernels --sdpa`): $AB_CONFIGS, one
+#                    JSON object per line (default: the defaults, "fw_bwd_u" "fwd", the round-15 values of the
+#                    round-19 defaults), at $AB_ROWS (default 2048:8x128:64 32768:8x128:64 2048:16x64:64)
+#   table            the twelve sync rows of the auto table (fla vs fused, 8x128 and 16x64, W 64 and 1024, T 2048,
+#                    8192, 32768) with --write-auto-table; the updated kernels/results/auto_table.json is copied
+#                    to OUT_DIR/auto_table.json, the timings to bench_kernels.json
 #   fused_profile    Nsight Compute on the fused kernels that walk the chunks in sequence (the two scans and the
 #                    FW/WY backward; $PROFILE_KERNELS, a regex) at $PROFILE_SHAPES (default 8x2048 1x32768), the
 #                    last of 3 steps of `python -m hqlt.benchmarks.fused_profile` ($PROFILE_ARGS passed on, split
@@ -106,11 +113,27 @@ for stage in $STAGES; do
         tests/test_gpu_fused.py -k "TestGPUOpAfterOtherPaths or (TestGPUFusedBackward and T130)" 2>&1 | tail -8
       grep -E "^== |NOT LIVE" "$OUT/op_watch.log" | head -20 ;;
     gpu_tests)
-      HQLT_OP_WATCH="$OUT/gpu_tests_op_watch.log" timeout "$(cap $stage 900)" python tests/run_gpu_isolated.py tests/test_gpu_engine.py tests/test_gpu_fused.py \
-        tests/test_gpu_backends.py --out "$OUT/gpu_suite.json" --jobs 8 --shard-size 6 --case-timeout 150 | tail -40 ;;
+      # $GPU_TEST_FILES is split at spaces into file names
+      HQLT_OP_WATCH="$OUT/gpu_tests_op_watch.log" timeout "$(cap $stage 900)" python tests/run_gpu_isolated.py \
+        ${GPU_TEST_FILES:-tests/test_gpu_engine.py tests/test_gpu_fused.py tests/test_gpu_backends.py} \
+        --out "$OUT/gpu_suite.json" --jobs "${GPU_TEST_JOBS:-8}" --shard-size 6 --case-timeout 150 | tail -40 ;;
     fused_bench)
       timeout "$(cap $stage 300)" python -m hqlt.benchmarks.fused --shapes 8x2048 1x32768 --no-sweep \
         --out "$OUT/bench_fused.json" | tail -40 ;;
+    fused_ab)
+      default_configs=$'{}\n{"fw_bwd_u": "fwd"}\n{"out_order": "chunk", "fw_bwd_dk_maxnreg": 0}'
+      mapfile -t configs <<< "${AB_CONFIGS:-$default_configs}"
+      c=$(cap $stage 300)
+      # shellcheck disable=SC2086  # the rows are split at spaces
+      timeout "$c" python -m hqlt.benchmarks.fused_ab --timer kernels --sdpa --passes 1 --budget-s $(( c - 30 )) \
+        --out "$OUT/fused_ab.json" --configs "${configs[@]}" \
+        --rows ${AB_ROWS:-2048:8x128:64 32768:8x128:64 2048:16x64:64} 2>&1 | tee "$OUT/fused_ab.log" | tail -40 ;;
+    table)
+      c=$(cap $stage 450)
+      timeout "$c" hqlt bench kernels --blends sync --backends fla fused --windows 64 1024 --pairs 2048:8x128 \
+        8192:8x128 32768:8x128 2048:16x64 8192:16x64 32768:16x64 --budget-s $(( c - 30 )) \
+        --out "$OUT/bench_kernels.json" --write-auto-table 2>&1 | tail -40
+      cp kernels/results/auto_table.json "$OUT/auto_table.json" ;;
     fused_profile)
       kernels=${PROFILE_KERNELS:-scan_kernel|bwd_scan_kernel|fw_bwd_wy_kernel}
       n=$(echo "$kernels" | tr '|' '\n' | wc -l)   # --launch-skip counts the launches that match the filter
@@ -152,7 +175,8 @@ for stage in $STAGES; do
       keep "$OUT/sweeps/$name" ;;
     compile_bench)
       timeout "$(cap $stage 600)" hqlt bench model --compile on --out "$OUT/bench_model_compiled.json" | tail -6 ;;
-    *) echo "unknown stage $stage; stages: fused_sanitizer op_watch gpu_tests fused_bench fused_profile probe_sweep engine_sweep mps_sweep compile_bench recipe"
+    *) echo "unknown stage $stage; stages: fused_sanitizer op_watch gpu_tests fused_bench fused_ab table" \
+         "fused_profile probe_sweep engine_sweep mps_sweep compile_bench recipe"
        exit 2 ;;
   esac
 done

@@ -141,6 +141,7 @@ def forward_keeps_u(cfg: dict) -> bool:
     only the split FW backward reads it)."""
     return cfg["fw_bwd"] == "split" and cfg["fw_bwd_u"] == "fwd"
 
+
 # The dtype of the backward's partial gradients, the buffers one kernel writes for a later one to read and add to
 # (a launch config's "bwd_partials"): the KV branch's dv (and dq, dk with the features computed in the kernel), the
 # FW branch's dv_new gradient (written by fw_bwd_dq, completed by the reverse scan, read by fw_bwd_wy) and the WY part
