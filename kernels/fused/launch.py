@@ -14,8 +14,7 @@ from .fwd import out_kernel, scan_kernel, wy_kernel
 from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_U, FW_BWD_VARIANTS, KV_BWD,
                        KV_BWD_FUSED_WARPS, KV_BWD_ROWS, MAX_HEAD_DIM, MIN_BWD_SCAN_STAGES, OUT_ORDERS, SCAN_FEATURES,
                        backward_kernels, check_config_keys, device_limits, forward_keeps_u, forward_kernels,
-                       forward_stores_t, fw_bwd_dk_regs,
-                       interpreting, kv_rows, pow2, smem_needs)
+                       forward_stores_t, fw_bwd_dk_regs, interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
 
@@ -81,14 +80,19 @@ def _check_choice(cfg: dict, key: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"config[{key!r}] must be one of {allowed}; got {cfg[key]!r}")
 
 
+def _check_int(cfg: dict, key: str, low: int, meaning: str) -> int:
+    """A launch config's integer entry, at least ``low`` (``meaning`` explains it in the error)."""
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"config[{key!r}] must be an integer >= {low} ({meaning}); got {value!r}")
+    return value
+
+
 def _check_segment_chunks(cfg: dict, key: str) -> int:
     """A launch config's chunks per segment of a scan (``key``: "scan_segment_chunks" of the forward scan,
     "bwd_scan_segment_chunks" of the reverse scan; 0: not segmented)."""
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"config[{key!r}] must be an integer >= 0 (chunks of 64 tokens per segment of the "
-                         f"{'reverse' if key.startswith('bwd') else 'forward'} scan; 0: one segment); got {value!r}")
-    return value
+    scan = "reverse" if key.startswith("bwd") else "forward"
+    return _check_int(cfg, key, 0, f"chunks of 64 tokens per segment of the {scan} scan; 0: one segment")
 
 
 def _buffer(shape, dtype, device, poison: bool) -> torch.Tensor:
@@ -314,10 +318,7 @@ def fused_backward(q, k, v, beta, o_kv, lse, do_kv, do_fw, *, window: int, kv_sc
     _check_choice(cfg, "fw_bwd_u", FW_BWD_U)
     _check_choice(cfg, "bwd_partials", BWD_PARTIALS)
     _check_choice(cfg, "kv_bwd", KV_BWD)
-    if isinstance(cfg["bwd_scan_stages"], bool) or not isinstance(cfg["bwd_scan_stages"], int) \
-            or cfg["bwd_scan_stages"] < MIN_BWD_SCAN_STAGES:
-        raise ValueError(f"config['bwd_scan_stages'] must be an integer >= {MIN_BWD_SCAN_STAGES} (1 faults on sm_90); "
-                         f"got {cfg['bwd_scan_stages']!r}")
+    _check_int(cfg, "bwd_scan_stages", MIN_BWD_SCAN_STAGES, "1 faults on sm_90")
     dk_regs = fw_bwd_dk_regs(cfg["fw_bwd_dk_maxnreg"], featurize)   # "given" resolved here, where the mode is known
     for key in ("kv_dq_rows", "kv_dkdv_rows"):   # 0 (by the window) resolved here, where the window is known
         _check_choice(cfg, key, KV_BWD_ROWS)
