@@ -10,8 +10,9 @@
 #   op_watch         the fused op called in eager mode after the other fused paths, and the fused-backward cases
 #                    where the dispatcher failed, in one pytest process, with every redefinition or destruction of
 #                    an hqlt:: op logged with its stack (op_watch.log; kernels/FUSED_NOTES.md "Round 5")
-#   gpu_tests        the GPU suites (engine, fused, backends; $GPU_TEST_FILES), several isolated pytest processes
-#                    at once ($GPU_TEST_JOBS, default 8; the op watch on: gpu_tests_op_watch.log)
+#   gpu_tests        the GPU suites (engine, fused, backends; $GPU_TEST_FILES, cases $GPU_TEST_K), several isolated
+#                    pytest processes at once ($GPU_TEST_JOBS, default 8, of $GPU_TEST_SHARD cases, default 6; the
+#                    op watch on); the record is OUT/$GPU_TEST_NAME.json (default gpu_suite)
 #   fused_bench      fused (single vs split FW backward) vs the fla composition vs SDPA, 8x2048 and 1x32768
 #   fused_ab         launch configurations against each other, the GPU kernel time per fwd+bwd step under
 #                    torch.profiler (`python -m hqlt.benchmarks.fused_ab --timer kernels --sdpa`): $AB_CONFIGS, one
@@ -113,10 +114,13 @@ for stage in $STAGES; do
         tests/test_gpu_fused.py -k "TestGPUOpAfterOtherPaths or (TestGPUFusedBackward and T130)" 2>&1 | tail -8
       grep -E "^== |NOT LIVE" "$OUT/op_watch.log" | head -20 ;;
     gpu_tests)
-      # $GPU_TEST_FILES is split at spaces into file names
-      HQLT_OP_WATCH="$OUT/gpu_tests_op_watch.log" timeout "$(cap $stage 900)" python tests/run_gpu_isolated.py \
+      # $GPU_TEST_FILES is split at spaces into file names; $GPU_TEST_K selects cases (pytest -k); the record goes to
+      # OUT/$GPU_TEST_NAME.json (default gpu_suite), so that two runs in one call keep both
+      name=${GPU_TEST_NAME:-gpu_suite}
+      HQLT_OP_WATCH="$OUT/${name}_op_watch.log" timeout "$(cap $stage 900)" python tests/run_gpu_isolated.py \
         ${GPU_TEST_FILES:-tests/test_gpu_engine.py tests/test_gpu_fused.py tests/test_gpu_backends.py} \
-        --out "$OUT/gpu_suite.json" --jobs "${GPU_TEST_JOBS:-8}" --shard-size 6 --case-timeout 150 | tail -40 ;;
+        ${GPU_TEST_K:+-k "$GPU_TEST_K"} --out "$OUT/$name.json" --jobs "${GPU_TEST_JOBS:-8}" \
+        --shard-size "${GPU_TEST_SHARD:-6}" --case-timeout 150 | tail -40 ;;
     fused_bench)
       timeout "$(cap $stage 300)" python -m hqlt.benchmarks.fused --shapes 8x2048 1x32768 --no-sweep \
         --out "$OUT/bench_fused.json" | tail -40 ;;
