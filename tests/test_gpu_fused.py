@@ -16,7 +16,7 @@ Three groups:
   for every input over T x W x d x B pairs, poisoned backward buffers) when ``TRITON_INTERPRET=1`` and
   triton is importable (skipped otherwise). Tolerance 1e-5 (the contract's float32 bound).
   All of them (about 20 min on 2 cores):  TRITON_INTERPRET=1 python -m pytest -q tests/test_gpu_fused.py
-  The ``QUICK`` ones below (68 cases, 3-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
+  The ``QUICK`` ones below (70 cases, 3-6 min on 2 cores; CI runs them, README "Run the tests"): add ``-m quick``.
   The custom op pair ``hqlt::fused_sync_hybrid`` (what the backend and torch.compile call): opcheck, and a
   compiled call (fullgraph) against the reference.
 * Registration (CPU, always): "fused" is registered, lazily probed, never the priority fallback; the op's
@@ -70,6 +70,7 @@ QUICK = (
     "test_interpreter_compiled_fused_call_is_fullgraph_and_matches_reference",
     "test_interpreter_fused_in_bounds_h200_failing_shape[given-features-split-cpu-config]",
     "test_interpreter_bounds_checker_self_test", "test_interpreter_out_order_and_register_cap_route",
+    "test_interpreter_wy_parts_route",
     "test_interpreter_resources_compile_as_the_device_does",
 )
 
@@ -553,10 +554,12 @@ BWD_SWITCHES = {"bwd_scan_qdo": ("scan", "pre", 1e-6, "PRE_QDO", ("fw_bwd_dq_ker
 # "bwd_partials" "input" ("Round 14"): the same in float32 (the inputs' dtype), the bf16 class below is the real check
 # "fw_bwd_u" "fwd" (FUSED_NOTES.md "U kept for fw_bwd_wy"): the forward's U (blocked forward substitution) in place of
 # fw_bwd_wy's T diag(beta) V, the same U to float32 rounding (only dk and dbeta, through dA, differ: ~2e-7 relative)
+# "wy_parts" 2 (FUSED_NOTES.md "wy in two programs"): wy_kernel's W and U in two programs per chunk, each building A
+# and the diagonal inverses from the same loads the same way (bit for bit)
 BWD_VALUES = [(k, *v[:3]) for k, v in BWD_SWITCHES.items()] + [
     ("fw_bwd_t", "pre", "fwd", 0.0), ("fw_bwd_u", "wy", "fwd", 1e-6), ("bwd_partials", "float32", "input", 0.0),
     ("bwd_scan_segment_chunks", 0, 1, 1e-5), ("kv_dq_rows", 64, 128, 1e-6),
-    ("kv_dkdv_rows", 64, 128, 1e-6), ("kv_bwd", "split", "fused", 1e-6)]
+    ("kv_dkdv_rows", 64, 128, 1e-6), ("kv_bwd", "split", "fused", 1e-6), ("wy_parts", 1, 2, 0.0)]
 QDO_CASES = [(1, 1, 1, 16, 16, 1), (2, 130, 1, 32, 32, 100), (1, 65, 2, 24, 40, 3), (1, 200, 1, 128, 64, 256)]
 
 
@@ -598,6 +601,42 @@ def test_interpreter_resources_compile_as_the_device_does():
     assert (scan["regs"], scan["smem"]) == (142, 118784)
     assert (back["regs"], back["smem"]) == (198, 118784)
 
+
+@interp
+def test_interpreter_wy_parts_route():
+    # "wy_parts" 2 runs wy_kernel as two programs per chunk (W with the stored key features and T; U): every buffer it
+    # writes, the forward's outputs and its aux equal one program's bit for bit (the same blocks solved the same way),
+    # with the buffers poisoned (neither program leaves an element unwritten), at d 128 and at padded head dims, with
+    # the features computed (stored for the scan or not) and given; the launch gets PARTS; a bad value is refused
+    # before any launch
+    from hqlt.kernels.fused import launch as FL
+    from hqlt.kernels.testing import watch_launches
+    keep = {"fw_bwd": "split", "fw_bwd_t": "fwd", "fw_bwd_u": "fwd"}   # T and U in aux
+    kw = dict(window=48, kv_scale=0.1, fw_scale=0.1)
+    for dk, dv in ((128, 128), (24, 40)):
+        low, _ = make_inputs(1, 130, 2, dk, dv, torch.float32, "cpu", 6)
+        args = (low["q"], low["k"], low["v"], low["beta"])
+        given = dict(q_fw=feat64(low["q"]).float(), k_fw=feat64(low["k"]).float())
+        for feats, features in (({}, "stored"), ({}, "kernel"), (given, "stored")):
+            runs = {}
+            for parts in (None, 2):   # None: the default, one program
+                cfg = {**keep, "scan_features": features, **({} if parts is None else {"wy_parts": parts})}
+                seen = []
+                # wy_kernel's arguments 4-7: w, u, the stored key features, T
+                with watch_launches(FL, lambda name, a, kwargs: seen.append((kwargs.get("PARTS"), a[4:8]))
+                                    if name == "wy_kernel" else None):
+                    o_kv, o_fw, aux = FL.fused_forward(*args, return_aux=True, poison=True, config=cfg, **feats, **kw)
+                assert [p for p, _ in seen] == [parts or 1], (parts, seen)
+                assert set(aux) == {"lse", "w", "v_new", "states", "t", "u"}
+                written = seen[0][1] if features == "stored" and not feats else seen[0][1][:2] + seen[0][1][3:]
+                assert not any(torch.isnan(x).any() for x in (o_kv, o_fw, *aux.values(), *written))
+                runs[parts] = (o_kv, o_fw, *(aux[k] for k in sorted(aux)), *written)
+            assert all(torch.equal(a, b) for a, b in zip(runs[None], runs[2], strict=True)), (dk, dv, feats, features)
+    launched = []
+    with watch_launches(FL, lambda name, _a, _kw: launched.append(name)):
+        with pytest.raises(ValueError) as err:
+            FL.fused_forward(*args, config={"wy_parts": 3}, **kw)
+    assert str(err.value) == "config['wy_parts'] must be one of (1, 2); got 3" and launched == []
 
 @interp
 def test_interpreter_out_order_and_register_cap_route():

@@ -10,6 +10,7 @@ which makes them no-op writes that come after every real token):
    substitution (row by row, 15 steps each) and solve ``(I + A) [W | U] = diag(beta) [K | V]`` by blocked
    forward substitution (10 block products per right-hand side). Writes ``w`` and ``u`` (dtype of the
    inputs), and with ``STORE_T`` the chunk's whole ``T = (I + A)^-1`` for the backward (settings.FW_BWD_T "fwd").
+   Under settings "wy_parts" 2 the grid is (n, B*H, 2): W (and the features, T) in one program, U in the other.
 2. ``scan_kernel``, grid (ceil(Dv/BV), B*H), sequential over chunks with the ``Dk x BV`` state ``M`` in
    float32 registers: store ``M`` (the state before the chunk), ``v_new = u - w M``, ``M += K^T v_new``.
    Only two ``64 x Dk x BV`` products per chunk sit on the sequential path; with "stored" key features the
@@ -33,9 +34,42 @@ from .common import eye_rows, featurize_rows, fw_rows, inv4_unit_lower16, load_b
 # Kernel 1: WY representation per chunk.
 
 @triton.jit
+def _store_blocks4(ptr, base, t0, T, st, D, x0, x1, x2, x3, BD: tl.constexpr):
+    """Four 16-row blocks of one chunk, rows t0 .. t0 + 63."""
+    store_rows(ptr, base, t0, T, st, D, x0, 16, BD)
+    store_rows(ptr, base, t0 + 16, T, st, D, x1, 16, BD)
+    store_rows(ptr, base, t0 + 32, T, st, D, x2, 16, BD)
+    store_rows(ptr, base, t0 + 48, T, st, D, x3, 16, BD)
+
+
+@triton.jit
+def _wy_u(v_ptr, u_ptr, vbase, t0, T, svt, DV, b0, b1, b2, b3, t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32,
+          BVW: tl.constexpr):
+    """U = (I + A)^-1 diag(beta) V of the chunk, stored in u's dtype."""
+    v0 = load_rows(v_ptr, vbase, t0, T, svt, DV, 16, BVW).to(tl.float32) * b0[:, None]
+    v1 = load_rows(v_ptr, vbase, t0 + 16, T, svt, DV, 16, BVW).to(tl.float32) * b1[:, None]
+    v2 = load_rows(v_ptr, vbase, t0 + 32, T, svt, DV, 16, BVW).to(tl.float32) * b2[:, None]
+    v3 = load_rows(v_ptr, vbase, t0 + 48, T, svt, DV, 16, BVW).to(tl.float32) * b3[:, None]
+    u0, u1, u2, u3 = solve4(t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32, v0, v1, v2, v3)
+    _store_blocks4(u_ptr, vbase, t0, T, svt, DV, u0, u1, u2, u3, BVW)
+
+
+@triton.jit
+def _wy_t(t_ptr, i_bh, NC, i_c, t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32):
+    """T = (I + A)^-1 of the chunk for the backward's fw_bwd_wy_kernel (settings.FW_BWD_T "fwd"): the blocks solved
+    against the identity, float32 [B*H, NC, 64, 64]; the backward then skips wy_t_kernel."""
+    x0, x1, x2, x3 = solve4(t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32,
+                            eye_rows(0, 64), eye_rows(16, 64), eye_rows(32, 64), eye_rows(48, 64))
+    tbase = (i_bh * NC + i_c) * 4096
+    _store_blocks4(t_ptr, tbase, 0, 64, 64, 64, x0, x1, x2, x3, 64)
+
+
+@triton.jit
 def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, kfo_ptr, t_ptr, T, H, NC, DK, DV,
               BK: tl.constexpr, BVW: tl.constexpr, FEATURIZE: tl.constexpr, EPS: tl.constexpr,
-              STORE_KF: tl.constexpr, STORE_T: tl.constexpr):
+              STORE_KF: tl.constexpr, STORE_T: tl.constexpr, PARTS: tl.constexpr = 1):
+    """W, U (and the key features, T) of one chunk; grid (n, B*H, PARTS). PARTS 2 (settings.WY_PARTS): program 0 of
+    axis 2 stores W, the key features and T, program 1 U; each builds A and the diagonal inverses itself."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -56,11 +90,9 @@ def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, kfo_ptr, t_ptr, T, H
     b1 = load_beta(beta_ptr, bbase, t0 + 16, T, H, 16)
     b2 = load_beta(beta_ptr, bbase, t0 + 32, T, H, 16)
     b3 = load_beta(beta_ptr, bbase, t0 + 48, T, H, 16)
-    if STORE_KF:   # the key features for the scan (settings.scan_features "stored"), in the inputs' dtype
-        store_rows(kfo_ptr, kbase, t0, T, skt, DK, k0, 16, BK)
-        store_rows(kfo_ptr, kbase, t0 + 16, T, skt, DK, k1, 16, BK)
-        store_rows(kfo_ptr, kbase, t0 + 32, T, skt, DK, k2, 16, BK)
-        store_rows(kfo_ptr, kbase, t0 + 48, T, skt, DK, k3, 16, BK)
+    if PARTS == 1:
+        if STORE_KF:   # the key features for the scan (settings.scan_features "stored"), in the inputs' dtype
+            _store_blocks4(kfo_ptr, kbase, t0, T, skt, DK, k0, k1, k2, k3, BK)
     kb0 = k0 * b0[:, None]
     kb1 = k1 * b1[:, None]
     kb2 = k2 * b2[:, None]
@@ -82,31 +114,26 @@ def wy_kernel(k_ptr, kf_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, kfo_ptr, t_ptr, T, H
     a33 = tl.dot(kb3.to(DT), tl.trans(k3.to(DT)))
     t_0, t_1, t_2, t_3 = inv4_unit_lower16(a00, a11, a22, a33)
 
-    w0, w1, w2, w3 = solve4(t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32, kb0, kb1, kb2, kb3)
-    store_rows(w_ptr, kbase, t0, T, skt, DK, w0, 16, BK)
-    store_rows(w_ptr, kbase, t0 + 16, T, skt, DK, w1, 16, BK)
-    store_rows(w_ptr, kbase, t0 + 32, T, skt, DK, w2, 16, BK)
-    store_rows(w_ptr, kbase, t0 + 48, T, skt, DK, w3, 16, BK)
-
-    v0 = load_rows(v_ptr, vbase, t0, T, svt, DV, 16, BVW).to(tl.float32) * b0[:, None]
-    v1 = load_rows(v_ptr, vbase, t0 + 16, T, svt, DV, 16, BVW).to(tl.float32) * b1[:, None]
-    v2 = load_rows(v_ptr, vbase, t0 + 32, T, svt, DV, 16, BVW).to(tl.float32) * b2[:, None]
-    v3 = load_rows(v_ptr, vbase, t0 + 48, T, svt, DV, 16, BVW).to(tl.float32) * b3[:, None]
-    u0, u1, u2, u3 = solve4(t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32, v0, v1, v2, v3)
-    store_rows(u_ptr, vbase, t0, T, svt, DV, u0, 16, BVW)
-    store_rows(u_ptr, vbase, t0 + 16, T, svt, DV, u1, 16, BVW)
-    store_rows(u_ptr, vbase, t0 + 32, T, svt, DV, u2, 16, BVW)
-    store_rows(u_ptr, vbase, t0 + 48, T, svt, DV, u3, 16, BVW)
-    if STORE_T:
-        # T = (I + A)^-1 of the chunk for the backward's fw_bwd_wy_kernel (settings.FW_BWD_T "fwd"): the blocks
-        # above solved against the identity, float32 [B*H, NC, 64, 64]; the backward then skips wy_t_kernel
-        x0, x1, x2, x3 = solve4(t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32,
-                                eye_rows(0, 64), eye_rows(16, 64), eye_rows(32, 64), eye_rows(48, 64))
-        tbase = (i_bh * NC + i_c) * 4096
-        store_rows(t_ptr, tbase, 0, 64, 64, 64, x0, 16, 64)
-        store_rows(t_ptr, tbase, 16, 64, 64, 64, x1, 16, 64)
-        store_rows(t_ptr, tbase, 32, 64, 64, 64, x2, 16, 64)
-        store_rows(t_ptr, tbase, 48, 64, 64, 64, x3, 16, 64)
+    if PARTS == 1:
+        w0, w1, w2, w3 = solve4(t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32, kb0, kb1, kb2, kb3)
+        _store_blocks4(w_ptr, kbase, t0, T, skt, DK, w0, w1, w2, w3, BK)
+        _wy_u(v_ptr, u_ptr, vbase, t0, T, svt, DV, b0, b1, b2, b3, t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32,
+              BVW)
+        if STORE_T:
+            _wy_t(t_ptr, i_bh, NC, i_c, t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32)
+    else:
+        # twice the programs for a kernel that is latency-bound at d 128 (255 registers, 2 programs per SM); the
+        # registers are the larger branch's, so the W branch bounds what this saves (FUSED_NOTES.md "wy in two programs")
+        if tl.program_id(2) == 0:
+            if STORE_KF:
+                _store_blocks4(kfo_ptr, kbase, t0, T, skt, DK, k0, k1, k2, k3, BK)
+            w0, w1, w2, w3 = solve4(t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32, kb0, kb1, kb2, kb3)
+            _store_blocks4(w_ptr, kbase, t0, T, skt, DK, w0, w1, w2, w3, BK)
+            if STORE_T:
+                _wy_t(t_ptr, i_bh, NC, i_c, t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31, a32)
+        else:
+            _wy_u(v_ptr, u_ptr, vbase, t0, T, svt, DV, b0, b1, b2, b3, t_0, t_1, t_2, t_3, a10, a20, a21, a30, a31,
+                  a32, BVW)
 
 
 # ==================================================================================================

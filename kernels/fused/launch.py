@@ -13,7 +13,7 @@ from .bwd import (bwd_scan_carry_kernel, bwd_scan_kernel, bwd_scan_phi_kernel, f
 from .fwd import out_kernel, scan_kernel, wy_kernel
 from .settings import (BWD_PARTIALS, BWD_SCAN_QDO, CHUNK, FW_BWD_T, FW_BWD_U, FW_BWD_VARIANTS, KV_BWD,
                        KV_BWD_FUSED_WARPS, KV_BWD_ROWS, MAX_HEAD_DIM, MIN_BWD_SCAN_STAGES, OUT_ORDERS, SCAN_FEATURES,
-                       backward_kernels, check_config_keys, device_limits, forward_keeps_u, forward_kernels,
+                       WY_PARTS, backward_kernels, check_config_keys, device_limits, forward_keeps_u, forward_kernels,
                        forward_stores_t, fw_bwd_dk_regs, interpreting, kv_rows, pow2, smem_needs)
 from .settings import default_config as settings_default_config
 
@@ -222,6 +222,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     _check_choice(cfg, "fw_bwd", FW_BWD_VARIANTS)
     _check_choice(cfg, "fw_bwd_t", FW_BWD_T)
     _check_choice(cfg, "fw_bwd_u", FW_BWD_U)
+    _check_choice(cfg, "wy_parts", WY_PARTS)
     store_t = return_aux and forward_stores_t(cfg)
     t_mat = buf(B * H, NC, CHUNK, CHUNK, dtype=torch.float32) if store_t else w   # w: an unused placeholder
     # u is written by wy_kernel for the scan either way; "fw_bwd_u" "fwd" only keeps it as a residual
@@ -240,9 +241,9 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
         return result()
     common = dict(FEATURIZE=featurize, EPS=FEATURE_EPS)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        wy_kernel[(NC, B * H)](k, k_fw, v, beta, w, u, kf_scan, t_mat, T, H, NC, dk, dv,
-                               BK=cfg["BK"], BVW=cfg["BVW"], num_warps=cfg["wy_warps"], STORE_KF=store_kf,
-                               STORE_T=store_t, **common)
+        wy_kernel[(NC, B * H, cfg["wy_parts"])](k, k_fw, v, beta, w, u, kf_scan, t_mat, T, H, NC, dk, dv,
+                                                BK=cfg["BK"], BVW=cfg["BVW"], num_warps=cfg["wy_warps"],
+                                                STORE_KF=store_kf, STORE_T=store_t, PARTS=cfg["wy_parts"], **common)
         if stages < 2:
             return result()
         feat_scan = featurize and not store_kf

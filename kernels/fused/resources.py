@@ -127,6 +127,9 @@ def compile_kernel(kernel: str, elem: int, feat: bool, BK: int, BV: int, warps: 
         consts["STORE_KF"] = feat   # features computed here: the variant that stores them is the larger
         # the default "fw_bwd_t" "fwd" stores T here: the same shared memory as without (FUSED_NOTES "Round 14")
         consts["STORE_T"] = True
+        # one program per chunk (the default "wy_parts"); left out, PARTS would compile as a runtime integer, both
+        # branches of the split in one kernel
+        consts["PARTS"] = 1
     if kernel == "bwd_scan":
         consts["LOCAL_IN"] = False
     consts["PRE_QDO"] = False   # bwd_scan, fw_bwd_dq: the default "scan" variant of settings.BWD_SCAN_QDO
@@ -204,7 +207,7 @@ def spill_configurations(dims=(64, 128), fw_bwd: str = "both", batch: int = 8, h
     backward in place of the split pair when ``"kv_bwd"`` is "fused" (as it runs with 64-row tiles on both sides:
     always at d 128, below ``KV_WIDE_WINDOW`` at d <= 64), and ``fw_bwd_wy`` loading the forward's U
     (``settings.KEPT_U_WY``) when ``"fw_bwd_u"`` is "fwd" (as a model's backward, which gets the forward's U, runs
-    it)."""
+    it), and ``wy`` in two programs per chunk (label "wy+p2") when ``"wy_parts"`` is 2."""
     want = {"single": ("single",), "split": ("split",), "both": ("single", "split")}[fw_bwd]
     for d in dims:
         cfg = default_config(batch, heads, d, d, sms)
@@ -224,6 +227,8 @@ def spill_configurations(dims=(64, 128), fw_bwd: str = "both", batch: int = 8, h
                     if kernel == "kv_dkdv":
                         continue
                     runs, kernel, warps = [("kv_bwd", f, None) for _, f, _ in runs], "kv_bwd", KV_BWD_FUSED_WARPS
+                if kernel == "wy" and cfg["wy_parts"] != 1:   # the two-program split (settings.WY_PARTS)
+                    runs = [(f"{kernel}+p{cfg['wy_parts']}", f, {"PARTS": cfg["wy_parts"]}) for _, f, _ in runs]
                 if kernel == "fw_bwd_wy" and cfg["fw_bwd_u"] == "fwd":
                     runs, kernel = [(KEPT_U_WY, f, None) for _, f, _ in runs], KEPT_U_WY
                 for label_kernel, f, extra in runs:

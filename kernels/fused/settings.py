@@ -157,6 +157,13 @@ BWD_PARTIALS = ("float32", "input")
 # reading from L2 (FUSED_NOTES.md "Round 17").
 OUT_ORDERS = ("chunk", "value")
 
+# Programs per chunk of the forward's wy_kernel (a launch config's "wy_parts"): 1, one program stores W, U (and the key
+# features, T); 2, grid (n, B*H, 2), program 0 W (with the key features and T) and program 1 U, each building A and
+# the diagonal inverses itself, for twice the programs with fewer live tiles each (FUSED_NOTES.md "wy in two
+# programs"). Same W, U, T bit for bit; 2 opt-in until timed on a GPU (compiled for sm_90 it still takes 255
+# registers at d 128, the larger branch's, and spills more).
+WY_PARTS = (1, 2)
+
 # Chunks per segment of the segmented scans (a launch config's "scan_segment_chunks" for the forward scan, opt-in,
 # and "bwd_scan_segment_chunks" for the reverse scan, default where that scan's programs would fill at most half the
 # device's SMs; 0: one walk over the whole sequence). The local and the final pass of a segment walk this many chunks,
@@ -361,6 +368,8 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
     scan_bv = min(scan_bv, BVW)
     return {"BK": BK, "BVW": BVW,
             "wy_warps": 4,
+            # one wy program per chunk until two (WY_PARTS) are timed on a GPU
+            "wy_parts": 1,
             "scan_bv": scan_bv, "scan_warps": 4 if big and features == "stored" else (
                 8 if (BK > 64 or BK * scan_bv >= 64 * 64) else 4),
             # "value" since "Round 19" (H100, fwd+bwd GPU time at 8 x 128: -2.5 % at T 2048, -2.0 % at T 32768)
