@@ -638,6 +638,7 @@ def test_interpreter_wy_parts_route():
             FL.fused_forward(*args, config={"wy_parts": 3}, **kw)
     assert str(err.value) == "config['wy_parts'] must be one of (1, 2); got 3" and launched == []
 
+
 @interp
 def test_interpreter_out_order_and_register_cap_route():
     # "out_order" "value" launches the output kernel with the value blocks on the grid's first axis (V_FIRST): the
