@@ -13,9 +13,10 @@ and the host's N most expensive functions), then ``--passes`` passes over the co
 passes is the noise; compare within a row), each a median of 30 CUDA-event timings after 5 (first pass) or 3 warm-up
 steps, with the gradients' largest relative RMS difference from the first configuration's (``--timer kernels``:
 instead the kernels' GPU time per step, over 10 steps under torch.profiler, each kernel's share printed: a host-bound
-row's GPU work); ``--fla`` times the fla composition once per pass, ``--sdpa`` full-causal SDPA over the same tokens.
-``--budget-s`` stops between timings once spent; the JSON is written after every row and on SIGTERM. Needs a CUDA
-device."""
+row's GPU work; ``--timer graph``: the replay of the step captured in a CUDA graph, timed with CUDA events, the
+wall time of a step as the trainer's graph engine runs it); ``--fla`` times the fla composition once per pass,
+``--sdpa`` full-causal SDPA over the same tokens. ``--budget-s`` stops between timings once spent; the JSON is
+written after every row and on SIGTERM. Needs a CUDA device."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +100,22 @@ def _kernel_ms(step, steps: int = 10) -> dict[str, float]:
     return {"total": sum(per.values()), **dict(sorted(per.items(), key=lambda kv: -kv[1]))}
 
 
+def _graphed(step):
+    """``step`` captured once into a CUDA graph, returned as its replay: the step as the trainer's graph engine runs
+    it (orchestration/engine.py), without the host's Python and launches. Warmed up on a side stream first, as
+    capture asks (the first steps compile and allocate)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def _short(per: dict[str, float], top: int = 12) -> str:
     """'name ms' pairs of the largest kernels (Triton's names without "_kernel"; torch's first 24 characters)."""
     items = [(k.removesuffix("_kernel")[:24], v) for k, v in per.items() if k != "total"][:top]
@@ -156,8 +173,10 @@ def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> N
                 print(f"  {e['own_us_per_step']:8.1f} {e['cum_us_per_step']:8.1f} {e['calls_per_step']:6.1f}  "
                       f"{e['function']}", flush=True)
 
-    def timed(fn):
-        return _kernel_ms(fn)["total"] if args.timer == "kernels" else cuda_time_ms(fn, 5, 30)
+    def timed(fn, warmup: int = 5):
+        if args.timer == "kernels":
+            return _kernel_ms(fn)["total"]
+        return cuda_time_ms(_graphed(fn) if args.timer == "graph" else fn, warmup, 30)
 
     if args.sdpa:   # the milestones' baseline: full-causal SDPA over the same tokens, heads and head dim
         import torch.nn.functional as F
@@ -181,7 +200,7 @@ def bench_row(row: tuple[int, int, int, int], args, out: dict, over_budget) -> N
                     r.setdefault("kernel_ms", {}).setdefault(key, []).append(per)
                     ms = per["total"]
                 else:
-                    ms = cuda_time_ms(step("fused"), 3 if rep else 5, 30)
+                    ms = timed(step("fused"), 3 if rep else 5)
                 g = [t.float() for t in torch.autograd.grad(call("fused"), leaves, grads)]
                 ref = g if ref is None else ref
                 err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(g, ref))
@@ -214,10 +233,11 @@ def main(argv=None) -> int:
                    help="per row and backend also the GPU's kernel time per step (torch.profiler) and the host's "
                         "N most expensive functions (cProfile)")
     p.add_argument("--sdpa", action="store_true", help="time full-causal SDPA at every row too (the baseline)")
-    p.add_argument("--timer", choices=("events", "kernels"), default="events",
-                   help="events: CUDA events around each step (what a training loop waits for, the host's time "
-                        "included where it is longer); kernels: the GPU's kernel time per step (torch.profiler, "
-                        "10 steps), with each kernel's share printed")
+    p.add_argument("--timer", choices=("events", "kernels", "graph"), default="events",
+                   help="events: CUDA events around each step (what an eager training loop waits for, the host's "
+                        "time included where it is longer); kernels: the GPU's kernel time per step (torch.profiler, "
+                        "10 steps), with each kernel's share printed; graph: CUDA events around the replay of the "
+                        "step captured in a CUDA graph (what the trainer's graph engine waits for)")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = max(1, tokens // T))")
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=None, help="stop between timings after this many seconds")

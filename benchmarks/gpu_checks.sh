@@ -15,7 +15,8 @@
 #                    op watch on); the record is OUT/$GPU_TEST_NAME.json (default gpu_suite)
 #   fused_bench      fused (single vs split FW backward) vs the fla composition vs SDPA, 8x2048 and 1x32768
 #   fused_ab         launch configurations against each other, the GPU kernel time per fwd+bwd step under
-#                    torch.profiler (`python -m hqlt.benchmarks.fused_ab --timer kernels --sdpa`): $AB_CONFIGS, one
+#                    torch.profiler (`python -m hqlt.benchmarks.fused_ab --timer kernels --sdpa`; $AB_TIMER, e.g.
+#                    graph: the step replayed from a CUDA graph, as the graph engine runs it): $AB_CONFIGS, one
 #                    JSON object per line (default: the defaults, "fw_bwd_u" "fwd", the round-15 values of the
 #                    round-19 defaults), at $AB_ROWS (default 2048:8x128:64 32768:8x128:64 2048:16x64:64)
 #   table            the twelve sync rows of the auto table (fla vs fused, 8x128 and 16x64, W 64 and 1024, T 2048,
@@ -128,10 +129,11 @@ for stage in $STAGES; do
       default_configs=$'{}\n{"fw_bwd_u": "fwd"}\n{"out_order": "chunk", "fw_bwd_dk_maxnreg": 0}'
       mapfile -t configs <<< "${AB_CONFIGS:-$default_configs}"
       c=$(cap $stage 300)
+      name=fused_ab${AB_TIMER:+_$AB_TIMER}
       # shellcheck disable=SC2086  # the rows are split at spaces
-      timeout "$c" python -m hqlt.benchmarks.fused_ab --timer kernels --sdpa --passes 1 --budget-s $(( c - 30 )) \
-        --out "$OUT/fused_ab.json" --configs "${configs[@]}" \
-        --rows ${AB_ROWS:-2048:8x128:64 32768:8x128:64 2048:16x64:64} 2>&1 | tee "$OUT/fused_ab.log" | tail -40 ;;
+      timeout "$c" python -m hqlt.benchmarks.fused_ab --timer "${AB_TIMER:-kernels}" --sdpa --passes 1 \
+        --budget-s $(( c - 30 )) --out "$OUT/$name.json" --configs "${configs[@]}" \
+        --rows ${AB_ROWS:-2048:8x128:64 32768:8x128:64 2048:16x64:64} 2>&1 | tee "$OUT/$name.log" | tail -40 ;;
     table)
       c=$(cap $stage 450)
       timeout "$c" hqlt bench kernels --blends sync --backends fla fused --windows 64 1024 --pairs 2048:8x128 \
