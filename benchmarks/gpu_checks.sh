@@ -17,8 +17,9 @@
 #   fused_ab         launch configurations against each other, the GPU kernel time per fwd+bwd step under
 #                    torch.profiler (`python -m hqlt.benchmarks.fused_ab --timer kernels --sdpa`; $AB_TIMER, e.g.
 #                    graph: the step replayed from a CUDA graph, as the graph engine runs it): $AB_CONFIGS, one
-#                    JSON object per line (default: the defaults, "fw_bwd_u" "fwd", the round-15 values of the
-#                    round-19 defaults), at $AB_ROWS (default 2048:8x128:64 32768:8x128:64 2048:16x64:64)
+#                    JSON object per line (default: the defaults; round 20's candidates, FUSED_NOTES.md "Round
+#                    20"; the round-15 values of the round-19 defaults), at $AB_ROWS (default 2048:8x128:64
+#                    32768:8x128:64 2048:16x64:64)
 #   table            the twelve sync rows of the auto table (fla vs fused, 8x128 and 16x64, W 64 and 1024, T 2048,
 #                    8192, 32768) with --write-auto-table; the updated kernels/results/auto_table.json is copied
 #                    to OUT_DIR/auto_table.json, the timings to bench_kernels.json
@@ -126,7 +127,8 @@ for stage in $STAGES; do
       timeout "$(cap $stage 300)" python -m hqlt.benchmarks.fused --shapes 8x2048 1x32768 --no-sweep \
         --out "$OUT/bench_fused.json" | tail -40 ;;
     fused_ab)
-      default_configs=$'{}\n{"fw_bwd_u": "fwd"}\n{"out_order": "chunk", "fw_bwd_dk_maxnreg": 0}'
+      default_configs=$(printf '%s\n' '{}' '{"fw_bwd_u": "fwd"}' '{"fw_bwd_u": "fwd", "fw_bwd_wy_warps": 8}' \
+        '{"out_warps": 8}' '{"wy_warps": 8}' '{"wy_parts": 2}' '{"out_order": "chunk", "fw_bwd_dk_maxnreg": 0}')
       mapfile -t configs <<< "${AB_CONFIGS:-$default_configs}"
       c=$(cap $stage 300)
       name=fused_ab${AB_TIMER:+_$AB_TIMER}

@@ -455,14 +455,17 @@ def test_fused_ab_checks_its_arguments_before_any_work(capsys, monkeypatch):
                        (["--configs", "{}", "--rows", "2048:8x128"],
                         "a row is T:HxD:W, e.g. 2048:8x128:64; got '2048:8x128'"),
                        (["--configs", "{}", "--rows", "0:8x128:64"], "must be >= 1"),
-                       (["--rows", "2048:8x128:64"], "--configs")):
+                       (["--rows", "2048:8x128:64"], "--configs"),
+                       (["--configs", "{}", "--rows", "2048:8x128:64", "--timer", "graphs"],
+                        "argument --timer: invalid choice: 'graphs'")):
         with pytest.raises(SystemExit) as exc:
             fused_ab.main(argv)
         assert exc.value.code == 2 and says in capsys.readouterr().err, argv
     assert fused_ab.parse_row("32768:16X64:1024") == (32768, 16, 64, 1024)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert fused_ab.main(["--configs", "{}", "--rows", "2048:8x128:64"]) == 2
-    assert "needs a CUDA device" in capsys.readouterr().err
+    for timer in ("events", "kernels", "graph"):
+        assert fused_ab.main(["--configs", "{}", "--rows", "2048:8x128:64", "--timer", timer]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
 
 
 def test_kv_backward_rows_by_window_and_their_shared_memory(monkeypatch):
@@ -493,3 +496,20 @@ def test_kv_backward_rows_by_window_and_their_shared_memory(monkeypatch):
     assert all(wide64[k] == table[f"{k}128/e2/-/BK64/BV64/w8/s2"] > narrow64[k] for k in ("kv_dq", "kv_dkdv"))
     assert {k: v for k, v in wide64.items() if not k.startswith("kv_")} == {
         k: v for k, v in narrow64.items() if not k.startswith("kv_")}
+
+
+def test_blocks_per_sm_matches_nsight_compute_on_the_h100():
+    # resources.blocks_per_sm against Nsight Compute's block limits for every fused kernel of one H100 profile
+    # (kernels/results/ncu_fused_8x2048_h100_round16.txt: registers per thread, warps, dynamic shared memory; "Block
+    # Limit Registers", and "Block Limit Shared Mem" where the driver chose the largest carveout, 233.47 KB)
+    from hqlt.kernels.fused.resources import blocks_per_sm
+    ncu = {"wy": (255, 4, 10240, 2, None), "scan": (142, 4, 118784, 3, 1), "out": (168, 4, 90112, 3, 2),
+           "kv_bwd_dq": (203, 4, 98304, 2, 2), "kv_bwd_dkdv": (255, 4, 107008, 2, 2),
+           "fw_bwd_dq": (128, 8, 57344, 2, 4), "bwd_scan": (198, 4, 118784, 2, 1),
+           "fw_bwd_wy": (255, 4, 77824, 2, 2), "fw_bwd_dk": (129, 8, 32768, 1, None)}
+    for name, (regs, warps, smem, by_regs, by_smem) in ncu.items():
+        assert blocks_per_sm(regs, warps, 0) == by_regs, name
+        assert blocks_per_sm(regs, warps, smem) == min(by_regs, by_smem or by_regs), name
+    # the other limits: 64 warps, 32 blocks, and a count rounded up to 8 registers before the 256-register unit
+    assert blocks_per_sm(32, 4, 0) == 16 and blocks_per_sm(16, 1, 0) == 32
+    assert blocks_per_sm(128, 4, 0) == 4 and blocks_per_sm(129, 4, 0) == 3 and blocks_per_sm(121, 4, 0) == 4

@@ -251,14 +251,33 @@ def _spill_row(item):
     return label, usage, time.time() - t
 
 
+# sm_90 (H100, H200) per SM: a register file of 4 partitions x 16,384, allocated per warp in units of 256 (each thread's
+# count rounded up to 8), a warp in one partition; 233,472 B of shared memory at the largest carveout, of which the
+# driver reserves 1,024 B per block; at most 32 blocks and 64 warps
+SM90_LIMITS = dict(partition_regs=16384, partitions=4, reg_unit=256, smem=233472, smem_per_block=1024, blocks=32,
+                   warps=64)
+
+
+def blocks_per_sm(regs: int, warps: int, smem: int, limits: dict = SM90_LIMITS) -> int:
+    """How many programs of a kernel (``regs`` per thread, ``warps`` per program, ``smem`` bytes per program) one SM
+    holds at once: Nsight Compute's "Block Limit Registers" (it matched the H100 for every fused kernel of
+    kernels/results/ncu_fused_8x2048_h100_round16.txt) and its shared-memory limit at the largest carveout (the
+    driver picks a smaller one where registers bound the count anyway)."""
+    per_warp = -(-(-(-regs // 8) * 8) * 32 // limits["reg_unit"]) * limits["reg_unit"]
+    by_regs = (limits["partition_regs"] // per_warp) * limits["partitions"] // warps
+    by_smem = limits["smem"] // (smem + limits["smem_per_block"])
+    return min(by_regs, by_smem, limits["blocks"], limits["warps"] // warps)
+
+
 def print_spills(dims=(64, 128), fw_bwd: str = "both", jobs: int = 1, batch: int = 8, heads: int = 8,
                  sms: int = 132, only: tuple[str, ...] = ()) -> dict:
     """Compile every kernel of ``spill_configurations`` for sm_90 and print registers, spill bytes (stores /
-    loads per thread, from ptxas) and shared memory per program. Returns {label: usage}."""
+    loads per thread, from ptxas), shared memory per program and the programs an SM holds (``blocks_per_sm``, with
+    their warps). Returns {label: usage}."""
     items = [it for it in spill_configurations(dims, fw_bwd, batch, heads, sms)
              if not only or it[1]["kernel"] in only]
-    print(f"{'kernel':<34} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9} {'smem':>8}  (sm_90, bf16, "
-          f"B={batch} H={heads} SMs={sms}; bytes)", flush=True)
+    print(f"{'kernel':<34} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9} {'smem':>8} {'per SM':>6}  (sm_90, "
+          f"bf16, B={batch} H={heads} SMs={sms}; bytes; programs x warps an SM holds, blocks_per_sm)", flush=True)
     rows = {}
     if jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -266,13 +285,16 @@ def print_spills(dims=(64, 128), fw_bwd: str = "both", jobs: int = 1, batch: int
             results = list(pool.map(_spill_row, items))
     else:
         results = map(_spill_row, items)
+    warps = {label: kw["warps"] for label, kw in items}
     for label, usage, secs in results:
         rows[label] = usage
         if "error" in usage:
             print(f"{label:<34} failed: {usage['error']}", flush=True)
-        else:
-            print(f"{label:<34} {usage['regs']:>5} {usage['stack']:>6} {usage['spill_stores']:>9} "
-                  f"{usage['spill_loads']:>9} {usage['smem']:>8}  ({secs:.0f} s)", flush=True)
+            continue
+        usage["per_sm"] = blocks_per_sm(usage["regs"], warps[label], usage["smem"])
+        per_sm = f"{usage['per_sm']}x{warps[label]}"
+        print(f"{label:<34} {usage['regs']:>5} {usage['stack']:>6} {usage['spill_stores']:>9} "
+              f"{usage['spill_loads']:>9} {usage['smem']:>8} {per_sm:>6}  ({secs:.0f} s)", flush=True)
     return rows
 
 
@@ -340,4 +362,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["configurations", "compile_shared", "compile_kernel", "resource_usage", "print_spills", "fit_envelope", "FORWARD_KERNELS", "BACKWARD_KERNELS", "pow2"]
+__all__ = ["configurations", "compile_shared", "compile_kernel", "resource_usage", "print_spills", "blocks_per_sm",
+           "fit_envelope", "FORWARD_KERNELS", "BACKWARD_KERNELS", "pow2"]

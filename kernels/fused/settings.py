@@ -343,7 +343,8 @@ def _default_config_of(B: int, H: int, dk: int, dv: int, sms: int, elem_bytes: i
     quoted here predate round 17, when that compile was not yet specialised as a GPU launch is and overstated them,
     FUSED_NOTES.md "Round 17"):
     * wy: 4 warps (at d = 128 they spill 208 B, and still ran 0.26 ms faster than 8 at T 32768 on an H100);
-    * scan: value blocks of 64 columns (32 at Dk = 128: 64 spills even with 8 warps), 8 warps when the
+    * scan: value blocks of 64 columns (32 at Dk = 128: 64 spilled even with 8 warps in the unspecialised compile;
+      specialised, 64 with 8 warps takes 169 registers and no spill, an A/B candidate of "Round 20"), 8 warps when the
       state tile is >= 64x64 elements, but 4 at d = 128 when it loads stored key features (``scan_features``);
       halved down to 16 columns while B*H*blocks < #SMs (the scan is the only sequential launch, so it needs
       programs on every SM);
