@@ -20,6 +20,7 @@
 #                    JSON object per line (default: the defaults; round 20's candidates, FUSED_NOTES.md "Round
 #                    20"; the round-15 values of the round-19 defaults), at $AB_ROWS (default 2048:8x128:64
 #                    32768:8x128:64 2048:16x64:64)
+#   fused_ab_scans   as fused_ab, the scans' 64-column candidates at B 8, T 2048, 8x128 (OUT/fused_ab_scans.json)
 #   table            the twelve sync rows of the auto table (fla vs fused, 8x128 and 16x64, W 64 and 1024, T 2048,
 #                    8192, 32768) with --write-auto-table; the updated kernels/results/auto_table.json is copied
 #                    to OUT_DIR/auto_table.json, the timings to bench_kernels.json
@@ -98,6 +99,16 @@ print(int(json.load(open(f))['result']['metrics'].get('time/train_s', 0)) + 30)"
   wait "$pid"
 }
 
+fused_ab_run() {  # fused_ab_run NAME CAP CONFIGS ROWS: `python -m hqlt.benchmarks.fused_ab` with the SDPA baseline,
+  # one pass, CONFIGS one JSON object per line, ROWS split at spaces; OUT/NAME.json and OUT/NAME.log
+  local name=$1 c=$2 configs
+  mapfile -t configs <<< "$3"
+  # shellcheck disable=SC2086  # the rows are split at spaces
+  timeout "$c" python -m hqlt.benchmarks.fused_ab --timer "${AB_TIMER:-kernels}" --sdpa --passes 1 \
+    --budget-s $(( c - 30 )) --out "$OUT/$name.json" --configs "${configs[@]}" --rows $4 2>&1 \
+    | tee "$OUT/$name.log" | tail -40
+}
+
 cap() {  # cap STAGE DEFAULT: the stage's time cap
   local var="CAP_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
   echo "${!var:-$2}"
@@ -127,15 +138,16 @@ for stage in $STAGES; do
       timeout "$(cap $stage 300)" python -m hqlt.benchmarks.fused --shapes 8x2048 1x32768 --no-sweep \
         --out "$OUT/bench_fused.json" | tail -40 ;;
     fused_ab)
-      default_configs=$(printf '%s\n' '{}' '{"fw_bwd_u": "fwd"}' '{"fw_bwd_u": "fwd", "fw_bwd_wy_warps": 8}' \
-        '{"out_warps": 8}' '{"wy_warps": 8}' '{"wy_parts": 2}' '{"out_order": "chunk", "fw_bwd_dk_maxnreg": 0}')
-      mapfile -t configs <<< "${AB_CONFIGS:-$default_configs}"
-      c=$(cap $stage 300)
-      name=fused_ab${AB_TIMER:+_$AB_TIMER}
-      # shellcheck disable=SC2086  # the rows are split at spaces
-      timeout "$c" python -m hqlt.benchmarks.fused_ab --timer "${AB_TIMER:-kernels}" --sdpa --passes 1 \
-        --budget-s $(( c - 30 )) --out "$OUT/$name.json" --configs "${configs[@]}" \
-        --rows ${AB_ROWS:-2048:8x128:64 32768:8x128:64 2048:16x64:64} 2>&1 | tee "$OUT/$name.log" | tail -40 ;;
+      fused_ab_run "fused_ab${AB_TIMER:+_$AB_TIMER}" "$(cap $stage 300)" "${AB_CONFIGS:-$(printf '%s\n' '{}' \
+        '{"fw_bwd_u": "fwd"}' '{"fw_bwd_u": "fwd", "fw_bwd_wy_warps": 8}' '{"out_warps": 8}' '{"wy_warps": 8}' \
+        '{"wy_parts": 2}' '{"out_order": "chunk", "fw_bwd_dk_maxnreg": 0}')}" \
+        "${AB_ROWS:-2048:8x128:64 32768:8x128:64 2048:16x64:64}" ;;
+    fused_ab_scans)
+      # the scans' 64-column candidates at the one row where their programs fill the SMs in one wave (FUSED_NOTES.md
+      # "Round 20"): B 8, T 2048, 8 x 128; with fewer B x H the default halves the columns instead
+      fused_ab_run "fused_ab_scans${AB_TIMER:+_$AB_TIMER}" "$(cap $stage 200)" "$(printf '%s\n' '{}' \
+        '{"scan_bv": 64, "scan_warps": 8}' '{"bwd_scan_bv": 64, "bwd_scan_warps": 8}' \
+        '{"scan_bv": 64, "scan_warps": 8, "bwd_scan_bv": 64, "bwd_scan_warps": 8}')" 2048:8x128:64 ;;
     table)
       c=$(cap $stage 450)
       timeout "$c" hqlt bench kernels --blends sync --backends fla fused --windows 64 1024 --pairs 2048:8x128 \
@@ -183,7 +195,7 @@ for stage in $STAGES; do
       keep "$OUT/sweeps/$name" ;;
     compile_bench)
       timeout "$(cap $stage 600)" hqlt bench model --compile on --out "$OUT/bench_model_compiled.json" | tail -6 ;;
-    *) echo "unknown stage $stage; stages: fused_sanitizer op_watch gpu_tests fused_bench fused_ab table" \
+    *) echo "unknown stage $stage; stages: fused_sanitizer op_watch gpu_tests fused_bench fused_ab fused_ab_scans table" \
          "fused_profile probe_sweep engine_sweep mps_sweep compile_bench recipe"
        exit 2 ;;
   esac

@@ -12,6 +12,11 @@ re-run case by case), and the compiles of different shards overlap.
 
     python tests/run_gpu_isolated.py tests/test_gpu_fused.py tests/test_gpu_backends.py \
         --out kernels/results/gpu_tests_h200.json [-k EXPR] [--jobs 8 --shard-size 12] [--skip-passed EARLIER.json ...]
+
+A result then goes into the card's record as one run (its letter, the code it tested, a note):
+
+    python tests/run_gpu_isolated.py merge kernels/results/gpu_suite_h200.json OUT.json --run I --code 1a2b3c4 \
+        --note "both files whole at the round-20 defaults"
 """
 from __future__ import annotations
 
@@ -94,6 +99,56 @@ def write(args, card, versions, argv, t0, results, n_collected) -> dict:
     return total
 
 
+def merge(record: dict, new: dict, run: str, code: str, note: str, date: str | None = None) -> dict:
+    """Add one ``--out`` result (``new``) to a card's record (kernels/results/gpu_suite_<card>.json) as run ``run``:
+    the run's entry in "runs"; per case the new outcome, with the earlier one under "before" where the record had the
+    case; "counts_latest" recounted over every case. Refuses a run letter already used or a record of another card."""
+    if any(r["run"] == run for r in record["runs"]):
+        raise ValueError(f"run {run!r} is already in the record")
+    cards = {r["card"] for r in record["runs"]}
+    if cards and new["card"] not in cards:
+        raise ValueError(f"the record is of {sorted(cards)}; this result ran on {new['card']!r}")
+    record["runs"].append({"run": run, "date": date or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "code": code, "card": new["card"], "versions": new["versions"], "command": new["command"],
+                           "wall_s": new["wall_s"], "collected": new["collected"], "counts": new["counts"],
+                           "note": note})
+    for case, r in new["cases"].items():
+        old = record["cases"].get(case)
+        record["cases"][case] = {**r, "run": run, **({"before": old["outcome"]} if old else {})}
+    counts: dict[str, int] = {}
+    for c in record["cases"].values():
+        counts[c["outcome"]] = counts.get(c["outcome"], 0) + 1
+    record["counts_latest"] = counts
+    return record
+
+
+def merge_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="run_gpu_isolated.py merge",
+                                 description="add a --out result to a card's record as one run")
+    ap.add_argument("record")
+    ap.add_argument("result")
+    ap.add_argument("--run", required=True, help="the run's letter in the record (the next unused one)")
+    ap.add_argument("--code", required=True, help="the commit (and defaults) the run tested")
+    ap.add_argument("--note", required=True, help="what the run covered and why")
+    ap.add_argument("--date", default=None, help="when it ran (default: now, UTC)")
+    args = ap.parse_args(argv)
+    with open(args.record) as f:
+        record = json.load(f)
+    with open(args.result) as f:
+        new = json.load(f)
+    try:
+        merge(record, new, args.run, args.code, args.note, args.date)
+    except ValueError as exc:
+        ap.error(str(exc))
+    tmp = args.record + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, args.record)
+    print(f"run {args.run}: {new['counts']}; latest over {len(record['cases'])} cases: {record['counts_latest']}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
@@ -167,4 +222,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(merge_main(sys.argv[2:]) if sys.argv[1:2] == ["merge"] else main())
