@@ -85,10 +85,16 @@ def match(node: str, outcomes: dict) -> dict | None:
     return outcomes.get((cls, name))
 
 
+def outcome_counts(cases) -> dict[str, int]:
+    """{outcome: cases with it} of case records (dicts with an "outcome")."""
+    counts: dict[str, int] = {}
+    for c in cases:
+        counts[c["outcome"]] = counts.get(c["outcome"], 0) + 1
+    return counts
+
+
 def write(args, card, versions, argv, t0, results, n_collected) -> dict:
-    total = {}
-    for r in results.values():
-        total[r["outcome"]] = total.get(r["outcome"], 0) + 1
+    total = outcome_counts(results.values())
     doc = {"card": card, "versions": versions, "command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
            "wall_s": round(time.time() - t0, 1), "collected": n_collected, "counts": total, "cases": results}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -115,10 +121,7 @@ def merge(record: dict, new: dict, run: str, code: str, note: str, date: str | N
     for case, r in new["cases"].items():
         old = record["cases"].get(case)
         record["cases"][case] = {**r, "run": run, **({"before": old["outcome"]} if old else {})}
-    counts: dict[str, int] = {}
-    for c in record["cases"].values():
-        counts[c["outcome"]] = counts.get(c["outcome"], 0) + 1
-    record["counts_latest"] = counts
+    record["counts_latest"] = outcome_counts(record["cases"].values())
     return record
 
 
@@ -205,9 +208,7 @@ def main(argv=None) -> int:
         else:
             for n in members:
                 done[n] = {**match(n, outcomes), "isolated": False}
-        counts = {}
-        for r in done.values():
-            counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        counts = outcome_counts(done.values())
         with lock:
             results.update(done)
             print(f"{g} ({len(members)} cases): {counts}", flush=True)

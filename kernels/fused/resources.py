@@ -263,7 +263,10 @@ def blocks_per_sm(regs: int, warps: int, smem: int, limits: dict = SM90_LIMITS) 
     holds at once: Nsight Compute's "Block Limit Registers" (it matched the H100 for every fused kernel of
     kernels/results/ncu_fused_8x2048_h100_round16.txt) and its shared-memory limit at the largest carveout (the
     driver picks a smaller one where registers bound the count anyway)."""
-    per_warp = -(-(-(-regs // 8) * 8) * 32 // limits["reg_unit"]) * limits["reg_unit"]
+    def up(n: int, unit: int) -> int:   # n rounded up to a multiple of unit
+        return -(-n // unit) * unit
+
+    per_warp = up(up(regs, 8) * 32, limits["reg_unit"])
     by_regs = (limits["partition_regs"] // per_warp) * limits["partitions"] // warps
     by_smem = limits["smem"] // (smem + limits["smem_per_block"])
     return min(by_regs, by_smem, limits["blocks"], limits["warps"] // warps)
